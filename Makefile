@@ -1,0 +1,28 @@
+# fedseek: `make demo` runs the default simulation, `make test` runs the suite, `make bench` the benchmarks.
+# Each target creates .venv when missing and installs fedseek with a CPU torch (constraints/cpu.txt).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedseek-installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedseek simulate simulations/hospitals.yaml --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	@mkdir -p benchmarks/results
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,20 @@
+"""fedseek site daemon: Flower ClientApp. Round handling lives in fedseek.site."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedseek.site import handle_evaluate, handle_train
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local (DP-)training on the site's private data."""
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the site's data."""
+    return handle_evaluate(msg, context)

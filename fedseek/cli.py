@@ -1,0 +1,140 @@
+"""The `fedseek` command: simulate, privacy report, certs.
+
+Exit codes: 0 success, 1 the run failed, 2 bad configuration or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedseek.simulate import SimulationError, simulate
+
+    try:
+        simulate(args.scenario, args.out, state_dir=args.state_dir, timeout_s=args.timeout)
+    except SimulationError as exc:
+        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        return 1
+    return 0
+
+
+def _cmd_privacy_report(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from fedseek.train.privacy import LEDGER_FILE
+
+    root = Path(args.state_dir)
+    ledgers = [root / LEDGER_FILE] if (root / LEDGER_FILE).exists() else sorted(root.glob(f"*/{LEDGER_FILE}"))
+    if not ledgers:
+        err.print(f"error: no {LEDGER_FILE} in {root} or its sub-directories")
+        return 2
+    out = Console()
+    reports = []
+    for path in ledgers:
+        data = json.loads(path.read_text())
+        reports.append(data)
+        if args.json:
+            continue
+        t = Table(title=f"privacy ledger: {data.get('site') or path.parent.name}  ({path})")
+        for col in ("round", "run", "noise", "sample rate", "steps", "epsilon after"):
+            t.add_column(col, justify="right")
+        for r in data.get("rounds", []):
+            t.add_row(str(r["server_round"]), str(r["run_id"]), f"{r['noise_multiplier']:.4f}", f"{r['sample_rate']:.4f}",
+                      str(r["steps"]), f"{r['epsilon_after']:.4f}")
+        out.print(t)
+        out.print(
+            f"epsilon spent {data['epsilon']:.4f} of budget {data['epsilon_budget']:g} at delta {data['delta']:g} "
+            f"({data['accountant']} accountant); {sum(h[2] for h in data['history'])} DP-SGD steps; "
+            f"{len(data.get('refusals', []))} refused round(s)"
+        )
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedseek import pki
+
+    try:
+        if args.certs_cmd == "init":
+            paths = pki.init_ca(Path(args.out), hosts=args.host or [], ips=args.ip or [], days=args.days, force=args.force)
+            print(f"wrote CA and coordinator certificate to {Path(args.out)}")
+            for k, v in paths.__dict__.items():
+                print(f"  {k}: {v}")
+        elif args.certs_cmd == "add-site":
+            b = pki.add_site(Path(args.certs), args.name, args.coordinator, force=args.force)
+            print(f"site bundle for {args.name}:")
+            for k, v in b.__dict__.items():
+                print(f"  {k}: {v}")
+        elif args.certs_cmd == "show":
+            print(pki.format_show(pki.show(Path(args.certs))))
+    except pki.PkiError as exc:
+        err.print(f"error: {exc}", highlight=False)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedseek", description="Privacy-preserving federated learning on Flower + Opacus.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("simulate", help="run a scenario with N virtual sites (Flower simulation engine)")
+    s.add_argument("scenario", nargs="?", default="simulations/hospitals.yaml", help="scenario YAML (default: %(default)s)")
+    s.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
+    s.add_argument("--state-dir", default=None, help="sites' persistent state (privacy ledgers); default OUT/sites")
+    s.add_argument("--timeout", type=float, default=None, help="overall limit in seconds")
+    s.set_defaults(func=_cmd_simulate)
+
+    pr = sub.add_parser("privacy", help="privacy ledgers")
+    prs = pr.add_subparsers(dest="privacy_cmd", required=True)
+    rep = prs.add_parser("report", help="print a site's privacy ledger (or all under a directory)")
+    rep.add_argument("state_dir")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=_cmd_privacy_report)
+
+    c = sub.add_parser("certs", help="CA, coordinator certificate and site keys")
+    cs = c.add_subparsers(dest="certs_cmd", required=True)
+    ci = cs.add_parser("init", help="create a CA and the coordinator's certificate")
+    ci.add_argument("--out", default="certs")
+    ci.add_argument("--host", action="append", help="DNS name of the coordinator (repeatable)")
+    ci.add_argument("--ip", action="append", help="IP address of the coordinator (repeatable; 127.0.0.1 always added)")
+    ci.add_argument("--days", type=int, default=365)
+    ci.add_argument("--force", action="store_true")
+    ca = cs.add_parser("add-site", help="create a site's key pair and bundle")
+    ca.add_argument("name")
+    ca.add_argument("--certs", default="certs")
+    ca.add_argument("--coordinator", default="127.0.0.1:9092", help="coordinator address host:port")
+    ca.add_argument("--force", action="store_true")
+    sh = cs.add_parser("show", help="list certificates and keys with expiry")
+    sh.add_argument("--certs", default="certs")
+    for q in (ci, ca, sh):
+        q.set_defaults(func=_cmd_certs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fedseek` console script."""
+    from fedseek.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        err.print(f"config error: {exc}", highlight=False, markup=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted; stopped all processes")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

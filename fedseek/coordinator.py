@@ -1,0 +1,303 @@
+"""The coordinator's round loop (run inside Flower's ServerApp, in simulation and deployment alike).
+
+Per round: wait for sites, sample them with the run's seed, send global weights + round
+config, screen every reply (bad ones rejected with a reason, budget refusals logged and the
+site excluded), aggregate with Flower's strategy, evaluate centrally, write one metrics line
+and a checkpoint, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedseek.aggregate.strategy import build_strategy, prepare_round
+from fedseek.aggregate.validate import as_messages, screen_replies
+from fedseek.config import FederationSpec, ScenarioConfig, load_scenario
+from fedseek.models import build_model
+from fedseek.telemetry import RunOutputs
+from fedseek.train.local import evaluate
+
+log = logging.getLogger("fedseek.coordinator")
+
+
+def _flwr_log(msg: str, *args: Any) -> None:
+    """Log through Flower's logger too, so `flwr log` shows our lines."""
+    from logging import INFO
+
+    from flwr.common.logger import log as flog
+
+    flog(INFO, "[fedseek] " + msg, *args)
+
+
+@dataclass
+class RunSettings:
+    """What the ServerApp gets from Flower's flat run config."""
+
+    config_path: Path
+    config_kind: str
+    out_dir: Path
+
+    @classmethod
+    def from_context(cls, context: Context) -> "RunSettings":
+        rc = context.run_config
+        path = str(rc.get("config-path", ""))
+        if not path:
+            raise ValueError("run config 'config-path' is empty: start runs with `fedseek simulate` or `fedseek run`")
+        return cls(Path(path), str(rc.get("config-kind", "scenario")), Path(str(rc.get("out-dir", "runs/latest"))))
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    """Block until `expected` sites are registered (Flower otherwise samples fewer in round 1)."""
+    deadline = time.monotonic() + timeout_s
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {expected} sites connected within {timeout_s:.0f}s")
+        time.sleep(0.5)
+        nodes = list(grid.get_node_ids())
+    return sorted(nodes)
+
+
+def model_meta(fed: FederationSpec, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """The architecture description sent to sites and saved as model.json."""
+    return {"kind": fed.model.kind, "hidden": list(fed.model.hidden), "input_shape": list(input_shape), "num_classes": num_classes}
+
+
+def _state_to_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in model.state_dict().items()}
+
+
+def _arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def run_coordinator(grid: Grid, context: Context) -> dict[str, Any]:
+    """Run the whole federation described by the run config; returns the summary written."""
+    settings = RunSettings.from_context(context)
+    if settings.config_kind != "scenario":
+        raise ValueError(f"config-kind {settings.config_kind!r} not supported (allowed: scenario)")
+    cfg: ScenarioConfig = load_scenario(settings.config_path)
+    return Coordinator(grid, cfg, settings.out_dir, run_id=str(context.run_id)).run()
+
+
+class Coordinator:
+    """State of one federated run at the coordinator."""
+
+    def __init__(self, grid: Grid, cfg: ScenarioConfig, out_dir: Path, run_id: str = "") -> None:
+        from fedseek.data import load_builtin
+
+        self.grid, self.cfg, self.run_id = grid, cfg, run_id
+        self.out = RunOutputs(out_dir)
+        _, self.test = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
+        self.meta = model_meta(cfg, tuple(self.test.input_shape), int(self.test.num_classes))
+        self.model = build_model(cfg.model.kind, self.test.input_shape, self.test.num_classes, cfg.model.hidden, seed=cfg.seed)
+        self.arrays = _state_to_arrays(self.model)
+        self.strategy = build_strategy(cfg.strategy)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.excluded: dict[int, str] = {}  # node_id -> reason (e.g. privacy budget spent)
+        self.sites: dict[str, dict[str, Any]] = {}  # site name -> latest privacy / participation view
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "rejected": 0, "refused": 0, "failed": 0}
+        self.rejections: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _round_config(self, rnd: int) -> ConfigRecord:
+        t = self.cfg.train
+        return ConfigRecord(
+            {
+                "server-round": rnd,
+                "num-rounds": self.cfg.rounds,
+                "lr": t.lr,
+                "local-epochs": t.local_epochs,
+                "batch-size": t.batch_size,
+                "momentum": t.momentum,
+                "weighting": t.class_weighting,
+                "proximal-mu": self.cfg.strategy.proximal_mu if self.cfg.strategy.name == "fedprox" else 0.0,
+                "model": json.dumps(self.meta),
+                "seed": int(self.cfg.seed),
+                "run-id": self.run_id,
+            }
+        )
+
+    def _sample(self, nodes: list[int]) -> list[int]:
+        eligible = [n for n in nodes if n not in self.excluded]
+        k = max(1, int(round(len(eligible) * self.cfg.strategy.fraction_train)))
+        if k >= len(eligible):
+            return eligible
+        return sorted(int(n) for n in self.rng.choice(eligible, size=k, replace=False))
+
+    def _evaluate(self) -> dict[str, float]:
+        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in self.arrays.items()})
+        return evaluate(self.model, self.test.x, self.test.y, self.test.num_classes)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.time()
+        self.out.reset_metrics()
+        expected = cfg.num_sites
+        nodes = wait_for_nodes(self.grid, expected, cfg.simulation.node_wait_s)
+        _flwr_log("%d sites connected; %d rounds of %s", len(nodes), cfg.rounds, cfg.strategy.name)
+        initial = self._evaluate()
+        for rnd in range(1, cfg.rounds + 1):
+            t0 = time.time()
+            nodes = sorted(self.grid.get_node_ids())
+            sampled = self._sample(nodes)
+            if not sampled:
+                _flwr_log("round %d: no eligible site left (all excluded); stopping early", rnd)
+                break
+            record = _arrays_to_record(self.arrays)
+            prepare_round(self.strategy, record)
+            content = RecordDict({"arrays": record, "config": self._round_config(rnd)})
+            msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
+            bytes_down = int(record.count_bytes()) * len(sampled)
+            replies = list(self.grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
+            screened = screen_replies(replies, self.arrays)
+            for r in screened.refused:
+                self.excluded[r["node_id"]] = r["reason"]
+            timed_out = len(sampled) - len(replies)
+            row_sites = self._update_sites(rnd, screened)
+            if screened.accepted:
+                new, agg_metrics = self.strategy.aggregate_train(rnd, as_messages(screened.accepted))
+                if new is not None:
+                    self.arrays = {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in new.items()}
+            central = self._evaluate()
+            self.totals["bytes_up"] += screened.bytes_up
+            self.totals["bytes_down"] += bytes_down
+            self.totals["rejected"] += len(screened.rejected)
+            self.totals["refused"] += len(screened.refused)
+            self.totals["failed"] += len(screened.failed) + timed_out
+            self.rejections += [{"round": rnd, **r} for r in screened.rejected]
+            n_acc = len(screened.accepted)
+            train_loss = (
+                sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in screened.accepted)
+                / max(1, sum(r.num_examples for r in screened.accepted))
+                if n_acc
+                else None
+            )
+            row = {
+                "round": rnd,
+                "time": time.time(),
+                "round_seconds": time.time() - t0,
+                "sampled": len(sampled),
+                "accepted": n_acc,
+                "rejected": len(screened.rejected),
+                "refused": len(screened.refused),
+                "failed": len(screened.failed),
+                "timed_out": timed_out,
+                "rejections": screened.rejected,
+                "refusals": [{"site": r["site"], "reason": r["reason"]} for r in screened.refused],
+                "train_loss": train_loss,
+                "central": central,
+                "bytes_up": screened.bytes_up,
+                "bytes_down": bytes_down,
+                "sites": row_sites,
+            }
+            self.out.append_metrics(row)
+            self._checkpoint(rnd)
+            _flwr_log(
+                "round %d/%d: accuracy %.4f loss %.4f (%d accepted, %d rejected, %d refused, %d failed) %.1fs",
+                rnd, cfg.rounds, central["accuracy"], central["loss"], n_acc, len(screened.rejected),
+                len(screened.refused), len(screened.failed) + timed_out, row["round_seconds"],
+            )
+        final = self._evaluate()
+        self.out.save_model(self.arrays, self.meta)
+        summary = {
+            "name": cfg.name,
+            "run_id": self.run_id,
+            "rounds": cfg.rounds,
+            "rounds_completed": len(_rounds_in(self.out.metrics_path)),
+            "num_sites": cfg.num_sites,
+            "strategy": cfg.strategy.name,
+            "dataset": cfg.data.dataset,
+            "seed": cfg.seed,
+            "initial": initial,
+            "final": final,
+            "final_accuracy": final["accuracy"],
+            "privacy": self._privacy_summary(),
+            "bytes_up": self.totals["bytes_up"],
+            "bytes_down": self.totals["bytes_down"],
+            "rejected_updates": self.totals["rejected"],
+            "rejections": self.rejections,
+            "refused_rounds": self.totals["refused"],
+            "failed_replies": self.totals["failed"],
+            "excluded_sites": {str(k): v for k, v in self.excluded.items()},
+            "watermark": None,
+            "wall_seconds": time.time() - start,
+        }
+        self.out.write_summary(summary)
+        _flwr_log("done: final accuracy %.4f, summary at %s", final["accuracy"], self.out.summary_path)
+        return summary
+
+    def _update_sites(self, rnd: int, screened: Any) -> dict[str, dict[str, Any]]:
+        row: dict[str, dict[str, Any]] = {}
+        for r in screened.accepted:
+            view = {k: r.metrics[k] for k in ("epsilon", "delta", "noise-multiplier", "sample-rate", "dp-steps", "train-loss", "num-examples") if k in r.metrics}
+            view["status"] = "trained"
+            row[r.site or str(r.node_id)] = view
+        for r in screened.refused:
+            row[r["site"] or str(r["node_id"])] = {
+                "status": "refused",
+                **{k: r[k] for k in ("epsilon", "delta", "epsilon-budget", "projected-epsilon") if k in r},
+            }
+        for name, view in row.items():
+            site = self.sites.setdefault(name, {"rounds_trained": 0, "refusals": 0})
+            if view["status"] == "trained":
+                site["rounds_trained"] += 1
+            else:
+                site["refusals"] += 1
+            site.update({k: v for k, v in view.items() if k != "status"})
+            site["last_round"] = rnd
+        return row
+
+    def _privacy_summary(self) -> dict[str, Any]:
+        per_site = {}
+        for name, s in sorted(self.sites.items()):
+            per_site[name] = {
+                "epsilon": s.get("epsilon"),
+                "delta": s.get("delta"),
+                "steps": s.get("dp-steps-total", None),
+                "noise_multiplier": s.get("noise-multiplier"),
+                "sample_rate": s.get("sample-rate"),
+                "rounds_trained": s["rounds_trained"],
+                "refusals": s["refusals"],
+            }
+        eps = [v["epsilon"] for v in per_site.values() if v["epsilon"] is not None]
+        priv = self.cfg.privacy
+        return {
+            "enabled": bool(priv and priv.enabled),
+            "accountant": priv.accountant if priv else None,
+            "delta": priv.delta if priv else None,
+            "epsilon_budget": priv.epsilon_budget if priv else None,
+            "max_epsilon": max(eps) if eps else None,
+            "sites": per_site,
+        }
+
+    def _checkpoint(self, rnd: int) -> None:
+        import io
+
+        from fedseek.telemetry import atomic_write_bytes, atomic_write_json
+
+        buf = io.BytesIO()
+        torch.save({k: torch.from_numpy(v) for k, v in self.arrays.items()}, buf)
+        atomic_write_bytes(self.out.checkpoint_dir / "model.pt", buf.getvalue())
+        atomic_write_json(
+            self.out.checkpoint_dir / "state.json",
+            {"round": rnd, "run_id": self.run_id, "excluded": {str(k): v for k, v in self.excluded.items()},
+             "totals": self.totals, "sites": self.sites},
+        )
+
+
+def _rounds_in(path: Path) -> list[int]:
+    from fedseek.telemetry import read_metrics
+
+    return [int(r["round"]) for r in read_metrics(path)]

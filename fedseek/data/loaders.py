@@ -1,0 +1,225 @@
+"""A site's own data: CSV/Parquet tables and class-per-folder image sets, with one-line DataErrors.
+
+Everything a site operator can get wrong (path, format, columns, missing values, labels)
+raises `DataError` with a single line naming the file and the problem, never a traceback
+from pandas or Pillow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fedseek.data.arrays import ArrayDataset, DataError
+
+TABLE_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception message (library errors can be multi-line)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def _read_table(path: Path):  # -> pandas.DataFrame
+    """Read a .csv/.parquet file into a DataFrame, turning every failure into a DataError."""
+    import pandas as pd
+
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'!r} "
+            f"(allowed: {', '.join(TABLE_SUFFIXES)})"
+        )
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty table (no columns or rows)") from None
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a corrupt/unreadable file
+        kind = "CSV" if suffix == ".csv" else "Parquet"
+        raise DataError(f"{path}: cannot read as {kind}: {_first_line(exc)}") from None
+
+
+def _class_mapping(
+    path: Path, raw: np.ndarray, classes: Sequence[str] | None
+) -> tuple[np.ndarray, list[str]]:
+    """Map raw labels to 0..K-1 (sorted natural order, or the given `classes` order)."""
+    as_str = np.array([str(v) for v in raw], dtype=object)
+    if classes is not None:
+        names = [str(c) for c in classes]
+        if len(set(names)) != len(names) or not names:
+            raise DataError(f"{path}: `classes` must be a non-empty list of distinct names")
+        lookup = {c: i for i, c in enumerate(names)}
+        unknown = sorted(set(as_str) - set(lookup))
+        if unknown:
+            raise DataError(
+                f"{path}: label values {unknown[:10]} are not among the configured classes {names}"
+            )
+        return np.array([lookup[s] for s in as_str], dtype=np.int64), names
+    try:
+        uniq = np.unique(raw)  # natural order: 2 < 10 for numbers, alphabetical for strings
+    except TypeError:  # mixed types: fall back to string order
+        uniq = np.unique(as_str)
+    names = [str(u) for u in uniq]
+    if len(set(names)) != len(names):  # e.g. 1 and "1" in one column
+        raise DataError(f"{path}: label values are ambiguous as text: {names[:10]}")
+    lookup = {c: i for i, c in enumerate(names)}
+    return np.array([lookup[s] for s in as_str], dtype=np.int64), names
+
+
+def load_table(
+    path: str | Path,
+    label_column: str,
+    feature_columns: list[str] | None = None,
+    standardize: bool = True,
+    classes: Sequence[str] | None = None,
+) -> ArrayDataset:
+    """A site's .csv/.parquet table as an ArrayDataset (features float32, labels 0..K-1).
+
+    - Labels: mapped to 0..K-1 in sorted order of their values, kept as `ArrayDataset.classes`.
+      Pass `classes` (from the site/federation config) to fix the mapping: every site must
+      map labels identically, which sorted order cannot guarantee when a site lacks a class.
+      Without `classes`, a single-class table is an error (the mapping would be meaningless).
+    - Features: `feature_columns`, or every column except the label. Boolean columns become
+      0/1. Non-numeric columns are rejected, not one-hot encoded: local one-hot encoding
+      gives each site a different feature layout depending on which categories it has seen,
+      which silently breaks a federated model; encode them upstream with a shared vocabulary.
+    - Missing or infinite values: rejected, naming each column and its count (never dropped).
+    - `standardize`: scale each feature by this table's own mean/std (local statistics;
+      constant columns are left centred). Use False when the federation agrees on shared
+      public statistics and the table is already scaled.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    df = _read_table(path)
+    columns = [str(c) for c in df.columns]
+    df.columns = columns
+    if label_column not in columns:
+        raise DataError(
+            f"{path}: label column {label_column!r} not found (available: {', '.join(columns)})"
+        )
+    if len(df) == 0:
+        raise DataError(f"{path}: empty table (no rows)")
+
+    if feature_columns is None:
+        feature_columns = [c for c in columns if c != label_column]
+    else:
+        feature_columns = [str(c) for c in feature_columns]
+        missing = [c for c in feature_columns if c not in columns]
+        if missing:
+            raise DataError(
+                f"{path}: feature columns {missing} not found (available: {', '.join(columns)})"
+            )
+        if label_column in feature_columns:
+            raise DataError(f"{path}: label column {label_column!r} is also listed as a feature")
+    if not feature_columns:
+        raise DataError(f"{path}: no feature columns (only the label column {label_column!r})")
+
+    used = [label_column, *feature_columns]
+    na_counts = df[used].isna().sum()
+    with_na = [f"{c} ({int(n)})" for c, n in na_counts.items() if n > 0]
+    if with_na:
+        raise DataError(f"{path}: missing values in columns: {', '.join(with_na)}")
+
+    feats = df[feature_columns]
+    non_numeric = [
+        c
+        for c in feature_columns
+        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
+    ]
+    if non_numeric:
+        raise DataError(
+            f"{path}: non-numeric feature columns {non_numeric} "
+            f"(encode them upstream with a vocabulary shared by all sites, or leave them out)"
+        )
+    x = feats.to_numpy(dtype=np.float64)
+    nonfinite = ~np.isfinite(x)
+    if nonfinite.any():
+        counts = nonfinite.sum(axis=0)
+        bad = [f"{c} ({int(n)})" for c, n in zip(feature_columns, counts) if n > 0]
+        raise DataError(f"{path}: infinite values in columns: {', '.join(bad)}")
+
+    y, names = _class_mapping(path, df[label_column].to_numpy(), classes)
+    if classes is None and len(names) < 2:
+        raise DataError(
+            f"{path}: label column {label_column!r} has a single class {names[0]!r}; "
+            f"need at least 2 (or configure the federation's classes)"
+        )
+
+    if standardize:
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        std[std < 1e-12] = 1.0
+        x = (x - mean) / std
+    return ArrayDataset(x.astype(np.float32), y, len(names), name=path.stem, classes=names)
+
+
+def load_image_folder(
+    path: str | Path,
+    image_size: int,
+    grayscale: bool = True,
+    classes: Sequence[str] | None = None,
+) -> ArrayDataset:
+    """Images laid out as root/CLASS/*.png|jpg|jpeg, resized to image_size², scaled to [0, 1], (N, C, H, W).
+
+    Classes are the subfolder names in sorted order (or the given `classes`, which fixes the
+    label mapping across sites; a configured class may have no folder or no images here).
+    C is 1 for grayscale, else 3 (RGB). Files with other suffixes are ignored.
+    """
+    from PIL import Image
+
+    root = Path(path)
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if not root.exists():
+        raise DataError(f"{root}: image folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected root/CLASS/*.png)")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        if not folders:
+            raise DataError(f"{root}: no class folders (expected root/CLASS/*.png|jpg)")
+        names = folders
+    else:
+        names = [str(c) for c in classes]
+        extra = sorted(set(folders) - set(names))
+        if extra:
+            raise DataError(f"{root}: class folders {extra} are not among the configured classes {names}")
+
+    mode = "L" if grayscale else "RGB"
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for k, name in enumerate(names):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        files = sorted(
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except Exception as exc:  # noqa: BLE001 - any decode failure names the file
+                raise DataError(f"{f}: unreadable image: {_first_line(exc)}") from None
+            images.append(arr[None, :, :] if grayscale else arr.transpose(2, 0, 1))
+            labels.append(k)
+    if not images:
+        raise DataError(
+            f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders {names}"
+        )
+    x = np.stack(images).astype(np.float32)
+    return ArrayDataset(x, np.array(labels, dtype=np.int64), len(names), name=root.name, classes=names)

@@ -1,0 +1,70 @@
+"""Model zoo: a tabular MLP and a small image CNN, both DP-ready (no BatchNorm; GroupNorm)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class TabularMLP(nn.Module):
+    """MLP for tabular records; tanh activations keep DP-SGD gradients well-scaled."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64,)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.Tanh()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks with GroupNorm for small images (8x8 digits up to 32x32)."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.GroupNorm(4, width),
+            nn.Tanh(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.GroupNorm(4, 2 * width),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(4 if image_size >= 8 else 2),
+        )
+        side = 4 if image_size >= 8 else 2
+        self.head = nn.Linear(2 * width * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # (N, H, W) -> (N, 1, H, W)
+            x = x.unsqueeze(1)
+        return self.head(self.features(x).flatten(1))
+
+
+def build_model(
+    kind: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64,), seed: int | None = None
+) -> nn.Module:
+    """Build a model by name ('mlp' | 'cnn') for inputs of `input_shape` (without batch dim)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if kind == "mlp":
+        in_features = 1
+        for d in input_shape:
+            in_features *= int(d)
+        return TabularMLP(in_features, num_classes, hidden)
+    if kind == "cnn":
+        if len(input_shape) == 2:
+            channels, size = 1, int(input_shape[-1])
+        elif len(input_shape) == 3:
+            channels, size = int(input_shape[0]), int(input_shape[-1])
+        else:
+            raise ValueError(f"cnn needs image inputs (H, W) or (C, H, W), got shape {tuple(input_shape)}")
+        return SmallCNN(channels, size, num_classes)
+    raise ValueError(f"unknown model kind {kind!r}; allowed: 'mlp', 'cnn'")

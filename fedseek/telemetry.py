@@ -1,0 +1,100 @@
+"""Run outputs (a stable contract): metrics.jsonl, summary.json, model.pt (+ model.json), checkpoint/.
+
+Every write is atomic (temp file + fsync + rename) or an fsync'd append, so a crash leaves
+the last complete round on disk, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None  # JSON has no NaN/Inf
+    return obj
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (NaN/Inf become null)."""
+    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
+
+
+class RunOutputs:
+    """The files of one run directory."""
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.summary_path = self.dir / "summary.json"
+        self.model_path = self.dir / "model.pt"
+        self.model_meta_path = self.dir / "model.json"
+        self.checkpoint_dir = self.dir / "checkpoint"
+
+    def reset_metrics(self) -> None:
+        """Start a fresh metrics.jsonl (a new run in an existing directory)."""
+        self.metrics_path.unlink(missing_ok=True)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one round as a JSON line, fsync'd so a reader never sees a partial line."""
+        line = json.dumps(_jsonable(row)) + "\n"
+        with open(self.metrics_path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    def save_model(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+        """model.pt is a plain torch state_dict; model.json says how to rebuild the module."""
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}, buf)
+        atomic_write_bytes(self.model_path, buf.getvalue())
+        atomic_write_json(self.model_meta_path, meta)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read metrics.jsonl, ignoring a trailing partial line."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

@@ -1,0 +1,149 @@
+"""A site's local training loop (plain SGD or Opacus DP-SGD) and model evaluation."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
+    """'Balanced' class weights n/(K*count); Poisson sampling forbids weighted samplers, so weight the loss."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    counts[counts == 0] = 1.0
+    return torch.tensor(len(y) / (num_classes * counts), dtype=torch.float32)
+
+
+@dataclass
+class TrainResult:
+    """What one local round produced (before encoding)."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+    dp: dict[str, float] = field(default_factory=dict)
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+
+
+def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], lr: float, mu: float) -> None:
+    """FedProx as a decoupled proximal step w -= lr*mu*(w - w_global): data-independent, so DP-safe."""
+    with torch.no_grad():
+        for p, g in zip((p for p in model.parameters() if p.requires_grad), global_params):
+            p.sub_(lr * mu * (p - g))
+
+
+def train_local(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    momentum: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    proximal_mu: float = 0.0,
+    weighting: str = "none",
+    privacy: Any = None,
+) -> TrainResult:
+    """Train `model` in place on (x, y) for `epochs`; with `privacy` (a DPRound) under Opacus DP-SGD."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model.to(device)
+    model.train()
+    start = time.perf_counter()
+    weights = class_weights(y, num_classes).to(device) if weighting == "balanced" else None
+    criterion: nn.Module = nn.CrossEntropyLoss(weight=weights)
+    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(_tensors(x, y), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
+
+    train_model: nn.Module = model
+    if privacy is not None:
+        train_model, optimizer, criterion, loader = privacy.wrap(model, optimizer, criterion, loader)
+
+    total_loss, total_n, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            if len(yb) == 0:  # Poisson sampling can draw an empty batch; Opacus still steps (noise only)
+                if privacy is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    privacy.empty_step(train_model, optimizer, criterion, xb, yb, device)
+                    steps += 1
+                continue
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(train_model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if proximal_mu > 0:
+                _proximal_step(model, global_params, lr, proximal_mu)
+            total_loss += float(loss.detach()) * len(yb)
+            total_n += len(yb)
+
+    dp_info: dict[str, float] = {}
+    if privacy is not None:
+        dp_info = privacy.finish(steps)
+    return TrainResult(
+        loss=total_loss / max(total_n, 1),
+        num_examples=int(len(y)),
+        steps=steps,
+        seconds=time.perf_counter() - start,
+        dp=dp_info,
+    )
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 1024) -> np.ndarray:
+    """Softmax class scores for x (the black-box view of a model)."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device)
+        out.append(torch.softmax(model(xb).float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Loss, accuracy and balanced accuracy; ROC AUC for binary tasks (accuracy misleads on rare fraud)."""
+    scores = predict_scores(model, x, device)
+    y = np.asarray(y)
+    eps = 1e-12
+    loss = float(-np.mean(np.log(scores[np.arange(len(y)), y] + eps))) if len(y) else float("nan")
+    pred = scores.argmax(1)
+    out = {"loss": loss, "accuracy": float((pred == y).mean()) if len(y) else float("nan")}
+    recalls = [float((pred[y == k] == k).mean()) for k in range(num_classes) if (y == k).any()]
+    out["balanced_accuracy"] = float(np.mean(recalls)) if recalls else float("nan")
+    if num_classes == 2 and len(np.unique(y)) == 2:
+        from sklearn.metrics import roc_auc_score
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["auc"] = float(roc_auc_score(y, scores[:, 1]))
+    return out
