@@ -78,7 +78,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         elif args.certs_cmd == "show":
             print(pki.format_show(pki.show(Path(args.certs))))
     except pki.PkiError as exc:
-        err.print(f"error: {exc}", highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        err.print(f"config error: {exc}", highlight=False, markup=False)
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted; stopped all processes")

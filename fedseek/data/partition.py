@@ -35,7 +35,10 @@ class _ArrayKey:
                 h.update(b"none")
                 continue
             h.update(str((arr.dtype.str, arr.shape)).encode())
-            h.update(np.ascontiguousarray(arr).tobytes() if arr.dtype != object else repr(arr.tolist()).encode())
+            if arr.dtype == object:
+                h.update(repr(arr.tolist()).encode())
+            else:
+                h.update(np.ascontiguousarray(arr).tobytes())
         self.digest = h.digest()
 
     def __hash__(self) -> int:

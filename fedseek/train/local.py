@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+
+# Opacus' ghost clipping fires full backward hooks on modules whose inputs need no grad: harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 from dataclasses import dataclass, field
 from typing import Any
 
