@@ -91,7 +91,7 @@ class CodecSpec:
     topk_scope: "layer" keeps ceil(fraction * n_t) per tensor (every tensor, biases included,
           gets a share; payload size is data-independent); "global" keeps ceil(fraction * N)
           over all tensors by |value| (a tensor may get zero).
-    index_coding: "uint32" (4 B/index), "delta" (LEB128 varint gaps, ~1-2 B/index at 1-10%),
+    index_coding: (topk only) "uint32" (4 B/index), "delta" (LEB128 varint gaps, ~1-2 B/index at 1-10%),
           "bitmap" (n/8 B per tensor; smallest above ~3-25% density).
     """
 

@@ -81,26 +81,58 @@ def _arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+@dataclass
+class Task:
+    """What the coordinator knows about the task: shapes, and a held-out test set if it has one."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    test: Any = None  # fedseek.data.ArrayDataset | None
+    name: str = ""
+
+
+def scenario_task(cfg: ScenarioConfig) -> Task:
+    """A scenario's task: the built-in dataset's held-out split is the central test set."""
+    from fedseek.data import load_builtin
+
+    _, test = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
+    return Task(tuple(test.input_shape), int(test.num_classes), test, cfg.data.dataset)
+
+
 def run_coordinator(grid: Grid, context: Context) -> dict[str, Any]:
     """Run the whole federation described by the run config; returns the summary written."""
     settings = RunSettings.from_context(context)
-    if settings.config_kind != "scenario":
-        raise ValueError(f"config-kind {settings.config_kind!r} not supported (allowed: scenario)")
-    cfg: ScenarioConfig = load_scenario(settings.config_path)
-    return Coordinator(grid, cfg, settings.out_dir, run_id=str(context.run_id)).run()
+    if settings.config_kind == "scenario":
+        cfg: ScenarioConfig = load_scenario(settings.config_path)
+        coord = Coordinator(
+            grid, cfg, scenario_task(cfg), settings.out_dir, expected_sites=cfg.num_sites,
+            node_wait_s=cfg.simulation.node_wait_s, run_id=str(context.run_id), privacy=cfg.privacy,
+        )
+        return coord.run()
+    raise ValueError(f"config-kind {settings.config_kind!r} not supported (allowed: scenario)")
 
 
 class Coordinator:
     """State of one federated run at the coordinator."""
 
-    def __init__(self, grid: Grid, cfg: ScenarioConfig, out_dir: Path, run_id: str = "") -> None:
-        from fedseek.data import load_builtin
-
-        self.grid, self.cfg, self.run_id = grid, cfg, run_id
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: FederationSpec,
+        task: Task,
+        out_dir: Path,
+        *,
+        expected_sites: int,
+        node_wait_s: float = 120.0,
+        run_id: str = "",
+        privacy: Any = None,
+    ) -> None:
+        self.grid, self.cfg, self.task, self.run_id = grid, cfg, task, run_id
+        self.expected_sites, self.node_wait_s, self.privacy = expected_sites, node_wait_s, privacy
         self.out = RunOutputs(out_dir)
-        _, self.test = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
-        self.meta = model_meta(cfg, tuple(self.test.input_shape), int(self.test.num_classes))
-        self.model = build_model(cfg.model.kind, self.test.input_shape, self.test.num_classes, cfg.model.hidden, seed=cfg.seed)
+        self.test = task.test
+        self.meta = model_meta(cfg, tuple(task.input_shape), int(task.num_classes))
+        self.model = build_model(cfg.model.kind, task.input_shape, task.num_classes, cfg.model.hidden, seed=cfg.seed)
         self.arrays = _state_to_arrays(self.model)
         self.strategy = build_strategy(cfg.strategy)
         self.rng = np.random.default_rng(cfg.seed)
@@ -136,6 +168,8 @@ class Coordinator:
         return sorted(int(n) for n in self.rng.choice(eligible, size=k, replace=False))
 
     def _evaluate(self) -> dict[str, float]:
+        if self.test is None:
+            return {}
         self.model.load_state_dict({k: torch.from_numpy(v) for k, v in self.arrays.items()})
         return evaluate(self.model, self.test.x, self.test.y, self.test.num_classes)
 
@@ -144,8 +178,7 @@ class Coordinator:
         cfg = self.cfg
         start = time.time()
         self.out.reset_metrics()
-        expected = cfg.num_sites
-        nodes = wait_for_nodes(self.grid, expected, cfg.simulation.node_wait_s)
+        nodes = wait_for_nodes(self.grid, self.expected_sites, self.node_wait_s)
         _flwr_log("%d sites connected; %d rounds of %s", len(nodes), cfg.rounds, cfg.strategy.name)
         initial = self._evaluate()
         for rnd in range(1, cfg.rounds + 1):
@@ -206,7 +239,7 @@ class Coordinator:
             self._checkpoint(rnd)
             _flwr_log(
                 "round %d/%d: accuracy %.4f loss %.4f (%d accepted, %d rejected, %d refused, %d failed) %.1fs",
-                rnd, cfg.rounds, central["accuracy"], central["loss"], n_acc, len(screened.rejected),
+                rnd, cfg.rounds, central.get("accuracy", float("nan")), central.get("loss", float("nan")), n_acc, len(screened.rejected),
                 len(screened.refused), len(screened.failed) + timed_out, row["round_seconds"],
             )
         final = self._evaluate()
@@ -216,13 +249,13 @@ class Coordinator:
             "run_id": self.run_id,
             "rounds": cfg.rounds,
             "rounds_completed": len(_rounds_in(self.out.metrics_path)),
-            "num_sites": cfg.num_sites,
+            "num_sites": self.expected_sites,
             "strategy": cfg.strategy.name,
-            "dataset": cfg.data.dataset,
+            "dataset": self.task.name,
             "seed": cfg.seed,
             "initial": initial,
             "final": final,
-            "final_accuracy": final["accuracy"],
+            "final_accuracy": final.get("accuracy"),
             "privacy": self._privacy_summary(),
             "bytes_up": self.totals["bytes_up"],
             "bytes_down": self.totals["bytes_down"],
@@ -235,7 +268,7 @@ class Coordinator:
             "wall_seconds": time.time() - start,
         }
         self.out.write_summary(summary)
-        _flwr_log("done: final accuracy %.4f, summary at %s", final["accuracy"], self.out.summary_path)
+        _flwr_log("done: final accuracy %.4f, summary at %s", final.get("accuracy", float("nan")), self.out.summary_path)
         return summary
 
     def _update_sites(self, rnd: int, screened: Any) -> dict[str, dict[str, Any]]:
@@ -272,7 +305,7 @@ class Coordinator:
                 "refusals": s["refusals"],
             }
         eps = [v["epsilon"] for v in per_site.values() if v["epsilon"] is not None]
-        priv = self.cfg.privacy
+        priv = self.privacy
         return {
             "enabled": bool(priv and priv.enabled),
             "accountant": priv.accountant if priv else None,

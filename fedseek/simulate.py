@@ -84,13 +84,19 @@ def simulate(
                 env=env, log=log_fh, name="superlink",
             )
             trees.append(superlink)
-            wait_for_port("127.0.0.1", port, 60, superlink.proc)
+            try:
+                wait_for_port("127.0.0.1", port, 60, superlink.proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise SimulationError(f"the simulation SuperLink did not start ({exc}); see {log_path}:\n{_tail(log_path)}") from None
             run_config: dict = {"config-path": str(scenario_path), "out-dir": str(out), "config-kind": "scenario"}
             if state_dir is not None:
                 run_config["state-dir"] = str(Path(state_dir).resolve())
             ray_cpus = cfg.simulation.ray_cpus or max(1, _cores())
             fed = {"num-supernodes": cfg.num_sites, "client-resources-num-cpus": cfg.simulation.cpus_per_site, "init-args-num-cpus": ray_cpus}
-            run_id = submit_run(app_dir(), CONNECTION, env, run_config, fed)
+            try:
+                run_id = submit_run(app_dir(), CONNECTION, env, run_config, fed)
+            except RuntimeError as exc:
+                raise SimulationError(str(exc)) from None
             logs = start_process([flwr_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env, log=run_log_fh, name="flwr-log")
             trees.append(logs)
             client = ControlClient(flwr_home, CONNECTION)

@@ -9,6 +9,7 @@ the budget, so the budget is never exceeded, not even by one step.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,17 +31,32 @@ class BudgetExceeded(RuntimeError):
     """The next round would push the site's epsilon past its budget: the site refuses it."""
 
 
-def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Epsilon of a (noise, sample_rate, steps) history under the named Opacus accountant."""
-    if not history:
-        return 0.0
+def compress_history(history: list[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    """Merge entries with the same (noise, sample rate): composing n1 then n2 steps is n1+n2 steps (exact)."""
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        key = (float(s), float(q))
+        merged[key] = merged.get(key, 0) + int(n)
+    return tuple((s, q, n) for (s, q), n in merged.items() if n > 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     import warnings
 
     acc = create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     with warnings.catch_warnings():  # "optimal order is the largest alpha" at very high noise: bound still valid
         warnings.simplefilter("ignore", UserWarning)
         return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """Epsilon of a (noise, sample_rate, steps) history under the named Opacus accountant."""
+    merged = compress_history(history)
+    if not merged:
+        return 0.0
+    return _epsilon_cached(merged, float(delta), accountant)
 
 
 @dataclass
@@ -159,23 +175,13 @@ class PrivacyLedger:
     def calibrate_noise(self, sample_rate: float, steps_per_round: int, remaining_rounds: int) -> float:
         """Smallest noise (bisection) so the remaining announced rounds fit the remaining budget."""
         steps = max(1, steps_per_round * max(1, remaining_rounds))
-        if self.projected_epsilon(50.0, sample_rate, steps) > self.epsilon_budget:
+        noise = _calibrate(compress_history(self.history), float(sample_rate), steps, self.epsilon_budget, self.delta, self.accountant)
+        if noise is None:
             raise BudgetExceeded(
                 f"site {self.site or '?'}: even noise 50 cannot fit {remaining_rounds} more rounds in the "
                 f"remaining budget (spent {self.epsilon():.4f} of {self.epsilon_budget:g})"
             )
-        lo, hi = 0.3, 50.0
-        if self.projected_epsilon(lo, sample_rate, steps) <= self.epsilon_budget:
-            return lo
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if self.projected_epsilon(mid, sample_rate, steps) > self.epsilon_budget:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < 1e-3:
-                break
-        return hi
+        return noise
 
     def summary(self) -> dict[str, Any]:
         """The numbers a data-protection officer reads: spent, budget, steps, rounds, refusals."""
@@ -192,6 +198,26 @@ class PrivacyLedger:
             "last_noise_multiplier": last[0],
             "last_sample_rate": last[1],
         }
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(history: tuple, q: float, steps: int, budget: float, delta: float, accountant: str) -> float | None:
+    """Bisection on the noise multiplier (cached: sites with equal plans share the answer)."""
+    def eps(sigma: float) -> float:
+        return epsilon_for(list(history) + [(sigma, q, steps)], delta, accountant)
+
+    lo, hi = 0.3, 50.0
+    if eps(hi) > budget:
+        return None
+    if eps(lo) <= budget:
+        return lo
+    while hi - lo > 2e-3 * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def noise_for_round(

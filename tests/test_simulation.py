@@ -1,0 +1,90 @@
+"""Real simulations through Flower's simulation engine (Ray): outputs, DP budget, restarts, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedseek.train.privacy import PrivacyLedger, epsilon_for
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _fedseek(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedseek.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _descendant_free(out: Path) -> list[str]:
+    """Processes still running whose command line mentions this run's directory (none expected)."""
+    left = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(out) in cmd and "pytest" not in cmd:
+            left.append(f"{pid}: {cmd[:120]}")
+    return left
+
+
+def test_short_simulation_writes_the_output_contract(tmp_path):
+    scen = tmp_path / "s.yaml"
+    scen.write_text(
+        "name: t\nseed: 1\nnum_sites: 4\nrounds: 2\ndata: {dataset: breast_cancer}\n"
+        "partition: {scheme: dirichlet, alpha: 1.0}\nstrategy: {min_sites: 4}\n"
+        "train: {local_epochs: 2, lr: 0.05, batch_size: 16}\n"
+    )
+    out = tmp_path / "out"
+    res = _fedseek("simulate", str(scen), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["sampled"] == 4 and r["accepted"] == 4 for r in rows)  # all sites registered before round 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert summary["final_accuracy"] > 0.85
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    assert (out / "model.pt").exists() and json.loads((out / "model.json").read_text())["kind"] == "mlp"
+    assert (out / "checkpoint" / "state.json").exists()
+    assert "round   2/2" in res.stderr
+    assert _descendant_free(out) == []
+
+
+def test_dp_budget_refusal_and_restart_continue_epsilon(tmp_path):
+    """Sites keep one ledger across runs (restart = new processes): epsilon continues, then the budget stops them."""
+    scen = tmp_path / "dp.yaml"
+    scen.write_text(
+        "name: dp\nseed: 2\nnum_sites: 3\nrounds: 2\ndata: {dataset: breast_cancer}\nstrategy: {min_sites: 3}\n"
+        "train: {local_epochs: 1, lr: 0.1, batch_size: 32}\n"
+        "privacy: {epsilon_budget: 2.3, delta: 1.0e-5, noise_multiplier: 2.0, grad_sample_mode: ghost}\n"
+    )
+    state = tmp_path / "state"
+    first = _fedseek("simulate", str(scen), "--out", str(tmp_path / "run1"), "--state-dir", str(state))
+    assert first.returncode == 0, first.stderr[-3000:]
+    led = PrivacyLedger(state / "site-000", accountant="rdp", delta=1e-5, epsilon_budget=2.3)
+    eps_after_run1 = led.epsilon()
+    assert len(led.rounds) == 2 and eps_after_run1 > 0
+
+    second = _fedseek("simulate", str(scen), "--out", str(tmp_path / "run2"), "--state-dir", str(state))
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    led = PrivacyLedger(state / "site-000", accountant="rdp", delta=1e-5, epsilon_budget=2.3)
+    # the second run continued from run 1's epsilon (no reset) ...
+    assert led.rounds[0].run_id != led.rounds[-1].run_id
+    assert led.epsilon() > eps_after_run1
+    assert led.epsilon() == pytest.approx(epsilon_for(led.history, 1e-5, "rdp"))
+    # ... and every site stopped at its budget: refusals were logged, the run still finished
+    assert summary["refused_rounds"] >= 1
+    for name, site in summary["privacy"]["sites"].items():
+        assert site["epsilon"] <= 2.3, name
+    assert all(PrivacyLedger(d, accountant="rdp", delta=1e-5, epsilon_budget=2.3).epsilon() <= 2.3 for d in state.iterdir())
+    rows = [json.loads(l) for l in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["refused"] for r in rows)
