@@ -1,5 +1,7 @@
 # fedseek: `make demo` runs the default simulation, `make test` runs the suite, `make bench` the benchmarks.
 # Each target creates .venv when missing and installs fedseek with a CPU torch (constraints/cpu.txt).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@touch $(STAMP)
 
 demo: $(STAMP)
