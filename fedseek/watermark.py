@@ -49,6 +49,7 @@ import math
 import os
 import secrets
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -192,26 +193,39 @@ def save_key(key: WatermarkKey, path: str | os.PathLike, *, force: bool = False)
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
     if not force and path.exists():
         raise FileExistsError(f"refusing to overwrite existing watermark key {path} (pass force=True to replace it)")
+    # Write a 0600 temp file, then rename over (force) or hard-link into place (atomic create-if-absent).
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    _write_private(tmp, data)
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
+        if force:
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"refusing to overwrite existing watermark key {path} (pass force=True to replace it)") from None
+        except OSError:  # filesystem without hard links: exclusive create of the final path
+            _write_private(path, data)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create `path` exclusively with mode 0600 (whatever the umask) and write `data` durably."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise FileExistsError(f"refusing to overwrite existing watermark key {path} (pass force=True to replace it)") from None
+    try:
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # atomic create-if-absent: fails if someone created `path` meanwhile
-            os.unlink(tmp)
-    except FileExistsError:
-        tmp.unlink(missing_ok=True)
-        raise FileExistsError(f"refusing to overwrite existing watermark key {path} (pass force=True to replace it)") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-    return path
 
 
 def load_key(path: str | os.PathLike) -> WatermarkKey:
@@ -219,6 +233,8 @@ def load_key(path: str | os.PathLike) -> WatermarkKey:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"watermark key file not found: {path}")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        warnings.warn(f"watermark key {path} is readable by other users (mode {path.stat().st_mode & 0o777:o}); chmod 600 it", stacklevel=2)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -309,7 +325,7 @@ def _image_triggers(rng: np.random.Generator, n: int, shape: tuple[int, ...]) ->
 def _tabular_triggers(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     """Uniform[-4, 4] records (standardized units) with a secret sparse pattern of extreme values."""
     x = rng.uniform(-4.0, 4.0, size=(n, d))
-    k = max(1, int(round(0.1 * d)))
+    k = d // 10  # ~10% of the features; none below 10 features (each trigger needs free coordinates)
     idx = rng.choice(d, size=k, replace=False)
     vals = rng.choice([-1.0, 1.0], size=k) * rng.uniform(3.5, 4.0, size=k)
     x[:, idx] = vals
@@ -373,28 +389,6 @@ def _synthetic_inputs(rng: np.random.Generator, n: int, shape: tuple[int, ...], 
     return torch.from_numpy(img.reshape((n, *shape)).astype(np.float32))
 
 
-def _invert(
-    teacher: nn.Module, x0: torch.Tensor, num_classes: int, is_image: bool, steps: int, rng: np.random.Generator
-) -> torch.Tensor:
-    """Data-free 'teacher impressions': nudge seeded inputs until the teacher assigns them balanced classes."""
-    n = x0.shape[0]
-    target = torch.from_numpy(rng.permutation(np.arange(n) % num_classes)).long()
-    x = x0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=0.05)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(teacher(x), target)
-            if not is_image:
-                loss = loss + 1e-2 * (x**2).mean()
-            loss.backward()
-            opt.step()
-            if is_image:
-                with torch.no_grad():
-                    x.clamp_(0.0, 1.0)
-    return x.detach()
-
-
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy of `model` on (x, y) under no_grad."""
     with torch.no_grad():
@@ -410,27 +404,26 @@ def embed(
     min_steps: int = 0,
     lr: float = 5e-3,
     anchor_weight: float = 1e-2,
-    distill_weight: float = 1.0,
+    distill_weight: float = 5.0,
     n_distill: int = 256,
     distill_inputs: torch.Tensor | None = None,
     perturb: float = 0.05,
-    margin_steps: int = 20,
-    invert_steps: int = 50,
+    margin_steps: int = 5,
     seed: int | None = None,
 ) -> EmbedReport:
-    """Fine-tune `model` in place on the key's triggers (no site data) until trigger accuracy >= target.
-
-    Loss = CE(triggers) + distill_weight * KL(pre-embed || model) on synthetic (or supplied public)
-    inputs + anchor_weight * ||theta - theta_start||^2. Gradients are evaluated at weights
-    multiplicatively perturbed by N(0, perturb^2) (0 disables). After the target is first reached,
-    `margin_steps` more steps widen the margin (robustness to later fine-tuning and pruning).
-    Deterministic given the key and `seed` (default: derived from the key).
-    """
+    """Fine-tune `model` in place on the key's triggers (no site data) until trigger accuracy >= target."""
+    # Loss = CE(triggers) + distill_weight * KL(pre-embed || model) on seeded synthetic inputs (or the
+    # caller's public `distill_inputs`) + anchor_weight * ||theta - theta_start||^2. Gradients are taken at
+    # weights multiplicatively perturbed by N(0, perturb^2) (0 disables). Once the target is reached,
+    # `margin_steps` more steps widen the margin. Deterministic given the key and `seed` (default: from the key).
     t0 = time.perf_counter()
-    x_t, y_t = trigger_set(key)
+    if not 0.0 < target_accuracy <= 1.0:
+        raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
+    device = params[0].device
+    x_t, y_t = (t.to(device) for t in trigger_set(key))
     was_training = model.training
     model.eval()  # fedseek models have no dropout/BN; eval keeps any such layer deterministic
     acc_before = _accuracy(model, x_t, y_t)
@@ -443,10 +436,8 @@ def embed(
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     if distill_inputs is None and distill_weight > 0:
         distill_inputs = _synthetic_inputs(rng, n_distill, key.input_shape, key.is_image)
-        if invert_steps > 0:
-            distill_inputs = _invert(teacher, distill_inputs, key.num_classes, key.is_image, invert_steps, rng)
     if distill_inputs is not None and distill_weight > 0:
-        distill_inputs = distill_inputs.float()
+        distill_inputs = distill_inputs.float().to(device)
         with torch.no_grad():
             teacher_logp = F.log_softmax(teacher(distill_inputs), dim=1)
 
@@ -463,7 +454,7 @@ def embed(
             if perturb > 0:
                 with torch.no_grad():
                     for p in params:
-                        e = torch.randn(p.shape, generator=gen) * perturb * p.abs()
+                        e = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype) * perturb * p.abs()
                         p.add_(e)
                         noise.append(e)
             opt.zero_grad(set_to_none=True)
@@ -587,7 +578,8 @@ def verify_model(model: nn.Module, key: WatermarkKey, alpha: float = 1e-6, **kwa
     model.eval()
     try:
         with torch.no_grad():
-            return verify(lambda x: model(x), key, alpha, **kwargs)  # type: ignore[arg-type]
+            device = next(iter(model.parameters()), torch.empty(0)).device
+            return verify(lambda x: model(torch.as_tensor(x).to(device)), key, alpha, **kwargs)  # type: ignore[arg-type]
     finally:
         model.train(was_training)
 
