@@ -100,6 +100,59 @@ class SimulationSpec(_Strict):
     node_wait_s: float = Field(120.0, gt=0.0)
 
 
+class SparsitySpec(_Strict):
+    """A global sparsity mask held by the coordinator (from the seed or the DP global model only)."""
+
+    enabled: bool = False
+    target: float = Field(0.8, ge=0.0, lt=1.0, description="final fraction of weights pruned")
+    schedule: Literal["fixed", "progressive"] = "progressive"
+    start_round: int = Field(1, ge=1)
+    end_fraction: float = Field(0.75, gt=0.0, le=1.0, description="share of rounds by which target is reached")
+    regrow_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="prune-and-regrow share per round after the ramp")
+
+
+class CompressionSpec(_Strict):
+    """Update encoding on the wire (after DP, so post-processing)."""
+
+    codec: Literal["none", "fp16", "int8", "topk", "sparse_mask"] = "none"
+    topk_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    quantize: Literal["none", "fp16", "int8"] = "none"
+    error_feedback: bool = True
+    index_coding: Literal["uint32", "delta", "bitmap"] = "delta"
+    downlink: Literal["none", "fp16"] = "none"
+
+    @model_validator(mode="after")
+    def _valid_codec(self) -> "CompressionSpec":
+        if self.quantize != "none" and self.codec not in ("topk", "sparse_mask"):
+            raise ValueError(f"quantize applies to codec topk or sparse_mask only (codec is {self.codec!r})")
+        self.codec_spec(0)  # raises ValueError with the allowed combinations
+        return self
+
+    def codec_spec(self, seed: int) -> "Any":
+        """The fedseek.codec.CodecSpec for site uplinks."""
+        from fedseek.codec import CodecSpec
+
+        return CodecSpec(
+            kind=self.codec,
+            topk_fraction=self.topk_fraction,
+            quantize=self.quantize if self.codec in ("topk", "sparse_mask") else "none",
+            error_feedback=self.error_feedback and self.codec != "none",
+            seed=seed,
+            index_coding=self.index_coding,
+        )
+
+
+class WatermarkSpec(_Strict):
+    """Coordinator-side ownership watermark (trigger set), embedded after every aggregation."""
+
+    enabled: bool = False
+    key_file: str | None = Field(None, description="secret key (fedseek watermark keygen); default OUT/watermark.key")
+    triggers: int | None = Field(None, ge=10)
+    target_trigger_accuracy: float = Field(0.98, gt=0.0, le=1.0)
+    max_steps: int = Field(200, ge=1)
+    alpha: float = Field(1e-6, gt=0.0, lt=1.0)
+
+
 # ---------------------------------------------------------------- top-level files
 
 
@@ -113,6 +166,9 @@ class FederationSpec(_Strict):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     round_timeout_s: float = Field(600.0, gt=0.0)
+    sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
 
 
 class ScenarioConfig(FederationSpec):
@@ -123,10 +179,13 @@ class ScenarioConfig(FederationSpec):
     partition: PartitionSpec = Field(default_factory=PartitionSpec)
     privacy: PrivacySpec | None = None
     device: Literal["auto", "cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
 
     @model_validator(mode="after")
     def _fit(self) -> "ScenarioConfig":
+        if self.precision == "fp16" and self.privacy is not None and self.privacy.enabled:
+            raise ValueError("precision fp16 is not supported with DP-SGD (GradScaler breaks per-sample clipping); use bf16")
         if self.strategy.min_sites > self.num_sites:
             raise ValueError(
                 f"strategy.min_sites ({self.strategy.min_sites}) exceeds num_sites ({self.num_sites})"

@@ -8,6 +8,7 @@ and a checkpoint, atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -22,6 +23,8 @@ from flwr.serverapp import Grid
 
 from fedseek.aggregate.strategy import build_strategy, prepare_round
 from fedseek.aggregate.validate import as_messages, screen_replies
+from fedseek.protocol import pack_global
+from fedseek.train.sparsity import sparsity_of
 from fedseek.config import FederationSpec, ScenarioConfig, load_scenario
 from fedseek.models import build_model
 from fedseek.telemetry import RunOutputs
@@ -138,8 +141,81 @@ class Coordinator:
         self.rng = np.random.default_rng(cfg.seed)
         self.excluded: dict[int, str] = {}  # node_id -> reason (e.g. privacy budget spent)
         self.sites: dict[str, dict[str, Any]] = {}  # site name -> latest privacy / participation view
-        self.totals = {"bytes_up": 0, "bytes_down": 0, "rejected": 0, "refused": 0, "failed": 0}
+        self.totals = {"bytes_up": 0, "wire_bytes_up": 0, "bytes_down": 0, "dense_bytes_up": 0, "rejected": 0, "refused": 0, "failed": 0}
         self.rejections: list[dict[str, Any]] = []
+        self.codec = cfg.compression.codec_spec(cfg.seed)
+        self.mask: dict[str, np.ndarray] | None = None
+        if cfg.sparsity.enabled and cfg.sparsity.schedule == "fixed":
+            from fedseek.train.sparsity import init_mask
+
+            # data-independent: drawn from the run's seed before any site trains
+            self.mask = init_mask(self.arrays, cfg.sparsity.target, seed=cfg.seed)
+            self._apply_mask()
+        self.wm_key: Any = None
+        self.wm_history: list[dict[str, Any]] = []
+        if cfg.watermark.enabled:
+            self.wm_key = self._watermark_key()
+
+    # ------------------------------------------------------------------ sparsity + watermark
+    def _apply_mask(self) -> None:
+        if self.mask is None:
+            return
+        from fedseek.train.sparsity import canonical_name
+
+        for k in self.arrays:
+            m = self.mask.get(canonical_name(k))
+            if m is not None:
+                self.arrays[k] = np.where(m, self.arrays[k], 0.0).astype(np.float32)
+
+    def _update_mask(self, rnd: int) -> float:
+        """Progressive magnitude pruning of the (DP) global model: post-processing, no privacy cost."""
+        sp = self.cfg.sparsity
+        if not sp.enabled:
+            return 0.0
+        from fedseek.train.sparsity import magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
+
+        if sp.schedule == "progressive":
+            target = schedule_sparsity(rnd, self.cfg.rounds, sp.target, start_round=sp.start_round, end_fraction=sp.end_fraction)
+            current = sparsity_of(self.mask) if self.mask is not None else 0.0
+            if target > current + 1e-9:
+                self.mask = magnitude_mask(self.arrays, target)
+            elif sp.regrow_fraction > 0 and self.mask is not None and target >= sp.target - 1e-9:
+                self.mask = prune_and_regrow(self.arrays, self.mask, sp.regrow_fraction, seed=self.cfg.seed + rnd)
+        self._apply_mask()
+        return sparsity_of(self.mask) if self.mask is not None else 0.0
+
+    def _watermark_key(self) -> Any:
+        from fedseek import watermark as wm
+
+        spec = self.cfg.watermark
+        path = Path(spec.key_file) if spec.key_file else self.out.dir / "watermark.key"
+        if path.exists():
+            key = wm.load_key(path)
+            if tuple(key.input_shape) != tuple(self.task.input_shape) or key.num_classes != self.task.num_classes:
+                raise ValueError(f"watermark key {path} is for shape {key.input_shape} / {key.num_classes} classes, "
+                                 f"not this task's {tuple(self.task.input_shape)} / {self.task.num_classes}")
+            return key
+        key = wm.keygen(tuple(self.task.input_shape), int(self.task.num_classes), spec.triggers, model_id=self.cfg.name)
+        wm.save_key(key, path)
+        _flwr_log("watermark key generated at %s (commitment %s)", path, wm.commitment(key))
+        return key
+
+    def _embed_watermark(self, rnd: int) -> dict[str, Any]:
+        """Fine-tune the aggregate on the secret trigger set (no site data: zero privacy cost)."""
+        from fedseek import watermark as wm
+
+        spec = self.cfg.watermark
+        self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})
+        rep = wm.embed(self.model, self.wm_key, target_accuracy=spec.target_trigger_accuracy, max_steps=spec.max_steps, seed=self.cfg.seed + rnd)
+        self.arrays = _state_to_arrays(self.model)
+        self._apply_mask()
+        self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})
+        res = wm.verify_model(self.model, self.wm_key, alpha=spec.alpha)
+        row = {"steps": rep.steps, "trigger_accuracy_before": rep.trigger_accuracy_before,
+               "trigger_accuracy": res.matches / res.n, "matches": res.matches, "n": res.n,
+               "p_value": res.p_value, "detected": res.detected, "seconds": rep.seconds}
+        self.wm_history.append({"round": rnd, **row})
+        return row
 
     # ------------------------------------------------------------------ helpers
     def _round_config(self, rnd: int) -> ConfigRecord:
@@ -157,6 +233,7 @@ class Coordinator:
                 "model": json.dumps(self.meta),
                 "seed": int(self.cfg.seed),
                 "run-id": self.run_id,
+                "codec": json.dumps(dataclasses.asdict(self.codec)),
             }
         )
 
@@ -188,13 +265,13 @@ class Coordinator:
             if not sampled:
                 _flwr_log("round %d: no eligible site left (all excluded); stopping early", rnd)
                 break
-            record = _arrays_to_record(self.arrays)
-            prepare_round(self.strategy, record)
-            content = RecordDict({"arrays": record, "config": self._round_config(rnd)})
+            prepare_round(self.strategy, _arrays_to_record(self.arrays))
+            records, payload_down = pack_global(self.arrays, self.mask, cfg.compression.downlink)
+            content = RecordDict({**records, "config": self._round_config(rnd)})
             msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
-            bytes_down = int(record.count_bytes()) * len(sampled)
+            bytes_down = payload_down * len(sampled)
             replies = list(self.grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
-            screened = screen_replies(replies, self.arrays)
+            screened = screen_replies(replies, self.arrays, mask=self.mask)
             for r in screened.refused:
                 self.excluded[r["node_id"]] = r["reason"]
             timed_out = len(sampled) - len(replies)
@@ -203,8 +280,12 @@ class Coordinator:
                 new, agg_metrics = self.strategy.aggregate_train(rnd, as_messages(screened.accepted))
                 if new is not None:
                     self.arrays = {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in new.items()}
+            sparsity = self._update_mask(rnd)
+            wm_row = self._embed_watermark(rnd) if self.wm_key is not None else None
             central = self._evaluate()
             self.totals["bytes_up"] += screened.bytes_up
+            self.totals["wire_bytes_up"] += screened.wire_bytes_up
+            self.totals["dense_bytes_up"] += int(sum(r.metrics.get("dense-bytes", 0) for r in screened.accepted))
             self.totals["bytes_down"] += bytes_down
             self.totals["rejected"] += len(screened.rejected)
             self.totals["refused"] += len(screened.refused)
@@ -232,7 +313,11 @@ class Coordinator:
                 "train_loss": train_loss,
                 "central": central,
                 "bytes_up": screened.bytes_up,
+                "wire_bytes_up": screened.wire_bytes_up,
                 "bytes_down": bytes_down,
+                "codec": self.codec.kind,
+                "sparsity": sparsity,
+                "watermark": wm_row,
                 "sites": row_sites,
             }
             self.out.append_metrics(row)
@@ -258,13 +343,19 @@ class Coordinator:
             "final_accuracy": final.get("accuracy"),
             "privacy": self._privacy_summary(),
             "bytes_up": self.totals["bytes_up"],
+            "wire_bytes_up": self.totals["wire_bytes_up"],
+            "dense_bytes_up": self.totals["dense_bytes_up"],
             "bytes_down": self.totals["bytes_down"],
+            "compression": {"codec": self.codec.kind, "topk_fraction": self.codec.topk_fraction, "quantize": self.codec.quantize,
+                            "error_feedback": self.codec.error_feedback, "downlink": cfg.compression.downlink,
+                            "ratio_up": (self.totals["dense_bytes_up"] / self.totals["bytes_up"]) if self.totals["bytes_up"] else None},
+            "sparsity": (sparsity_of(self.mask) if self.mask is not None else 0.0),
             "rejected_updates": self.totals["rejected"],
             "rejections": self.rejections,
             "refused_rounds": self.totals["refused"],
             "failed_replies": self.totals["failed"],
             "excluded_sites": {str(k): v for k, v in self.excluded.items()},
-            "watermark": None,
+            "watermark": self._watermark_summary(),
             "wall_seconds": time.time() - start,
         }
         self.out.write_summary(summary)
@@ -291,6 +382,17 @@ class Coordinator:
             site.update({k: v for k, v in view.items() if k != "status"})
             site["last_round"] = rnd
         return row
+
+    def _watermark_summary(self) -> dict[str, Any] | None:
+        if self.wm_key is None:
+            return None
+        from fedseek import watermark as wm
+
+        self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})
+        res = wm.verify_model(self.model, self.wm_key, alpha=self.cfg.watermark.alpha)
+        return {"p_value": res.p_value, "matches": res.matches, "n": res.n, "num_classes": res.num_classes,
+                "detected": res.detected, "alpha": res.alpha, "commitment": wm.commitment(self.wm_key),
+                "embed_seconds": sum(h["seconds"] for h in self.wm_history)}
 
     def _privacy_summary(self) -> dict[str, Any]:
         per_site = {}
@@ -323,6 +425,10 @@ class Coordinator:
         buf = io.BytesIO()
         torch.save({k: torch.from_numpy(v) for k, v in self.arrays.items()}, buf)
         atomic_write_bytes(self.out.checkpoint_dir / "model.pt", buf.getvalue())
+        if self.mask is not None:
+            mbuf = io.BytesIO()
+            np.savez(mbuf, **self.mask)
+            atomic_write_bytes(self.out.checkpoint_dir / "mask.npz", mbuf.getvalue())
         atomic_write_json(
             self.out.checkpoint_dir / "state.json",
             {"round": rnd, "run_id": self.run_id, "excluded": {str(k): v for k, v in self.excluded.items()},

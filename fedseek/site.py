@@ -18,14 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedseek.codec import CodecSpec, ErrorFeedback
 from fedseek.config import PrivacySpec, ScenarioConfig, load_scenario
 from fedseek.models import build_model
+from fedseek.protocol import pack_update, unpack_global
+from fedseek.telemetry import atomic_write_bytes
 from fedseek.train.local import evaluate, resolve_device, train_local
-from fedseek.train.privacy import BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
+from fedseek.train.privacy import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
 
 log = logging.getLogger("fedseek.site")
+FEEDBACK_FILE = "error_feedback.npz"
 
 
 @dataclass
@@ -39,6 +43,7 @@ class SiteRuntime:
     privacy: PrivacySpec | None
     state_dir: Path
     device: str
+    precision: str = "fp32"
 
 
 @functools.lru_cache(maxsize=4)
@@ -85,14 +90,31 @@ def resolve_site(context: Context) -> SiteRuntime:
         privacy=cfg.privacy if (cfg.privacy and cfg.privacy.enabled) else None,
         state_dir=state_root / name,
         device=cfg.device,
+        precision=cfg.precision,
     )
 
 
-def _model_from(config: ConfigRecord, arrays: ArrayRecord) -> torch.nn.Module:
+def _model_from(config: ConfigRecord) -> torch.nn.Module:
     meta = json.loads(str(config["model"]))
-    model = build_model(meta["kind"], meta["input_shape"], int(meta["num_classes"]), meta.get("hidden", [64]))
-    model.load_state_dict(arrays.to_torch_state_dict())
-    return model
+    return build_model(meta["kind"], meta["input_shape"], int(meta["num_classes"]), meta.get("hidden", [64]))
+
+
+def _load_feedback(state_dir: Path) -> ErrorFeedback:
+    """The site's error-feedback residual (post-processing of its past DP releases), kept across rounds."""
+    fb = ErrorFeedback()
+    path = state_dir / FEEDBACK_FILE
+    if path.exists():
+        with np.load(path) as z:
+            fb.load_state_dict({k: z[k] for k in z.files})
+    return fb
+
+
+def _save_feedback(state_dir: Path, fb: ErrorFeedback) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **fb.state_dict())
+    atomic_write_bytes(state_dir / FEEDBACK_FILE, buf.getvalue())
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -103,7 +125,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     rnd = int(cfg["server-round"])
     run_id = str(cfg.get("run-id", context.run_id))
     epochs, batch = int(cfg["local-epochs"]), int(cfg["batch-size"])
-    model = _model_from(cfg, msg.content["arrays"])
+    model = _model_from(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    global_arrays, mask = unpack_global(msg.content, shapes)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_arrays.items()})
     device = resolve_device(site.device)
 
     dp = None
@@ -121,7 +146,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         except BudgetExceeded as exc:
             ledger.save()
             return _refusal(msg, site, str(exc), ledger)
-        dp = DPRound(pol, ledger, noise, run_id=run_id, server_round=rnd)
+        slack = BF16_NORM_SLACK if site.precision == "bf16" else 1.0
+        dp = DPRound(pol, ledger, noise, run_id=run_id, server_round=rnd, slack=slack)
         log.info("site %s round %d: DP noise %.4f q %.4f steps %d -> epsilon %.4f", site.name, rnd, noise, q, steps, projected)
 
     result = train_local(
@@ -138,12 +164,24 @@ def handle_train(msg: Message, context: Context) -> Message:
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         weighting=str(cfg.get("weighting", "none")),
         privacy=dp,
+        precision=site.precision,
+        mask=mask,
     )
+    # The delta is a DP release (when DP is on): encoding it is post-processing.
+    local = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
+    delta = {k: local[k] - global_arrays[k] for k in global_arrays}
+    spec = CodecSpec(**json.loads(str(cfg.get("codec", "{}"))))
+    feedback = _load_feedback(site.state_dir) if spec.error_feedback else None
+    records, payload, dense = pack_update(delta, spec, feedback, mask, nonce=rnd)
+    if feedback is not None:
+        _save_feedback(site.state_dir, feedback)
     metrics: dict[str, Any] = {
         "num-examples": int(result.num_examples),
         "train-loss": float(result.loss),
         "train-seconds": float(result.seconds),
         "steps": int(result.steps),
+        "payload-bytes": int(payload),
+        "dense-bytes": int(dense),
     }
     if result.dp:
         metrics.update(
@@ -157,14 +195,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                 "epsilon-budget": float(site.privacy.epsilon_budget) if site.privacy else 0.0,
             }
         )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(state),
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site.name}),
-        }
-    )
+    content = RecordDict({**records, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
 
 
@@ -188,7 +219,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's local data (federated evaluation)."""
     torch.set_num_threads(1)
     site = resolve_site(context)
-    model = _model_from(msg.content["config"], msg.content["arrays"])
+    model = _model_from(msg.content["config"])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    arrays, _ = unpack_global(msg.content, shapes)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
     m = evaluate(model, site.x, site.y, site.num_classes)
     metrics = {"num-examples": int(len(site.y)), "eval-loss": m["loss"], "eval-accuracy": m["accuracy"]}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -35,7 +35,8 @@ class Screened:
     rejected: list[dict] = field(default_factory=list)  # {"node_id","site","reason"}
     refused: list[dict] = field(default_factory=list)  # privacy-budget refusals {"node_id","site","reason",...}
     failed: list[dict] = field(default_factory=list)  # error replies (crash, timeout)
-    bytes_up: int = 0
+    bytes_up: int = 0  # exact codec payload bytes of accepted updates
+    wire_bytes_up: int = 0  # the same as Flower records (plus per-array headers)
 
 
 def _site_name(content: RecordDict) -> str:
@@ -45,12 +46,16 @@ def _site_name(content: RecordDict) -> str:
 
 def screen_replies(
     replies: Iterable[Message],
-    template: dict[str, np.ndarray],
+    global_arrays: dict[str, np.ndarray],
     *,
+    mask: dict[str, np.ndarray] | None = None,
     max_update_norm: float | None = None,
-    global_arrays: dict[str, np.ndarray] | None = None,
 ) -> Screened:
-    """Sort replies into accepted / rejected (malformed) / refused (privacy budget) / failed (errors)."""
+    """Sort replies into accepted / rejected (malformed) / refused (privacy budget) / failed (errors).
+
+    An accepted reply's update is decoded (fedseek.codec, validated against the global
+    model's shapes) and turned into full weights: global + delta.
+    """
     out = Screened()
     for msg in replies:
         node = int(msg.metadata.src_node_id)
@@ -67,53 +72,55 @@ def screen_replies(
             out.refused.append({"node_id": node, "site": site, "reason": str(status.get("refused")), **metrics})
             log.warning("site %s (node %s) refused the round: %s", site, node, status.get("refused"))
             continue
-        reason, reply = _check_one(content, template, max_update_norm, global_arrays)
+        reason, reply = _check_one(content, global_arrays, mask, max_update_norm)
         if reply is None:
             out.rejected.append({"node_id": node, "site": site, "reason": reason})
             log.warning("rejected update from site %s (node %s): %s", site, node, reason)
             continue
         reply.node_id, reply.site = node, site
-        out.bytes_up += int(content.array_records["arrays"].count_bytes())
+        out.bytes_up += int(reply.metrics.get("payload-bytes", 0))
+        out.wire_bytes_up += int(content.array_records["update"].count_bytes())
         out.accepted.append(reply)
     return out
 
 
 def _check_one(
     content: RecordDict,
-    template: dict[str, np.ndarray],
+    global_arrays: dict[str, np.ndarray],
+    mask: dict[str, np.ndarray] | None,
     max_update_norm: float | None,
-    global_arrays: dict[str, np.ndarray] | None,
 ) -> tuple[str, SiteReply | None]:
-    if "arrays" not in content.array_records:
-        return "no 'arrays' record in reply", None
+    from fedseek.codec import CodecError, payload_bytes
+    from fedseek.protocol import from_record, unpack_update
+
+    if "update" not in content.array_records or "update-codec" not in content.config_records:
+        return "no 'update' / 'update-codec' record in reply", None
     if "metrics" not in content.metric_records:
         return "no 'metrics' record in reply", None
     metrics = content.metric_records["metrics"]
     n = metrics.get("num-examples")
-    if not isinstance(n, (int, float)) or n <= 0:
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0:
         return f"metric 'num-examples' missing or not positive ({n!r})", None
+    shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
     try:
-        arrays = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
-    except Exception as exc:  # noqa: BLE001 - a corrupt payload from a site is a rejection, not a crash
-        return f"undecodable arrays ({type(exc).__name__}: {exc})", None
-    missing = sorted(set(template) - set(arrays))
-    extra = sorted(set(arrays) - set(template))
-    if missing or extra:
-        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})", None
-    for k, ref in template.items():
-        a = arrays[k]
-        if a.shape != ref.shape:
-            return f"wrong shape for {k}: {a.shape} != {ref.shape}", None
-        if a.dtype != ref.dtype:
-            return f"wrong dtype for {k}: {a.dtype} != {ref.dtype}", None
-        if not np.all(np.isfinite(a)):
+        delta = unpack_update(content, shapes, mask)
+    except (CodecError, KeyError, ValueError, TypeError) as exc:
+        return f"undecodable update ({type(exc).__name__}: {str(exc)[:200]})", None
+    missing = sorted(set(shapes) - set(delta))
+    if missing:
+        return f"update lacks tensors {missing[:3]}", None
+    for k, d in delta.items():
+        if d.shape != shapes[k]:
+            return f"wrong shape for {k}: {d.shape} != {shapes[k]}", None
+        if not np.all(np.isfinite(d)):
             return f"non-finite values (NaN/Inf) in {k}", None
-    if max_update_norm is not None and global_arrays is not None:
-        sq = sum(float(np.sum((arrays[k].astype(np.float64) - global_arrays[k]) ** 2)) for k in template)
-        norm = sq**0.5
-        if norm > max_update_norm:
-            return f"update norm {norm:.3g} above bound {max_update_norm:g}", None
-    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
+    if max_update_norm is not None and norm > max_update_norm:
+        return f"update norm {norm:.3g} above bound {max_update_norm:g}", None
+    arrays = {k: (global_arrays[k] + delta[k]).astype(np.float32) for k in shapes}
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars["payload-bytes"] = float(payload_bytes(from_record(content.array_records["update"])))
+    scalars["update-norm"] = norm
     return "", SiteReply(0, "", arrays, int(n), scalars)
 
 

@@ -35,6 +35,21 @@ def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(len(y) / (num_classes * counts), dtype=torch.float32)
 
 
+def check_precision(precision: str, device: torch.device, *, private: bool) -> torch.dtype | None:
+    """Autocast dtype for a precision policy, or a clear error for an unsupported combination."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device (CPU fp16 is slow and unsupported); use bf16 on CPU")
+        if private:
+            raise ValueError("precision fp16 is not supported with DP-SGD: GradScaler breaks per-sample clipping; use bf16")
+        return torch.float16
+    raise ValueError(f"unknown precision {precision!r}; allowed: fp32, bf16, fp16")
+
+
 @dataclass
 class TrainResult:
     """What one local round produced (before encoding)."""
@@ -72,9 +87,16 @@ def train_local(
     proximal_mu: float = 0.0,
     weighting: str = "none",
     privacy: Any = None,
+    precision: str = "fp32",
+    mask: dict[str, np.ndarray] | None = None,
 ) -> TrainResult:
-    """Train `model` in place on (x, y) for `epochs`; with `privacy` (a DPRound) under Opacus DP-SGD."""
+    """Train `model` in place on (x, y) for `epochs`; with `privacy` (a DPRound) under Opacus DP-SGD.
+
+    `precision` bf16/fp16 runs forward and loss under torch.autocast with fp32 master weights;
+    `mask` (public) keeps pruned weights exactly zero and their gradients and noise off.
+    """
     device = torch.device(device)
+    amp_dtype = check_precision(precision, device, private=privacy is not None)
     torch.manual_seed(seed)
     model.to(device)
     model.train()
@@ -90,6 +112,12 @@ def train_local(
     if privacy is not None:
         train_model, optimizer, criterion, loader = privacy.wrap(model, optimizer, criterion, loader)
 
+    enforcer = None
+    if mask:
+        from fedseek.train.sparsity import enforce_mask
+
+        enforcer = enforce_mask(train_model, optimizer, mask)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     total_loss, total_n, steps = 0.0, 0, 0
     for _ in range(epochs):
         for xb, yb in loader:
@@ -101,15 +129,24 @@ def train_local(
                 continue
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(train_model(xb), yb)
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = train_model(xb)
+            loss = criterion(out.float(), yb)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             steps += 1
             if proximal_mu > 0:
                 _proximal_step(model, global_params, lr, proximal_mu)
             total_loss += float(loss.detach()) * len(yb)
             total_n += len(yb)
 
+    if enforcer is not None:
+        enforcer.detach()
     dp_info: dict[str, float] = {}
     if privacy is not None:
         dp_info = privacy.finish(steps)
