@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedseek.site import handle_evaluate, handle_train
+from fedseek.site import handle_evaluate, handle_query, handle_train
 
 app = ClientApp()
 
@@ -18,3 +18,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's data."""
     return handle_evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the coordinator which site this node is."""
+    return handle_query(msg, context)

@@ -18,7 +18,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedseek.simulate import SimulationError, simulate
 
     try:
-        simulate(args.scenario, args.out, state_dir=args.state_dir, timeout_s=args.timeout)
+        simulate(args.scenario, args.out, state_dir=args.state_dir, timeout_s=args.timeout, resume=args.resume)
     except SimulationError as exc:
         err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
         return 1
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
     s.add_argument("--state-dir", default=None, help="sites' persistent state (privacy ledgers); default OUT/sites")
     s.add_argument("--timeout", type=float, default=None, help="overall limit in seconds")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
     s.set_defaults(func=_cmd_simulate)
 
     pr = sub.add_parser("privacy", help="privacy ledgers")

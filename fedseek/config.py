@@ -35,12 +35,15 @@ class ModelSpec(_Strict):
 class StrategySpec(_Strict):
     """Aggregation rule, built on Flower's strategies."""
 
-    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"] = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_sites: int = Field(2, ge=1, description="sites needed before a round starts")
     proximal_mu: float = Field(0.0, ge=0.0)
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam eta")
     server_tau: float = Field(1e-3, gt=0.0, description="FedAdam tau")
+    trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="FedTrimmedAvg: share cut at each end")
+    num_malicious: int = Field(0, ge=0, description="Krum/MultiKrum: assumed Byzantine sites")
+    num_to_select: int = Field(1, ge=1, description="MultiKrum: updates averaged")
 
 
 class TrainSpec(_Strict):
@@ -98,6 +101,31 @@ class SimulationSpec(_Strict):
     cpus_per_site: int = Field(1, ge=1)
     ray_cpus: int | None = Field(None, ge=1, description="default: all cores")
     node_wait_s: float = Field(120.0, gt=0.0)
+
+
+class ValidationSpec(_Strict):
+    """Bounds the coordinator enforces on every site reply before aggregation."""
+
+    max_update_norm: float | None = Field(None, gt=0.0, description="L2 norm bound on a site's model delta")
+    max_payload_bytes: int | None = Field(None, gt=0, description="default: 2x the dense fp32 model")
+
+
+Attack = Literal["sign_flip", "scale", "noise", "nan", "wrong_shape"]
+
+
+class ByzantineSpec(_Strict):
+    """Simulated misbehaving sites (chosen from the seed) and their attack."""
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    attack: Attack | list[Attack] = "sign_flip"  # a list is dealt round-robin over the Byzantine sites
+    scale: float = Field(4.0, gt=0.0, description="factor for 'scale' and 'sign_flip', std for 'noise'")
+
+
+class FaultSpec(_Strict):
+    """Fault injection for simulations: drop-outs and Byzantine sites."""
+
+    dropout_rate: float = Field(0.0, ge=0.0, lt=1.0, description="chance a site fails a round")
+    byzantine: ByzantineSpec = Field(default_factory=ByzantineSpec)
 
 
 class SparsitySpec(_Strict):
@@ -166,6 +194,7 @@ class FederationSpec(_Strict):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     round_timeout_s: float = Field(600.0, gt=0.0)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
@@ -180,6 +209,7 @@ class ScenarioConfig(FederationSpec):
     privacy: PrivacySpec | None = None
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    faults: FaultSpec = Field(default_factory=FaultSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
 
     @model_validator(mode="after")

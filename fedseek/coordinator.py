@@ -49,6 +49,7 @@ class RunSettings:
     config_path: Path
     config_kind: str
     out_dir: Path
+    resume: bool = False
 
     @classmethod
     def from_context(cls, context: Context) -> "RunSettings":
@@ -56,7 +57,8 @@ class RunSettings:
         path = str(rc.get("config-path", ""))
         if not path:
             raise ValueError("run config 'config-path' is empty: start runs with `fedseek simulate` or `fedseek run`")
-        return cls(Path(path), str(rc.get("config-kind", "scenario")), Path(str(rc.get("out-dir", "runs/latest"))))
+        return cls(Path(path), str(rc.get("config-kind", "scenario")), Path(str(rc.get("out-dir", "runs/latest"))),
+                   bool(rc.get("resume", False)))
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
@@ -111,7 +113,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict[str, Any]:
             grid, cfg, scenario_task(cfg), settings.out_dir, expected_sites=cfg.num_sites,
             node_wait_s=cfg.simulation.node_wait_s, run_id=str(context.run_id), privacy=cfg.privacy,
         )
-        return coord.run()
+        return coord.run(resume=settings.resume)
     raise ValueError(f"config-kind {settings.config_kind!r} not supported (allowed: scenario)")
 
 
@@ -139,7 +141,12 @@ class Coordinator:
         self.arrays = _state_to_arrays(self.model)
         self.strategy = build_strategy(cfg.strategy)
         self.rng = np.random.default_rng(cfg.seed)
-        self.excluded: dict[int, str] = {}  # node_id -> reason (e.g. privacy budget spent)
+        self.excluded: dict[str, str] = {}  # site name -> reason (e.g. privacy budget spent)
+        self.names: dict[int, str] = {}  # node id -> site name
+        self.round = 0
+        self.initial: dict[str, float] | None = None
+        dense = int(sum(a.nbytes for a in self.arrays.values()))
+        self.max_payload_bytes = cfg.validation.max_payload_bytes or 2 * dense + 4096
         self.sites: dict[str, dict[str, Any]] = {}  # site name -> latest privacy / participation view
         self.totals = {"bytes_up": 0, "wire_bytes_up": 0, "bytes_down": 0, "dense_bytes_up": 0, "rejected": 0, "refused": 0, "failed": 0}
         self.rejections: list[dict[str, Any]] = []
@@ -237,12 +244,44 @@ class Coordinator:
             }
         )
 
+    def _discover(self, nodes: list[int]) -> None:
+        """Ask nodes we have not met yet which site they are (stable names make sampling and resume reproducible)."""
+        new = [n for n in nodes if n not in self.names]
+        if not new:
+            return
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({"run-id": self.run_id})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in new]
+        for reply in self.grid.send_and_receive(msgs, timeout=min(self.node_wait_s, self.cfg.round_timeout_s)):
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error() or "site" not in reply.content.config_records:
+                continue
+            name = str(reply.content.config_records["site"].get("name", "")) or f"node-{node}"
+            self.names[node] = name
+            self.audit("site_joined", site=name, node_id=node)
+
+    def _alive(self) -> list[int]:
+        """Nodes to use this round: wait (bounded) for min_sites, then go on with whoever is there."""
+        need = self.cfg.strategy.min_sites
+        deadline = time.monotonic() + self.node_wait_s
+        nodes = sorted(self.grid.get_node_ids())
+        while len(nodes) < need and time.monotonic() < deadline:
+            time.sleep(0.5)
+            nodes = sorted(self.grid.get_node_ids())
+        if not nodes:
+            raise RuntimeError(f"no site connected within {self.node_wait_s:.0f}s")
+        if len(nodes) < need:
+            _flwr_log("only %d of %d sites alive after %.0fs: going on with them", len(nodes), need, self.node_wait_s)
+        self._discover(nodes)
+        return nodes
+
     def _sample(self, nodes: list[int]) -> list[int]:
-        eligible = [n for n in nodes if n not in self.excluded]
+        """Seeded choice over site names (node ids change between runs, names do not)."""
+        by_name = {self.names.get(n, f"node-{n}"): n for n in nodes}
+        eligible = sorted(name for name in by_name if name not in self.excluded)
         k = max(1, int(round(len(eligible) * self.cfg.strategy.fraction_train)))
-        if k >= len(eligible):
-            return eligible
-        return sorted(int(n) for n in self.rng.choice(eligible, size=k, replace=False))
+        if k < len(eligible):
+            eligible = sorted(str(x) for x in self.rng.choice(eligible, size=k, replace=False))
+        return [by_name[name] for name in eligible]
 
     def _evaluate(self) -> dict[str, float]:
         if self.test is None:
@@ -251,16 +290,24 @@ class Coordinator:
         return evaluate(self.model, self.test.x, self.test.y, self.test.num_classes)
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> dict[str, Any]:
+    def run(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         start = time.time()
-        self.out.reset_metrics()
+        first = 1
+        if resume and self._restore():
+            first = self.round + 1
+            _flwr_log("resuming after round %d from %s", self.round, self.out.checkpoint_dir)
+        else:
+            self.out.reset_metrics()
+            self.initial = None
         nodes = wait_for_nodes(self.grid, self.expected_sites, self.node_wait_s)
-        _flwr_log("%d sites connected; %d rounds of %s", len(nodes), cfg.rounds, cfg.strategy.name)
-        initial = self._evaluate()
-        for rnd in range(1, cfg.rounds + 1):
+        self._discover(nodes)
+        _flwr_log("%d sites connected; rounds %d..%d of %s", len(nodes), first, cfg.rounds, cfg.strategy.name)
+        if self.initial is None:
+            self.initial = self._evaluate()
+        for rnd in range(first, cfg.rounds + 1):
             t0 = time.time()
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = self._alive()
             sampled = self._sample(nodes)
             if not sampled:
                 _flwr_log("round %d: no eligible site left (all excluded); stopping early", rnd)
@@ -271,9 +318,21 @@ class Coordinator:
             msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
             bytes_down = payload_down * len(sampled)
             replies = list(self.grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
-            screened = screen_replies(replies, self.arrays, mask=self.mask)
+            for r in replies:
+                if not r.has_error() and "site" in r.content.config_records:
+                    self.names.setdefault(int(r.metadata.src_node_id), str(r.content.config_records["site"].get("name", "")))
+            screened = screen_replies(replies, self.arrays, mask=self.mask, max_update_norm=cfg.validation.max_update_norm,
+                                      max_payload_bytes=self.max_payload_bytes)
+            for r in screened.failed:
+                r["site"] = self.names.get(r["node_id"], "")
+            screened.accepted.sort(key=lambda r: (r.site, r.node_id))  # aggregation order independent of arrival
             for r in screened.refused:
-                self.excluded[r["node_id"]] = r["reason"]
+                self.excluded[r["site"] or f"node-{r['node_id']}"] = r["reason"]
+                self.audit("site_refused", round=rnd, site=r["site"], reason=r["reason"])
+            for r in screened.rejected:
+                self.audit("update_rejected", round=rnd, site=r["site"], reason=r["reason"])
+            for r in screened.failed:
+                self.audit("site_failed", round=rnd, site=r["site"], reason=r["reason"])
             timed_out = len(sampled) - len(replies)
             row_sites = self._update_sites(rnd, screened)
             if screened.accepted:
@@ -321,6 +380,7 @@ class Coordinator:
                 "sites": row_sites,
             }
             self.out.append_metrics(row)
+            self.round = rnd
             self._checkpoint(rnd)
             _flwr_log(
                 "round %d/%d: accuracy %.4f loss %.4f (%d accepted, %d rejected, %d refused, %d failed) %.1fs",
@@ -338,7 +398,7 @@ class Coordinator:
             "strategy": cfg.strategy.name,
             "dataset": self.task.name,
             "seed": cfg.seed,
-            "initial": initial,
+            "initial": self.initial,
             "final": final,
             "final_accuracy": final.get("accuracy"),
             "privacy": self._privacy_summary(),
@@ -354,7 +414,7 @@ class Coordinator:
             "rejections": self.rejections,
             "refused_rounds": self.totals["refused"],
             "failed_replies": self.totals["failed"],
-            "excluded_sites": {str(k): v for k, v in self.excluded.items()},
+            "excluded_sites": dict(self.excluded),
             "watermark": self._watermark_summary(),
             "wall_seconds": time.time() - start,
         }
@@ -417,23 +477,63 @@ class Coordinator:
             "sites": per_site,
         }
 
+    def audit(self, event: str, **fields: Any) -> None:
+        """One line in OUT/audit.jsonl: joins, refusals, rejections, failures, checkpoints."""
+        self.out.audit(event, run_id=self.run_id, **fields)
+
     def _checkpoint(self, rnd: int) -> None:
+        """Everything needed to continue after a crash, in ONE file replaced atomically."""
         import io
 
+        from fedseek.aggregate.strategy import strategy_state
         from fedseek.telemetry import atomic_write_bytes, atomic_write_json
 
+        state = {
+            "version": 1,
+            "round": rnd,
+            "run_id": self.run_id,
+            "arrays": self.arrays,
+            "mask": self.mask,
+            "rng": self.rng.bit_generator.state,
+            "strategy": strategy_state(self.strategy),
+            "totals": self.totals,
+            "sites": self.sites,
+            "excluded": self.excluded,
+            "rejections": self.rejections,
+            "wm_history": self.wm_history,
+            "initial": self.initial,
+        }
         buf = io.BytesIO()
-        torch.save({k: torch.from_numpy(v) for k, v in self.arrays.items()}, buf)
-        atomic_write_bytes(self.out.checkpoint_dir / "model.pt", buf.getvalue())
-        if self.mask is not None:
-            mbuf = io.BytesIO()
-            np.savez(mbuf, **self.mask)
-            atomic_write_bytes(self.out.checkpoint_dir / "mask.npz", mbuf.getvalue())
-        atomic_write_json(
-            self.out.checkpoint_dir / "state.json",
-            {"round": rnd, "run_id": self.run_id, "excluded": {str(k): v for k, v in self.excluded.items()},
-             "totals": self.totals, "sites": self.sites},
-        )
+        torch.save(state, buf)
+        atomic_write_bytes(self.out.checkpoint_dir / "state.pt", buf.getvalue())
+        atomic_write_json(self.out.checkpoint_dir / "state.json", {"round": rnd, "run_id": self.run_id, "time": time.time()})
+        self.audit("checkpoint", round=rnd)
+
+    def _restore(self) -> bool:
+        """Load checkpoint/state.pt (our own file: weights_only=False is safe here); False if none."""
+        from fedseek.aggregate.strategy import load_strategy_state
+
+        path = self.out.checkpoint_dir / "state.pt"
+        if not path.exists():
+            _flwr_log("--resume: no checkpoint at %s, starting from round 1", path)
+            return False
+        state = torch.load(path, weights_only=False)
+        if set(state["arrays"]) != set(self.arrays) or any(state["arrays"][k].shape != v.shape for k, v in self.arrays.items()):
+            raise ValueError(f"checkpoint {path} does not match this model's architecture")
+        self.round = int(state["round"])
+        self.arrays = state["arrays"]
+        self.mask = state["mask"]
+        self.rng.bit_generator.state = state["rng"]
+        load_strategy_state(self.strategy, state["strategy"])
+        self.totals.update(state["totals"])
+        self.sites = state["sites"]
+        self.excluded = state["excluded"]
+        self.rejections = state["rejections"]
+        self.wm_history = state["wm_history"]
+        self.initial = state["initial"]
+        self.out.truncate_metrics(self.round)
+        self.audit("resumed", round=self.round)
+        return True
 
 
 def _rounds_in(path: Path) -> list[int]:

@@ -52,6 +52,7 @@ def simulate(
     state_dir: str | Path | None = None,
     timeout_s: float | None = None,
     on_round: Callable[[dict], None] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run a scenario to completion; returns summary.json's content or raises SimulationError."""
     console = console or Console(stderr=True)
@@ -59,8 +60,10 @@ def simulate(
     cfg: ScenarioConfig = load_scenario(scenario_path)  # ConfigError surfaces before anything starts
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json", "metrics.jsonl"):
-        (out / stale).unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    if not resume:
+        for stale in ("metrics.jsonl", "audit.jsonl"):
+            (out / stale).unlink(missing_ok=True)
     flwr_home = out / ".flwr"
     env = flower_env(flwr_home)
     port = free_port()
@@ -88,7 +91,7 @@ def simulate(
                 wait_for_port("127.0.0.1", port, 60, superlink.proc)
             except (RuntimeError, TimeoutError) as exc:
                 raise SimulationError(f"the simulation SuperLink did not start ({exc}); see {log_path}:\n{_tail(log_path)}") from None
-            run_config: dict = {"config-path": str(scenario_path), "out-dir": str(out), "config-kind": "scenario"}
+            run_config: dict = {"config-path": str(scenario_path), "out-dir": str(out), "config-kind": "scenario", "resume": resume}
             if state_dir is not None:
                 run_config["state-dir"] = str(Path(state_dir).resolve())
             ray_cpus = cfg.simulation.ray_cpus or max(1, _cores())
@@ -138,7 +141,7 @@ def _follow(cfg: ScenarioConfig, out: Path, client: ControlClient, run_id: int, 
             console: Console, timeout_s: float, on_round: Callable[[dict], None] | None):
     """Poll the run status, show one progress line per round, stop at the end status."""
     deadline = time.monotonic() + timeout_s
-    seen = 0
+    seen = len(read_metrics(out / "metrics.jsonl"))  # rows of an earlier, resumed run are not news
     status = client.status(run_id)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:

@@ -43,7 +43,11 @@ class SiteRuntime:
     privacy: PrivacySpec | None
     state_dir: Path
     device: str
+    num_sites: int = 1
     precision: str = "fp32"
+    faults: Any = None  # FaultSpec in simulations: drop-outs and Byzantine behaviour
+    fault_seed: int = 0
+    index: int = 0
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,6 +95,10 @@ def resolve_site(context: Context) -> SiteRuntime:
         state_dir=state_root / name,
         device=cfg.device,
         precision=cfg.precision,
+        faults=cfg.faults,
+        num_sites=cfg.num_sites,
+        fault_seed=cfg.seed,
+        index=pid,
     )
 
 
@@ -170,6 +178,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     # The delta is a DP release (when DP is on): encoding it is post-processing.
     local = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}
+    delta = _misbehave(site, rnd, delta)
     spec = CodecSpec(**json.loads(str(cfg.get("codec", "{}"))))
     feedback = _load_feedback(site.state_dir) if spec.error_feedback else None
     records, payload, dense = pack_update(delta, spec, feedback, mask, nonce=rnd)
@@ -197,6 +206,48 @@ def handle_train(msg: Message, context: Context) -> Message:
         )
     content = RecordDict({**records, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
+
+
+def byzantine_sites(num_sites: int, fraction: float, seed: int) -> set[int]:
+    """Which simulated sites misbehave: a seeded choice, the same in every run with that seed."""
+    k = int(round(fraction * num_sites))
+    if k <= 0:
+        return set()
+    return {int(i) for i in np.random.default_rng([seed, 0xB12]).choice(num_sites, size=k, replace=False)}
+
+
+def _misbehave(site: SiteRuntime, rnd: int, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Simulation fault injection: drop out this round, or corrupt the update (Byzantine site)."""
+    f = site.faults
+    if f is None:
+        return delta
+    rng = np.random.default_rng([site.fault_seed, rnd, site.index, 0xD20])
+    if f.dropout_rate > 0 and rng.random() < f.dropout_rate:
+        raise RuntimeError(f"simulated drop-out of {site.name} in round {rnd}")
+    byz = f.byzantine
+    bad = sorted(byzantine_sites(site.num_sites, byz.fraction, site.fault_seed)) if byz.fraction > 0 else []
+    if site.index not in bad:
+        return delta
+    attacks = byz.attack if isinstance(byz.attack, list) else [byz.attack]
+    attack = attacks[bad.index(site.index) % len(attacks)]
+    log.info("site %s is Byzantine (%s) in round %d", site.name, attack, rnd)
+    if attack == "sign_flip":
+        return {k: -byz.scale * v for k, v in delta.items()}
+    if attack == "scale":
+        return {k: byz.scale * v for k, v in delta.items()}
+    if attack == "noise":
+        return {k: v + rng.normal(0.0, byz.scale, size=v.shape).astype(np.float32) for k, v in delta.items()}
+    if attack == "nan":
+        return {k: np.full_like(v, np.nan) for k, v in delta.items()}
+    if attack == "wrong_shape":
+        return {k: np.zeros(v.size + 1, dtype=np.float32) for k, v in delta.items()}
+    return delta
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Identify this site (the coordinator maps node ids to stable site names with it)."""
+    site = resolve_site(context)
+    return Message(content=RecordDict({"site": ConfigRecord({"name": site.name})}), reply_to=msg)
 
 
 def _refusal(msg: Message, site: SiteRuntime, reason: str, ledger: PrivacyLedger | None) -> Message:

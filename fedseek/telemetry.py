@@ -71,6 +71,21 @@ class RunOutputs:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop rows after `last_round` (a crash between the metrics line and the checkpoint)."""
+        rows = [r for r in read_metrics(self.metrics_path) if int(r.get("round", 0)) <= last_round]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows).encode())
+
+    def audit(self, event: str, **fields: Any) -> None:
+        """Append one structured audit event to audit.jsonl (fsync'd)."""
+        import time
+
+        line = json.dumps(_jsonable({"time": time.time(), "event": event, **fields})) + "\n"
+        with open(self.dir / "audit.jsonl", "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.summary_path, summary)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
 from fedseek.config import StrategySpec
 
@@ -18,7 +18,33 @@ def build_strategy(spec: StrategySpec) -> FedAvg:
         return FedProx(proximal_mu=spec.proximal_mu, **common)
     if spec.name == "fedadam":
         return FedAdam(eta=spec.server_lr, tau=spec.server_tau, **common)
-    raise ValueError(f"unknown strategy {spec.name!r}; allowed: fedavg, fedprox, fedadam")
+    if spec.name == "fedmedian":
+        return FedMedian(**common)
+    if spec.name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=spec.trim_beta, **common)
+    if spec.name == "krum":
+        return Krum(num_malicious_nodes=spec.num_malicious, **common)
+    if spec.name == "multikrum":
+        return MultiKrum(num_malicious_nodes=spec.num_malicious, num_nodes_to_select=spec.num_to_select, **common)
+    raise ValueError(f"unknown strategy {spec.name!r}; allowed: fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg, krum, multikrum")
+
+
+def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+    """Server optimizer state to checkpoint (FedAdam's moments); empty for stateless rules."""
+    out: dict[str, np.ndarray] = {}
+    for attr in ("m_t", "v_t"):
+        val = getattr(strategy, attr, None)
+        if isinstance(val, dict):
+            out.update({f"{attr}/{k}": np.asarray(v) for k, v in val.items()})
+    return out
+
+
+def load_strategy_state(strategy: FedAvg, state: dict[str, np.ndarray]) -> None:
+    """Restore what strategy_state saved."""
+    for attr in ("m_t", "v_t"):
+        vals = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(attr + "/")}
+        if vals:
+            setattr(strategy, attr, vals)
 
 
 def prepare_round(strategy: FedAvg, arrays: ArrayRecord) -> None:

@@ -50,6 +50,7 @@ def screen_replies(
     *,
     mask: dict[str, np.ndarray] | None = None,
     max_update_norm: float | None = None,
+    max_payload_bytes: int | None = None,
 ) -> Screened:
     """Sort replies into accepted / rejected (malformed) / refused (privacy budget) / failed (errors).
 
@@ -72,7 +73,7 @@ def screen_replies(
             out.refused.append({"node_id": node, "site": site, "reason": str(status.get("refused")), **metrics})
             log.warning("site %s (node %s) refused the round: %s", site, node, status.get("refused"))
             continue
-        reason, reply = _check_one(content, global_arrays, mask, max_update_norm)
+        reason, reply = _check_one(content, global_arrays, mask, max_update_norm, max_payload_bytes)
         if reply is None:
             out.rejected.append({"node_id": node, "site": site, "reason": reason})
             log.warning("rejected update from site %s (node %s): %s", site, node, reason)
@@ -89,6 +90,7 @@ def _check_one(
     global_arrays: dict[str, np.ndarray],
     mask: dict[str, np.ndarray] | None,
     max_update_norm: float | None,
+    max_payload_bytes: int | None = None,
 ) -> tuple[str, SiteReply | None]:
     from fedseek.codec import CodecError, payload_bytes
     from fedseek.protocol import from_record, unpack_update
@@ -102,6 +104,9 @@ def _check_one(
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0:
         return f"metric 'num-examples' missing or not positive ({n!r})", None
     shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
+    size = int(content.array_records["update"].count_bytes())
+    if max_payload_bytes is not None and size > max_payload_bytes:
+        return f"oversize payload: {size} bytes > limit {max_payload_bytes}", None
     try:
         delta = unpack_update(content, shapes, mask)
     except (CodecError, KeyError, ValueError, TypeError) as exc:
