@@ -23,13 +23,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedseek.codec import CodecSpec, ErrorFeedback
 from fedseek.config import PrivacySpec, ScenarioConfig, load_scenario
 from fedseek.models import build_model
-from fedseek.protocol import pack_update, unpack_global
+from fedseek.protocol import pack_update, to_record, unpack_global
 from fedseek.telemetry import atomic_write_bytes
 from fedseek.train.local import evaluate, resolve_device, train_local
 from fedseek.train.privacy import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
 
 log = logging.getLogger("fedseek.site")
 FEEDBACK_FILE = "error_feedback.npz"
+NAN_MARK = np.float32(-1.2345e-30)  # fault injection only: marks a delta whose payload is replaced by NaN
 
 
 @dataclass
@@ -181,7 +182,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     delta = _misbehave(site, rnd, delta)
     spec = CodecSpec(**json.loads(str(cfg.get("codec", "{}"))))
     feedback = _load_feedback(site.state_dir) if spec.error_feedback else None
+    corrupt = all(np.all(v == NAN_MARK) for v in delta.values())
+    if corrupt:  # a Byzantine site sending NaN: our encoder refuses non-finite values, a hostile one would not
+        spec, feedback = CodecSpec(), None
     records, payload, dense = pack_update(delta, spec, feedback, mask, nonce=rnd)
+    if corrupt:
+        records["update"] = to_record({k: np.full_like(v.numpy(), np.nan) for k, v in records["update"].items()})
     if feedback is not None:
         _save_feedback(site.state_dir, feedback)
     metrics: dict[str, Any] = {
@@ -238,7 +244,7 @@ def _misbehave(site: SiteRuntime, rnd: int, delta: dict[str, np.ndarray]) -> dic
     if attack == "noise":
         return {k: v + rng.normal(0.0, byz.scale, size=v.shape).astype(np.float32) for k, v in delta.items()}
     if attack == "nan":
-        return {k: np.full_like(v, np.nan) for k, v in delta.items()}
+        return {k: np.full_like(v, NAN_MARK) for k, v in delta.items()}  # NaN is put into the payload after encoding
     if attack == "wrong_shape":
         return {k: np.zeros(v.size + 1, dtype=np.float32) for k, v in delta.items()}
     return delta

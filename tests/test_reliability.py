@@ -1,0 +1,108 @@
+"""Reliability in real simulations: bad updates, Byzantine sites, coordinator kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedseek.processes import ProcessTree
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _scenario(tmp: Path, name: str, body: str) -> Path:
+    p = tmp / f"{name}.yaml"
+    p.write_text(f"name: {name}\n" + body)
+    return p
+
+
+def _simulate(scen: Path, out: Path, *extra: str) -> dict:
+    res = subprocess.run([sys.executable, "-m", "fedseek.cli", "simulate", str(scen), "--out", str(out), *extra],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_nan_and_wrong_shape_sites_are_rejected_and_counted(tmp_path):
+    scen = _scenario(tmp_path, "bad", "seed: 4\nnum_sites: 6\nrounds: 2\ndata: {dataset: breast_cancer}\n"
+                     "strategy: {min_sites: 6}\ntrain: {local_epochs: 2, lr: 0.05, batch_size: 16}\n"
+                     "faults: {byzantine: {fraction: 0.34, attack: [nan, wrong_shape]}}\n")
+    s = _simulate(scen, tmp_path / "out")
+    assert s["rounds_completed"] == 2
+    assert s["rejected_updates"] == 4  # 2 bad sites x 2 rounds
+    reasons = " | ".join(r["reason"] for r in s["rejections"])
+    assert "non-finite" in reasons and "shape" in reasons
+    assert len({r["site"] for r in s["rejections"]}) == 2
+    assert s["final_accuracy"] > 0.85  # aggregated from the 4 good sites only
+    audit = [json.loads(l) for l in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
+    assert sum(a["event"] == "update_rejected" for a in audit) == 4
+
+
+def test_byzantine_sign_flip_robust_rule_holds_fedavg_degrades(tmp_path):
+    body = ("seed: 5\nnum_sites: 10\nrounds: 8\ndata: {{dataset: digits}}\npartition: {{scheme: iid}}\nmodel: {{kind: cnn}}\n"
+            "strategy: {{name: {rule}, min_sites: 10}}\ntrain: {{local_epochs: 2, lr: 0.05, batch_size: 16, momentum: 0.9}}\n"
+            "faults: {{byzantine: {{fraction: {frac}, attack: sign_flip}}}}\n")
+    acc = {}
+    for label, rule, frac in (("clean", "fedavg", 0.0), ("fedavg", "fedavg", 0.3), ("median", "fedmedian", 0.3)):
+        acc[label] = _simulate(_scenario(tmp_path, label, body.format(rule=rule, frac=frac)), tmp_path / label)["final_accuracy"]
+    print("byzantine 30% sign-flip on digits:", acc)
+    assert acc["clean"] > 0.9
+    assert acc["median"] >= acc["clean"] - 0.03
+    assert acc["fedavg"] < acc["clean"] - 0.10
+
+
+def _model(out: Path) -> dict:
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def test_kill_9_after_round_3_then_resume_matches_uninterrupted_run(tmp_path):
+    scen = _scenario(tmp_path, "resume", "seed: 11\nnum_sites: 4\nrounds: 6\ndata: {dataset: breast_cancer}\n"
+                     "strategy: {name: fedadam, min_sites: 4, fraction_train: 0.75, server_lr: 0.01}\n"
+                     "train: {local_epochs: 1, lr: 0.05, batch_size: 16}\n")
+    _simulate(scen, tmp_path / "straight")
+
+    out = tmp_path / "crashed"
+    proc = subprocess.Popen([sys.executable, "-m", "fedseek.cli", "simulate", str(scen), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tree = ProcessTree(proc, "simulate")
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            tree.sample()
+            if state.exists() and json.loads(state.read_text())["round"] >= 3:
+                break
+            assert proc.poll() is None, "simulation ended before round 3"
+            time.sleep(0.1)
+        else:
+            pytest.fail("no round-3 checkpoint within 300 s")
+        tree.sample()
+        for pid in tree.alive():  # kill -9 the coordinator and everything it started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+    finally:
+        tree.stop(timeout_s=2)
+    crashed_round = json.loads(state.read_text())["round"]
+    assert 3 <= crashed_round < 6
+
+    s = _simulate(scen, out, "--resume")
+    rounds = [json.loads(l)["round"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4, 5, 6][: len(rounds)] and rounds[-1] == 6  # nothing repeated, nothing lost
+    assert s["rounds_completed"] == 6
+    a, b = _model(tmp_path / "straight"), _model(out)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    audit = [json.loads(l)["event"] for l in (out / "audit.jsonl").read_text().splitlines()]
+    assert "resumed" in audit
