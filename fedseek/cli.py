@@ -83,6 +83,50 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watermark(args: argparse.Namespace) -> int:
+    import json
+
+    from fedseek import watermark as wm
+
+    if args.wm_cmd == "keygen":
+        if args.scenario:
+            from fedseek.config import load_scenario
+            from fedseek.data import load_builtin
+
+            cfg = load_scenario(args.scenario)
+            _, test = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
+            shape, classes = tuple(test.input_shape), int(test.num_classes)
+        elif args.input_shape and args.num_classes:
+            shape, classes = tuple(int(d) for d in args.input_shape.split(",")), int(args.num_classes)
+        else:
+            print("error: give --scenario, or --input-shape and --num-classes", file=sys.stderr)
+            return 2
+        key = wm.keygen(shape, classes, args.triggers, model_id=args.model_id)
+        try:
+            path = wm.save_key(key, args.out, force=args.force)
+        except (FileExistsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        digest = wm.commitment(key)
+        pub = Path(str(path) + ".commitment.json")
+        pub.write_text(json.dumps({"commitment": digest, **key.public_metadata()}, indent=2) + "\n")
+        print(f"secret key: {path} (mode 0600; keep it private)")
+        print(f"public commitment: {digest}  (also in {pub}; publish it to time-stamp your claim)")
+        return 0
+    try:
+        res = wm.verify_file(args.model, args.key, alpha=args.alpha)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(f"matches {res.matches}/{res.n} triggers (chance 1/{res.num_classes}); "
+              f"p-value {res.p_value:.3g} (exact binomial); alpha {res.alpha:g}")
+        print(res.verdict)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedseek", description="Privacy-preserving federated learning on Flower + Opacus.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -119,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--certs", default="certs")
     for q in (ci, ca, sh):
         q.set_defaults(func=_cmd_certs)
+
+    w = sub.add_parser("watermark", help="ownership watermark: keys and black-box verification")
+    ws = w.add_subparsers(dest="wm_cmd", required=True)
+    kg = ws.add_parser("keygen", help="make a secret watermark key and its public commitment")
+    kg.add_argument("--out", required=True, help="key file to write (0600)")
+    kg.add_argument("--scenario", help="take the input shape and classes from a scenario's dataset")
+    kg.add_argument("--input-shape", help="e.g. 30 or 1,8,8")
+    kg.add_argument("--num-classes", type=int)
+    kg.add_argument("--triggers", type=int, default=None, help="trigger-set size (default: 100, or 200 for 2 classes)")
+    kg.add_argument("--model-id", default="")
+    kg.add_argument("--force", action="store_true")
+    vf = ws.add_parser("verify", help="test a model file for the watermark (outputs only)")
+    vf.add_argument("--key", required=True)
+    vf.add_argument("--model", required=True, help="model.pt (with model.json beside it)")
+    vf.add_argument("--alpha", type=float, default=1e-6)
+    vf.add_argument("--json", action="store_true")
+    for q in (kg, vf):
+        q.set_defaults(func=_cmd_watermark)
     return p
 
 

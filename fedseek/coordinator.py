@@ -213,7 +213,8 @@ class Coordinator:
 
         spec = self.cfg.watermark
         self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})
-        rep = wm.embed(self.model, self.wm_key, target_accuracy=spec.target_trigger_accuracy, max_steps=spec.max_steps, seed=self.cfg.seed + rnd)
+        rep = wm.embed(self.model, self.wm_key, target_accuracy=spec.target_trigger_accuracy, max_steps=spec.max_steps, seed=self.cfg.seed + rnd,
+                       mask=self.mask)
         self.arrays = _state_to_arrays(self.model)
         self._apply_mask()
         self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})

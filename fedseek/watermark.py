@@ -53,7 +53,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -410,8 +410,12 @@ def embed(
     perturb: float = 0.05,
     margin_steps: int = 5,
     seed: int | None = None,
+    mask: Any = None,
 ) -> EmbedReport:
-    """Fine-tune `model` in place on the key's triggers (no site data) until trigger accuracy >= target."""
+    """Fine-tune `model` in place on the key's triggers (no site data) until trigger accuracy >= target.
+
+    `mask` (the coordinator's public sparsity mask) keeps pruned weights at exactly zero throughout.
+    """
     # Loss = CE(triggers) + distill_weight * KL(pre-embed || model) on seeded synthetic inputs (or the
     # caller's public `distill_inputs`) + anchor_weight * ||theta - theta_start||^2. Gradients are taken at
     # weights multiplicatively perturbed by N(0, perturb^2) (0 disables). Once the target is reached,
@@ -442,6 +446,11 @@ def embed(
             teacher_logp = F.log_softmax(teacher(distill_inputs), dim=1)
 
     opt = torch.optim.Adam(params, lr=lr)
+    enforcer = None
+    if mask:
+        from fedseek.train.sparsity import enforce_mask
+
+        enforcer = enforce_mask(model, opt, mask)
     steps, extra, kl_val, reached = 0, 0, 0.0, False
     with torch.enable_grad():
         while steps < max_steps:
@@ -474,6 +483,8 @@ def embed(
                             p.grad.add_(p - s, alpha=2.0 * anchor_weight)
             opt.step()
             steps += 1
+    if enforcer is not None:
+        enforcer.detach()
     if not reached:
         reached = _accuracy(model, x_t, y_t) >= target_accuracy
     acc_after = _accuracy(model, x_t, y_t)

@@ -88,3 +88,40 @@ def test_dp_budget_refusal_and_restart_continue_epsilon(tmp_path):
     assert all(PrivacyLedger(d, accountant="rdp", delta=1e-5, epsilon_budget=2.3).epsilon() <= 2.3 for d in state.iterdir())
     rows = [json.loads(l) for l in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["refused"] for r in rows)
+
+
+def test_compressed_sparse_watermarked_bf16_dp_run(tmp_path):
+    """All round features together: DP-SGD in bf16, 80% fixed mask, top-k+int8 uplink, fp16 downlink, watermark."""
+    import torch
+
+    scen = tmp_path / "all.yaml"
+    scen.write_text(
+        "name: all\nseed: 3\nnum_sites: 4\nrounds: 3\ndata: {dataset: breast_cancer}\nstrategy: {min_sites: 4}\n"
+        "model: {kind: mlp, hidden: [64]}\ntrain: {local_epochs: 2, lr: 0.1, batch_size: 16}\nprecision: bf16\n"
+        "privacy: {epsilon_budget: 8.0, delta: 1.0e-5}\n"
+        "compression: {codec: topk, topk_fraction: 0.1, quantize: int8, downlink: fp16}\n"
+        "sparsity: {enabled: true, target: 0.8, schedule: fixed}\n"
+        "watermark: {enabled: true, triggers: 200}\n"
+    )
+    out = tmp_path / "out"
+    res = _fedseek("simulate", str(scen), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["compression"]["ratio_up"] > 5  # exact payload bytes vs dense fp32
+    assert s["bytes_down"] < 0.6 * s["dense_bytes_up"]  # fp16 global (+1-bit mask) vs fp32 updates, same sites and rounds
+    assert abs(s["sparsity"] - 0.8) < 0.02
+    assert s["watermark"]["detected"] and s["watermark"]["p_value"] < 1e-6
+    assert s["privacy"]["max_epsilon"] <= 8.0
+    model = torch.load(out / "model.pt", weights_only=True)
+    mask = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["mask"]
+    for name, m in mask.items():
+        assert torch.all(model[name][~torch.from_numpy(m)] == 0), name
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["watermark"]["p_value"] < 1e-6 for r in rows)
+
+    ok = _fedseek("watermark", "verify", "--key", str(out / "watermark.key"), "--model", str(out / "model.pt"))
+    assert ok.returncode == 0 and "WATERMARK DETECTED" in ok.stdout
+    other = tmp_path / "other.key"
+    assert _fedseek("watermark", "keygen", "--scenario", str(scen), "--out", str(other), "--triggers", "200").returncode == 0
+    no = _fedseek("watermark", "verify", "--key", str(other), "--model", str(out / "model.pt"))
+    assert no.returncode == 0 and "not detected" in no.stdout
