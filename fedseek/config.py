@@ -128,6 +128,13 @@ class FaultSpec(_Strict):
     byzantine: ByzantineSpec = Field(default_factory=ByzantineSpec)
 
 
+class MetricsSpec(_Strict):
+    """Prometheus endpoint of the coordinator (off unless a port is given)."""
+
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="0 = pick a free port")
+    prometheus_host: str = "127.0.0.1"
+
+
 class SparsitySpec(_Strict):
     """A global sparsity mask held by the coordinator (from the seed or the DP global model only)."""
 
@@ -195,6 +202,7 @@ class FederationSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     round_timeout_s: float = Field(600.0, gt=0.0)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)

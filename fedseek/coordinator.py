@@ -306,6 +306,21 @@ class Coordinator:
         _flwr_log("%d sites connected; rounds %d..%d of %s", len(nodes), first, cfg.rounds, cfg.strategy.name)
         if self.initial is None:
             self.initial = self._evaluate()
+        self.prom = None
+        if cfg.metrics.prometheus_port is not None:
+            from fedseek.telemetry import PrometheusMetrics
+
+            self.prom = PrometheusMetrics(cfg.metrics.prometheus_host, cfg.metrics.prometheus_port)
+            _flwr_log("Prometheus metrics on http://%s:%d/metrics", self.prom.host, self.prom.port)
+            self.audit("metrics_endpoint", host=self.prom.host, port=self.prom.port)
+        try:
+            return self._rounds(first, start)
+        finally:
+            if self.prom is not None:
+                self.prom.close()
+
+    def _rounds(self, first: int, start: float) -> dict[str, Any]:
+        cfg = self.cfg
         for rnd in range(first, cfg.rounds + 1):
             t0 = time.time()
             nodes = self._alive()
@@ -381,6 +396,10 @@ class Coordinator:
                 "sites": row_sites,
             }
             self.out.append_metrics(row)
+            if self.prom is not None:
+                self.prom.observe_round(row)
+            if wm_row is not None:
+                self.audit("watermark_embedded", round=rnd, steps=wm_row["steps"], p_value=wm_row["p_value"])
             self.round = rnd
             self._checkpoint(rnd)
             _flwr_log(

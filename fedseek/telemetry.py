@@ -113,3 +113,54 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+class PrometheusMetrics:
+    """The coordinator's Prometheus metrics (own registry), served on host:port while the run lives."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, run: str = "") -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        labels = {"registry": self.registry}
+        self.round = Gauge("fedseek_round", "last completed round", **labels)
+        self.participants = Gauge("fedseek_round_participants", "sites whose update was aggregated this round", **labels)
+        self.sampled = Gauge("fedseek_round_sampled", "sites asked to train this round", **labels)
+        self.round_seconds = Gauge("fedseek_round_seconds", "wall time of the last round", **labels)
+        self.accuracy = Gauge("fedseek_accuracy", "central test accuracy of the global model", **labels)
+        self.loss = Gauge("fedseek_loss", "central test loss of the global model", **labels)
+        self.rejected = Counter("fedseek_rejected_updates", "updates rejected by validation", ["reason"], **labels)
+        self.refused = Counter("fedseek_refused_rounds", "rounds refused by sites (privacy budget)", **labels)
+        self.failed = Counter("fedseek_failed_replies", "error replies and time-outs", **labels)
+        self.bytes = Counter("fedseek_bytes", "payload bytes on the wire", ["direction"], **labels)
+        self.epsilon = Gauge("fedseek_site_epsilon", "privacy spent per site (its ledger, as reported)", ["site"], **labels)
+        self.wm_p = Gauge("fedseek_watermark_p_value", "watermark p-value after embedding", **labels)
+        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        self.host, self.port = host, int(self.server.server_port)
+
+    def observe_round(self, row: dict[str, Any]) -> None:
+        """Update every metric from one metrics.jsonl row."""
+        self.round.set(row["round"])
+        self.participants.set(row.get("accepted", 0))
+        self.sampled.set(row.get("sampled", 0))
+        self.round_seconds.set(row.get("round_seconds", 0.0))
+        central = row.get("central") or {}
+        if "accuracy" in central:
+            self.accuracy.set(central["accuracy"])
+            self.loss.set(central["loss"])
+        for r in row.get("rejections", []):
+            self.rejected.labels(reason=str(r.get("reason", "")).split(" ")[0][:40]).inc()
+        self.refused.inc(row.get("refused", 0))
+        self.failed.inc(row.get("failed", 0) + row.get("timed_out", 0))
+        self.bytes.labels(direction="up").inc(row.get("bytes_up", 0))
+        self.bytes.labels(direction="down").inc(row.get("bytes_down", 0))
+        for site, view in (row.get("sites") or {}).items():
+            if view.get("epsilon") is not None:
+                self.epsilon.labels(site=site).set(view["epsilon"])
+        if row.get("watermark"):
+            self.wm_p.set(row["watermark"]["p_value"])
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
