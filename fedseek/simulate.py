@@ -72,6 +72,7 @@ def simulate(
     run_log_path = out / "run.log"
     timeout_s = timeout_s or (cfg.round_timeout_s * cfg.rounds + cfg.simulation.node_wait_s + 300)
 
+    _warn_spent_ledgers(cfg, Path(state_dir) if state_dir else out / "sites", console)
     trees: list[ProcessTree] = []
     client: ControlClient | None = None
     run_id: int | None = None
@@ -129,6 +130,24 @@ def simulate(
                 client.close()
             for tree in reversed(trees):
                 tree.stop()
+
+
+def _warn_spent_ledgers(cfg: ScenarioConfig, state_root: Path, console: Console) -> None:
+    """Sites keep their privacy ledgers across runs: say so before a re-run meets refusals."""
+    import json
+
+    if not (cfg.privacy and cfg.privacy.enabled) or not state_root.is_dir():
+        return
+    spent = []
+    for path in state_root.glob("*/privacy_ledger.json"):
+        try:
+            spent.append(float(json.loads(path.read_text()).get("epsilon", 0.0)))
+        except (OSError, ValueError):
+            continue
+    if spent and max(spent) > 0:
+        console.print(f"[yellow]note:[/] {len(spent)} site ledgers in {state_root} already hold spent privacy "
+                      f"(max epsilon {max(spent):.3f} of {cfg.privacy.epsilon_budget:g}); sites refuse rounds past their budget. "
+                      f"Use a fresh --out or --state-dir to simulate from zero.")
 
 
 def _cores() -> int:
