@@ -144,6 +144,7 @@ class Coordinator:
         self.excluded: dict[str, str] = {}  # site name -> reason (e.g. privacy budget spent)
         self.names: dict[int, str] = {}  # node id -> site name
         self.round = 0
+        self.stop_reason: str | None = None
         self.initial: dict[str, float] | None = None
         dense = int(sum(a.nbytes for a in self.arrays.values()))
         self.max_payload_bytes = cfg.validation.max_payload_bytes or 2 * dense + 4096
@@ -326,7 +327,9 @@ class Coordinator:
             nodes = self._alive()
             sampled = self._sample(nodes)
             if not sampled:
-                _flwr_log("round %d: no eligible site left (all excluded); stopping early", rnd)
+                self.stop_reason = f"stopped before round {rnd}: every site is excluded ({len(self.excluded)} out of privacy budget or refused)"
+                _flwr_log("%s", self.stop_reason)
+                self.audit("stopped_early", round=rnd, reason=self.stop_reason)
                 break
             prepare_round(self.strategy, _arrays_to_record(self.arrays))
             records, payload_down = pack_global(self.arrays, self.mask, cfg.compression.downlink)
@@ -436,6 +439,7 @@ class Coordinator:
             "failed_replies": self.totals["failed"],
             "excluded_sites": dict(self.excluded),
             "watermark": self._watermark_summary(),
+            "stop_reason": self.stop_reason,
             "wall_seconds": time.time() - start,
         }
         self.out.write_summary(summary)
