@@ -1,4 +1,4 @@
-"""The `fedseek` command: simulate, privacy report, certs.
+"""The `fedseek` command: simulate, coordinator/site daemons and deployed runs, privacy report, certs, watermark.
 
 Exit codes: 0 success, 1 the run failed, 2 bad configuration or usage, 130 interrupted.
 """
@@ -12,6 +12,8 @@ from pathlib import Path
 from rich.console import Console
 
 err = Console(stderr=True)
+# deployment messages are one line each (operators grep logs): no wrapping at the terminal width
+dep = Console(stderr=True, soft_wrap=True)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -21,6 +23,77 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         simulate(args.scenario, args.out, state_dir=args.state_dir, timeout_s=args.timeout, resume=args.resume)
     except SimulationError as exc:
         err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        return 1
+    return 0
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    import json
+
+    from fedseek import deploy
+    from fedseek.config import load_coordinator
+
+    cfg = load_coordinator(args.config)
+    try:
+        if args.coord_cmd == "start":
+            problems = deploy.start_coordinator(cfg, dep)
+            for p in problems:
+                dep.print(f"[yellow]warning:[/] {p}", highlight=False)
+            if any(not p.startswith("node ") for p in problems):
+                print("error: the coordinator is running, but some allowed sites are not registered", file=sys.stderr)
+                return 1
+        elif args.coord_cmd == "stop":
+            pf = deploy.stop_coordinator(cfg)
+            print(f"coordinator stopped (pid {pf.pid})" if pf else "coordinator was not running")
+        else:
+            st = deploy.coordinator_status(cfg)
+            if args.json:
+                print(json.dumps(st, indent=2))
+            else:
+                print(f"coordinator {'running (pid ' + str(st['pid']) + ')' if st['running'] else 'not running'} "
+                      f"on {st['address']}, database {st['database']}")
+                if "gateway" in st:
+                    g = st["gateway"]
+                    print(f"gateway {'running (pid ' + str(g['pid']) + ')' if g['running'] else 'NOT running'} on {g['address']}")
+                for s in st["sites"]:
+                    print(f"  site {s['name']:<20} {s['status']:<15} node {s['node_id'] or '-'}")
+                for n in st["other_nodes"]:
+                    print(f"  other node {n['node_id']} ({n['name'] or 'no name'}) {n['status']}: not in sites")
+            return 0 if st["running"] else 1
+    except deploy.DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _cmd_site(args: argparse.Namespace) -> int:
+    from fedseek import deploy
+    from fedseek.config import load_site
+
+    cfg = load_site(args.config)
+    try:
+        if args.site_cmd == "start":
+            deploy.start_site(cfg, Path(args.config), dep, wait_s=args.wait)
+        else:
+            pf = deploy.stop_site(cfg)
+            print(f"site {cfg.name} stopped (pid {pf.pid})" if pf else f"site {cfg.name} was not running")
+    except deploy.DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedseek import deploy
+    from fedseek.follow import RunError
+
+    try:
+        deploy.run_federation(args.config, args.out, console=dep, timeout_s=args.timeout)
+    except deploy.DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunError as exc:
+        dep.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
         return 1
     return 0
 
@@ -138,6 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None, help="overall limit in seconds")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a crash")
     s.set_defaults(func=_cmd_simulate)
+
+    co = sub.add_parser("coordinator", help="the coordinator service: Flower SuperLink over TLS with site keys")
+    cos = co.add_subparsers(dest="coord_cmd", required=True)
+    for name, help_ in (("start", "start the SuperLink (detached) and register the allowed sites' keys"),
+                        ("stop", "stop the SuperLink and everything it started"),
+                        ("status", "is it running; which sites are registered / online")):
+        q = cos.add_parser(name, help=help_)
+        q.add_argument("--config", default="server/coordinator.yaml", help="coordinator YAML (default: %(default)s)")
+        if name == "status":
+            q.add_argument("--json", action="store_true")
+        q.set_defaults(func=_cmd_coordinator)
+
+    si = sub.add_parser("site", help="a site daemon: Flower SuperNode with the site's key and data")
+    sis = si.add_subparsers(dest="site_cmd", required=True)
+    q = sis.add_parser("start", help="check the site config, keys and data, then start the SuperNode (detached)")
+    q.add_argument("--config", required=True, help="site YAML, e.g. clients/sites/hospital-a.yaml")
+    q.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the coordinator to accept the site")
+    q.set_defaults(func=_cmd_site)
+    q = sis.add_parser("stop", help="stop the site's SuperNode")
+    q.add_argument("--config", required=True)
+    q.set_defaults(func=_cmd_site)
+
+    r = sub.add_parser("run", help="run the federation on the deployed coordinator and its sites")
+    r.add_argument("--config", default="server/coordinator.yaml", help="coordinator YAML (default: %(default)s)")
+    r.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
+    r.add_argument("--timeout", type=float, default=None, help="overall limit in seconds")
+    r.set_defaults(func=_cmd_run)
 
     pr = sub.add_parser("privacy", help="privacy ledgers")
     prs = pr.add_subparsers(dest="privacy_cmd", required=True)

@@ -104,6 +104,22 @@ def scenario_task(cfg: ScenarioConfig) -> Task:
     return Task(tuple(test.input_shape), int(test.num_classes), test, cfg.data.dataset)
 
 
+def coordinator_task(cfg: Any) -> Task:
+    """A deployed coordinator's task (CoordinatorConfig.task): built-in test split, a test table, or shapes only."""
+    t = cfg.task
+    if t.dataset:
+        from fedseek.data import load_builtin
+
+        _, test = load_builtin(t.dataset, cfg.seed, test_fraction=t.test_fraction, **t.options)
+        return Task(tuple(test.input_shape), int(test.num_classes), test, t.dataset)
+    if t.test_file:
+        from fedseek.data import load_table
+
+        test = load_table(t.test_file, str(t.label_column), t.feature_columns, standardize=t.standardize, classes=t.classes)
+        return Task(tuple(test.input_shape), int(test.num_classes), test, Path(t.test_file).stem)
+    return Task(tuple(int(d) for d in t.input_shape), int(t.num_classes), None, cfg.name)
+
+
 def run_coordinator(grid: Grid, context: Context) -> dict[str, Any]:
     """Run the whole federation described by the run config; returns the summary written."""
     settings = RunSettings.from_context(context)
@@ -114,7 +130,16 @@ def run_coordinator(grid: Grid, context: Context) -> dict[str, Any]:
             node_wait_s=cfg.simulation.node_wait_s, run_id=str(context.run_id), privacy=cfg.privacy,
         )
         return coord.run(resume=settings.resume)
-    raise ValueError(f"config-kind {settings.config_kind!r} not supported (allowed: scenario)")
+    if settings.config_kind == "coordinator":
+        from fedseek.config import load_coordinator
+
+        ccfg = load_coordinator(settings.config_path)
+        coord = Coordinator(
+            grid, ccfg, coordinator_task(ccfg), settings.out_dir, expected_sites=int(ccfg.expected_sites or ccfg.strategy.min_sites),
+            node_wait_s=ccfg.node_wait_s, run_id=str(context.run_id), privacy=ccfg.privacy,
+        )
+        return coord.run(resume=settings.resume)
+    raise ValueError(f"config-kind {settings.config_kind!r} not supported (allowed: scenario, coordinator)")
 
 
 class Coordinator:

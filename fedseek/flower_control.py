@@ -118,6 +118,14 @@ class ControlClient:
         run = run_from_proto(res.run_dict[run_id])
         return RunStatus(run.status.status, run.status.sub_status, run.status.details or "")
 
+    def nodes(self) -> list[dict]:
+        """Registered SuperNodes: node_id, name, status, public_key (PEM bytes), online_until."""
+        from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+
+        res = self._client.ListNodes(ListNodesRequest())
+        return [{"node_id": int(n.node_id), "name": n.name, "status": n.status, "public_key": bytes(n.public_key),
+                 "last_activated_at": n.last_activated_at, "online_until": float(n.online_until)} for n in res.nodes_info]
+
     def stop(self, run_id: int) -> None:
         from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=E0611
 

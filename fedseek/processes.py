@@ -135,3 +135,68 @@ def start_process(cmd: Sequence[str], *, env: dict[str, str], log: IO[bytes] | N
         start_new_session=True,
     )
     return ProcessTree(proc, name)
+
+
+def start_time(pid: int) -> int | None:
+    """Kernel start time of a live pid (clock ticks since boot), or None: with the pid it names one process for good."""
+    st = _stat(pid)
+    return st[2] if st else None
+
+
+def is_running(pid: int, started: int) -> bool:
+    """True if `pid` is alive, not a zombie, and is the process that started at `started` (not a recycled pid)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = raw[raw.rfind(")") + 2 :].split()[0]
+    return state not in ("Z", "X") and start_time(pid) == started
+
+
+def _detached_members(pid: int, started: int) -> dict[int, int]:
+    """The daemon, its descendants and its session members (pid -> start time), if the daemon is who we think."""
+    if start_time(pid) != started:
+        return {}
+    table = {p: st for p in _all_pids() if (st := _stat(p)) is not None}
+    sid = table[pid][1] if pid in table else pid
+    members = {pid: started}
+    changed = True
+    while changed:
+        changed = False
+        for p, (ppid, psid, pstart) in table.items():
+            if p not in members and (ppid in members or (psid == sid and sid == pid)):
+                members[p] = pstart
+                changed = True
+    return members
+
+
+def stop_detached(pid: int, started: int, timeout_s: float = 15.0) -> list[int]:
+    """Stop a daemon started in its own session by an earlier command (pidfile): SIGTERM its tree, SIGKILL leftovers.
+
+    Returns the pids signalled. Only processes whose start time matches what was sampled are hit.
+    """
+    members = _detached_members(pid, started)
+    hit: list[int] = []
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        live = {p: s for p, s in members.items() if is_running(p, s)}
+        if not live:
+            break
+        for p in live:
+            try:
+                os.kill(p, sig)
+                hit.append(p)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for p in live:  # reap any that are our own children (tests start daemons in-process)
+                try:
+                    os.waitpid(p, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            if not any(is_running(p, s) for p, s in live.items()):
+                break
+            # late children (e.g. a ServerApp spawned while we waited) join the set
+            members.update({p: s for p, s in _detached_members(pid, started).items() if p not in members})
+            time.sleep(0.1)
+    return sorted(set(hit))

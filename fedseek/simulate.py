@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from fedseek.config import ScenarioConfig, load_scenario
 from fedseek.flower_control import ControlClient, flower_env, flwr_bin, submit_run, write_connection
+from fedseek.follow import RunError, follow_run, print_summary, tail
 from fedseek.processes import ProcessTree, free_port, start_process, wait_for_port
-from fedseek.telemetry import read_metrics
 
 CONNECTION = "fedseek-sim"
 
 
-class SimulationError(RuntimeError):
+class SimulationError(RunError):
     """The simulation did not complete; the message says why and where the logs are."""
 
 
@@ -37,11 +35,7 @@ def app_dir() -> Path:
     return root
 
 
-def _tail(path: Path, n: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
+_tail = tail
 
 
 def simulate(
@@ -116,7 +110,7 @@ def simulate(
             import json
 
             summary = json.loads(summary_path.read_text())
-            _print_summary(console, summary, out, time.time() - t0)
+            print_summary(console, summary, out, time.time() - t0)
             return summary
         except KeyboardInterrupt:
             if client is not None and run_id is not None:
@@ -158,56 +152,16 @@ def _cores() -> int:
 
 def _follow(cfg: ScenarioConfig, out: Path, client: ControlClient, run_id: int, superlink: ProcessTree,
             console: Console, timeout_s: float, on_round: Callable[[dict], None] | None):
-    """Poll the run status, show one progress line per round, stop at the end status."""
-    deadline = time.monotonic() + timeout_s
-    seen = len(read_metrics(out / "metrics.jsonl"))  # rows of an earlier, resumed run are not news
-    status = client.status(run_id)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task(f"starting {cfg.num_sites} virtual sites", total=cfg.rounds)
-        while True:
-            superlink.sample()
-            rows = read_metrics(out / "metrics.jsonl")
-            for row in rows[seen:]:
-                c = row.get("central", {})
-                extra = ""
-                eps = [s.get("epsilon") for s in row.get("sites", {}).values() if s.get("epsilon") is not None]
-                if eps:
-                    extra = f" max eps {max(eps):.3f}"
-                bad = row.get("rejected", 0) + row.get("refused", 0) + row.get("failed", 0) + row.get("timed_out", 0)
-                console.print(f"round {row['round']:>3}/{cfg.rounds}  accuracy {c.get('accuracy', float('nan')):.4f}  "
-                              f"loss {c.get('loss', float('nan')):.4f}  sites {row.get('accepted', 0)}/{row.get('sampled', 0)}"
-                              f"{'  excluded/failed ' + str(bad) if bad else ''}{extra}  {row.get('round_seconds', 0):.1f}s")
-                progress.update(task, completed=row["round"], description=f"accuracy {c.get('accuracy', float('nan')):.4f}")
-                if on_round:
-                    on_round(row)
-            seen = len(rows)
-            if status.finished:
-                return status
-            if superlink.proc.poll() is not None:
-                raise SimulationError(f"the SuperLink exited with code {superlink.proc.returncode}; see {out / 'flower.log'}")
-            if time.monotonic() > deadline:
-                client.stop(run_id)
-                raise SimulationError(f"run {run_id} did not finish within {timeout_s:.0f}s (stopped)")
-            if status.status == "running" and seen == 0:
-                progress.update(task, description=f"round 1 ({cfg.num_sites} sites)")
-            time.sleep(1.0)
-            status = client.status(run_id)
+    """Follow the run (shared logic in fedseek.follow), watching our own SuperLink process tree."""
 
+    def alive() -> str | None:
+        superlink.sample()
+        if superlink.proc.poll() is not None:
+            return f"the SuperLink exited with code {superlink.proc.returncode}; see {out / 'flower.log'}"
+        return None
 
-def _print_summary(console: Console, s: dict, out: Path, wall: float) -> None:
-    t = Table(title=f"fedseek run {s.get('name')}", show_header=False)
-    final = s.get("final", {})
-    t.add_row("final accuracy", f"{final.get('accuracy', float('nan')):.4f}")
-    if "auc" in final:
-        t.add_row("final ROC AUC", f"{final['auc']:.4f}")
-    t.add_row("rounds", f"{s.get('rounds_completed')}/{s.get('rounds')}")
-    priv = s.get("privacy") or {}
-    if priv.get("enabled"):
-        t.add_row("max epsilon (per site)", f"{priv.get('max_epsilon') or 0:.4f} of {priv.get('epsilon_budget')} (delta {priv.get('delta')}, {priv.get('accountant')})")
-    t.add_row("rejected updates", str(s.get("rejected_updates", 0)))
-    t.add_row("refused rounds", str(s.get("refused_rounds", 0)))
-    t.add_row("bytes up / down", f"{s.get('bytes_up', 0):,} / {s.get('bytes_down', 0):,}")
-    t.add_row("wall time", f"{wall:.1f}s")
-    t.add_row("outputs", str(out))
-    console.print(t)
+    try:
+        return follow_run(out, client, run_id, rounds=cfg.rounds, sites=cfg.num_sites, console=console,
+                          timeout_s=timeout_s, on_round=on_round, check_alive=alive, site_word="virtual sites")
+    except RunError as exc:
+        raise SimulationError(str(exc)) from None

@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedseek.codec import CodecSpec, ErrorFeedback
-from fedseek.config import PrivacySpec, ScenarioConfig, load_scenario
+from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenario, load_site
 from fedseek.models import build_model
 from fedseek.protocol import pack_update, to_record, unpack_global
 from fedseek.telemetry import atomic_write_bytes
@@ -74,9 +74,52 @@ def _partitions(path: str, mtime: float) -> tuple[Any, list[np.ndarray]]:
     return train, parts
 
 
+def load_site_data(cfg: SiteConfig) -> Any:
+    """A deployed site's training data (fedseek.data.ArrayDataset) as its config says; DataError/ValueError in one line."""
+    from fedseek.data import load_builtin, load_image_folder, load_table, partition_indices
+
+    d = cfg.data
+    if d.builtin is not None:
+        train, _ = load_builtin(d.builtin, d.seed, test_fraction=d.test_fraction, **d.options)
+        parts = partition_indices(train.y, int(d.num_partitions or 1), d.scheme, alpha=d.alpha, seed=d.seed,
+                                  min_partition_size=d.min_partition_size, groups=getattr(train, "groups", None))
+        return train.subset(parts[int(d.partition or 0)])
+    if d.image_size is not None:
+        return load_image_folder(str(d.path), d.image_size, grayscale=d.grayscale, classes=d.classes)
+    return load_table(str(d.path), str(d.label_column), d.feature_columns, standardize=d.standardize, classes=d.classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _site_config(path: str, mtime: float) -> SiteConfig:
+    return load_site(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _deployed_site(path: str, mtime: float, data_mtime: float) -> SiteRuntime:
+    """A site daemon's runtime from its YAML (cached per process on the config's and the data's mtime)."""
+    cfg = _site_config(path, mtime)
+    ds = load_site_data(cfg)
+    return SiteRuntime(
+        name=cfg.name,
+        x=ds.x,
+        y=ds.y,
+        num_classes=int(ds.num_classes),
+        privacy=cfg.privacy if (cfg.privacy and cfg.privacy.enabled) else None,
+        state_dir=Path(str(cfg.state_dir)),
+        device=cfg.device,
+        precision=cfg.precision,
+        index=int(cfg.data.partition or 0),
+    )
+
+
 def resolve_site(context: Context) -> SiteRuntime:
-    """Simulation: partition of the scenario dataset; the run config names the scenario file."""
+    """Deployment: the node config's `site-config` names the site YAML. Simulation: a partition of the scenario dataset."""
     rc, nc = context.run_config, context.node_config
+    if nc.get("site-config"):
+        site_path = str(nc["site-config"])
+        cfg = _site_config(site_path, os.path.getmtime(site_path))
+        data_mtime = os.path.getmtime(cfg.data.path) if cfg.data.path else 0.0
+        return _deployed_site(site_path, os.path.getmtime(site_path), data_mtime)
     path = str(rc.get("config-path", ""))
     if not path:
         raise ValueError("run config 'config-path' is empty")

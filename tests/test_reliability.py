@@ -106,3 +106,4 @@ def test_kill_9_after_round_3_then_resume_matches_uninterrupted_run(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     audit = [json.loads(l)["event"] for l in (out / "audit.jsonl").read_text().splitlines()]
     assert "resumed" in audit
+

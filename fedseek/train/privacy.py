@@ -278,6 +278,7 @@ class DPRound:
 
     def wrap(self, model: Any, optimizer: Any, criterion: Any, loader: Any) -> tuple[Any, Any, Any, Any]:
         """make_private with Poisson sampling; ghost mode returns the criterion that clips."""
+        import torch
         from opacus import PrivacyEngine
 
         mode = self.policy.grad_sample_mode
@@ -292,6 +293,9 @@ class DPRound:
                 criterion=criterion,
                 grad_sample_mode=mode,
                 poisson_sampling=True,
+                # The DP noise must be unpredictable to the coordinator (which knows the run seed):
+                # draw it from a generator seeded by the OS CSPRNG, never from the seeded global RNG.
+                noise_generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")),
             )
         if mode == "ghost":
             module, optimizer, criterion, loader = out  # backward MUST go through this criterion

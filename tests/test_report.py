@@ -1,0 +1,207 @@
+"""report.html from synthetic run outputs (no simulation): content, self-containment, escaping, edge cases."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fedseek.report import build_report, main, write_report
+
+EVIL = '<script>alert("x")</script>&'
+
+
+def _row(rnd: int, *, dp: bool = True, watermark: bool = False, sparsity: float = 0.0, sites: int = 3, **extra) -> dict:
+    row = {
+        "round": rnd,
+        "time": 1.7e9 + rnd,
+        "round_seconds": 5.0 if rnd == 1 else 0.5,
+        "sampled": sites,
+        "accepted": sites,
+        "rejected": 0,
+        "refused": 0,
+        "failed": 0,
+        "timed_out": 0,
+        "rejections": [],
+        "refusals": [],
+        "train_loss": 0.6 / rnd,
+        "central": {"loss": 0.5 / rnd, "accuracy": 0.8 + 0.01 * rnd, "balanced_accuracy": 0.78 + 0.01 * rnd, "auc": 0.9 + 0.005 * rnd},
+        "bytes_up": 8456 * sites,
+        "wire_bytes_up": 9028 * sites,
+        "bytes_down": 8456 * sites,
+        "codec": "none",
+        "sparsity": sparsity,
+        "watermark": None,
+        "sites": {},
+    }
+    for i in range(sites):
+        view = {"train-loss": 0.5, "num-examples": 40.0, "status": "trained"}
+        if dp:
+            view.update({"epsilon": 0.9 * rnd + 0.01 * i, "delta": 1e-5, "noise-multiplier": 1.5, "sample-rate": 0.25, "dp-steps": 8.0})
+        row["sites"][f"site-{i:03d}"] = view
+    if watermark:
+        row["watermark"] = {"steps": 10, "trigger_accuracy_before": 0.5, "trigger_accuracy": 0.99, "matches": 198, "n": 200,
+                            "p_value": 10.0 ** (-50 - rnd), "detected": True, "seconds": 0.1}
+    row.update(extra)
+    return row
+
+
+def _summary(rounds: int, *, dp: bool = True, watermark: bool = False, sites: int = 3, **extra) -> dict:
+    s = {
+        "name": "synthetic-run",
+        "run_id": "123",
+        "rounds": rounds,
+        "rounds_completed": rounds,
+        "num_sites": sites,
+        "strategy": "fedavg",
+        "dataset": "breast_cancer",
+        "seed": 1,
+        "initial": {"loss": 0.69, "accuracy": 0.61, "auc": 0.7},
+        "final": {"loss": 0.1, "accuracy": 0.9321, "balanced_accuracy": 0.92, "auc": 0.9876},
+        "final_accuracy": 0.9321,
+        "privacy": {"enabled": dp, "accountant": "rdp" if dp else None, "delta": 1e-5 if dp else None, "epsilon_budget": 3.0 if dp else None,
+                    "max_epsilon": 2.71 if dp else None,
+                    "sites": {f"site-{i:03d}": {"epsilon": 2.7 + 0.01 * i, "delta": 1e-5, "steps": None, "noise_multiplier": 1.5, "sample_rate": 0.25,
+                                                "rounds_trained": rounds, "refusals": 0} for i in range(sites)} if dp else {}},
+        "bytes_up": 25368 * rounds,
+        "wire_bytes_up": 27084 * rounds,
+        "dense_bytes_up": 25368 * rounds,
+        "bytes_down": 25368 * rounds,
+        "compression": {"codec": "none", "ratio_up": 1.0},
+        "sparsity": 0.0,
+        "rejected_updates": 0,
+        "rejections": [],
+        "refused_rounds": 0,
+        "failed_replies": 0,
+        "excluded_sites": {},
+        "watermark": {"p_value": 1e-55, "matches": 198, "n": 200, "num_classes": 2, "detected": True, "alpha": 1e-6, "commitment": "ab"} if watermark else None,
+        "stop_reason": None,
+        "wall_seconds": 42.5,
+    }
+    s.update(extra)
+    return s
+
+
+def _write(run: Path, rows: list[dict] | None, summary: dict | None) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    if rows is not None:
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _assert_self_contained(page: str) -> None:
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I), "external asset reference"
+    assert "<script" not in page.lower()
+    assert "<link" not in page.lower()
+    assert "@import" not in page
+    for src in re.findall(r'src="([^"]*)"', page):
+        assert src.startswith("data:image/png;base64,")
+
+
+def test_full_dp_run(tmp_path: Path) -> None:
+    rows = [_row(r, watermark=True, sparsity=0.2 * r) for r in range(1, 5)]
+    rows[2]["rejected"] = 1
+    rows[2]["accepted"] = 2
+    rows[2]["rejections"] = [{"node_id": 7, "site": "site-002", "reason": "update norm 72.1 above bound 5"}]
+    rows[3]["refused"] = 1
+    rows[3]["refusals"] = [{"site": "site-001", "reason": "site site-001 refuses round 4: epsilon would reach 3.2 > budget 3"}]
+    rows[3]["sites"]["site-001"] = {"status": "refused", "epsilon": 2.7, "epsilon-budget": 3.0, "projected-epsilon": 3.2}
+    summary = _summary(4, watermark=True, rejected_updates=1, refused_rounds=1,
+                       rejections=[{"round": 3, "node_id": 7, "site": "site-002", "reason": "update norm 72.1 above bound 5"}],
+                       excluded_sites={"site-001": "site site-001 refuses round 4: epsilon would reach 3.2 > budget 3"})
+    run = _write(tmp_path / "run", rows, summary)
+    (run / "audit.jsonl").write_text(json.dumps({"event": "site_failed", "round": 2, "site": "site-000",
+                                                 "reason": "error reply (code 2): \x1b[36mray::ClientAppActor.run()\x1b[39m boom"}) + "\n")
+    path = write_report(run)
+    assert path == run / "report.html" and path.exists()
+    page = path.read_text()
+    _assert_self_contained(page)
+    # one PNG per figure: accuracy, epsilon, bytes, participation, watermark, sparsity
+    assert page.count("data:image/png;base64,") == 6
+    for anchor in ("accuracy", "privacy", "bytes", "participation", "watermark", "sparsity", "sites", "events", "rounds", "summary"):
+        assert f'id="{anchor}"' in page, anchor
+    assert "synthetic-run" in page and "breast_cancer" in page and "fedavg" in page
+    assert "0.9321" in page and "0.9876" in page  # final accuracy and AUC
+    assert "42.5 s" in page  # wall time
+    assert "Per-site privacy" in page and "2.7000" in page and "update norm 72.1 above bound 5" in page
+    assert "epsilon would reach 3.2" in page
+    assert "ray::ClientAppActor.run() boom" in page and "\x1b" not in page  # audit failure reason, ANSI stripped
+    assert "detected" in page
+
+
+def test_escapes_malicious_names_and_reasons(tmp_path: Path) -> None:
+    rows = [_row(1, sites=0)]
+    rows[0]["sites"] = {EVIL: {"epsilon": 1.0, "status": "trained"}, "$x^2$ site": {"epsilon": 1.2, "status": "trained"}}
+    rows[0]["rejections"] = [{"node_id": 1, "site": EVIL, "reason": f"bad {EVIL}"}]
+    rows[0]["rejected"] = 1
+    summary = _summary(1, sites=0, name=EVIL, dataset=EVIL, rejections=[{"round": 1, "site": EVIL, "reason": f"bad {EVIL}"}],
+                       stop_reason=EVIL, compression={"codec": EVIL, "ratio_up": 2.0})
+    summary["privacy"]["sites"] = {EVIL: {"epsilon": 1.0, "delta": 1e-5, "rounds_trained": 1, "refusals": 0}}
+    page = write_report(_write(tmp_path / "run", rows, summary)).read_text()
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
+    _assert_self_contained(page)
+
+
+@pytest.mark.parametrize("case", ["no_dp_one_round", "no_summary", "empty_metrics", "no_files", "garbage", "sparse_fields", "many_sites"])
+def test_degrades_gracefully(tmp_path: Path, case: str) -> None:
+    run = tmp_path / "run"
+    if case == "no_dp_one_round":
+        _write(run, [_row(1, dp=False)], _summary(1, dp=False))
+    elif case == "no_summary":
+        _write(run, [_row(1), _row(2)], None)
+    elif case == "empty_metrics":
+        _write(run, [], _summary(3, rounds_completed=0))
+        (run / "metrics.jsonl").write_text("")
+    elif case == "no_files":
+        run.mkdir()
+    elif case == "garbage":
+        run.mkdir()
+        (run / "metrics.jsonl").write_text('[1, 2]\n{"round": "x", "central": 5, "sites": [1], "rejections": {"a": 1}}\nnot json\n{"round": 2, "central": {"accuracy": NaN}}\n{"trunc')
+        (run / "summary.json").write_text('{"name": 3, "privacy": "yes", "final": [], "watermark": 7, "wall_seconds": "long"')
+        (run / "audit.jsonl").write_text("[]\n{}\n")
+    elif case == "sparse_fields":  # only what an older coordinator might write
+        _write(run, [{"round": 1, "central": {"accuracy": 0.5}}, {"round": 2, "central": {"accuracy": 0.6}, "watermark": {"p_value": 0.0}}],
+               {"name": "old"})
+    elif case == "many_sites":  # epsilon plot switches to a min/median/max band
+        _write(run, [_row(r, sites=60) for r in (1, 2, 3)], _summary(3, sites=60))
+    page = write_report(run).read_text()
+    _assert_self_contained(page)
+    assert "</html>" in page
+    if case == "no_dp_one_round":
+        assert "Differential privacy was off" in page and "Per-site participation" in page
+        assert 'id="privacy"' in page and "epsilon spent" not in page
+        assert "No watermark in this run" in page
+        assert 'id="sparsity"' not in page
+        assert page.count("data:image/png;base64,") == 3  # accuracy, bytes, participation
+    if case == "no_summary":
+        assert "No usable summary.json" in page and 'id="accuracy"' in page
+    if case in ("empty_metrics", "no_files"):
+        assert "No rounds recorded" in page and "data:image/png" not in page
+    if case == "no_files":
+        assert "metrics.jsonl is missing" in page
+    if case == "garbage":
+        assert "line(s) skipped" in page
+    if case == "sparse_fields":
+        assert 'id="accuracy"' in page and 'id="watermark"' in page and "plot unavailable" not in page
+    if case == "many_sites":
+        assert 'id="privacy"' in page and "site-059" in page
+
+
+def test_build_report_writes_nothing(tmp_path: Path) -> None:
+    run = _write(tmp_path / "run", [_row(1)], _summary(1))
+    assert "<html" in build_report(run)
+    assert not (run / "report.html").exists()
+
+
+def test_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _write(tmp_path / "run", [_row(1), _row(2)], _summary(2))
+    assert main([str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report.html")
+    assert (run / "report.html").stat().st_mode & 0o044  # readable by others (umask permitting), unlike the temp file
+    assert main([str(tmp_path / "missing")]) == 2
