@@ -125,7 +125,7 @@ def main() -> int:
         r.update({"config": name, "dp": dp, "seed": seed})
         results[tag] = r
         log(f"    -> " + (r["error"] if "error" in r else
-                          f"acc {r['final_accuracy']:.4f}  bytes_up {r['bytes_up']:,}  eps {fmt(r['max_epsilon'], '.3f')}  {r['wall_seconds']:.0f}s"))
+                          f"acc {r['final_accuracy']:.4f}  bytes_up {r['bytes_up']:,}  eps {fmt(r['max_epsilon'], '.3f')}" + (" (cached)" if r.get("cached") else f"  {r['wall_seconds']:.0f}s")))
 
     # ---- compare with dense fp32 of the same privacy setting and seed
     rows = []

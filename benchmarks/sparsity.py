@@ -99,7 +99,7 @@ def main() -> int:
         r.update({"dataset": ds, "dp": dp, "seed": seed, "variant": var})
         results[tag] = r
         log("    -> " + (r["error"] if "error" in r else
-                         f"acc {r['final_accuracy']:.4f}  sparsity {fmt(r['sparsity_reported'], '.3f')}  {r['wall_seconds']:.0f}s"))
+                         f"acc {r['final_accuracy']:.4f}  sparsity {fmt(r['sparsity_reported'], '.3f')}" + (" (cached)" if r.get("cached") else f"  {r['wall_seconds']:.0f}s")))
 
     for r in results.values():
         if "error" in r:

@@ -200,6 +200,16 @@ def _cmd_watermark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedseek.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        print(f"error: {args.run_dir} is not a run directory", file=sys.stderr)
+        return 2
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedseek", description="Privacy-preserving federated learning on Flower + Opacus.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -238,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     r.add_argument("--timeout", type=float, default=None, help="overall limit in seconds")
     r.set_defaults(func=_cmd_run)
+
+    rp = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained, with plots)")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_cmd_report)
 
     pr = sub.add_parser("privacy", help="privacy ledgers")
     prs = pr.add_subparsers(dest="privacy_cmd", required=True)

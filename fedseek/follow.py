@@ -107,6 +107,22 @@ def print_summary(console: Console, s: dict, out: Path, wall: float) -> None:
     t.add_row("rejected updates", str(s.get("rejected_updates", 0)))
     t.add_row("refused rounds", str(s.get("refused_rounds", 0)))
     t.add_row("bytes up / down", f"{s.get('bytes_up', 0):,} / {s.get('bytes_down', 0):,}")
+    comp = s.get("compression") or {}
+    if comp.get("codec") not in (None, "none") and comp.get("ratio_up"):
+        t.add_row("uplink compression", f"{comp['codec']}: {comp['ratio_up']:.1f}x fewer bytes than dense fp32")
+    if s.get("sparsity"):
+        t.add_row("model sparsity", f"{s['sparsity']:.1%}")
+    wm = s.get("watermark") or {}
+    if wm:
+        t.add_row("watermark", f"{wm.get('matches')}/{wm.get('n')} triggers, p = {wm.get('p_value', 1.0):.3g}")
+    if s.get("stop_reason"):
+        t.add_row("stopped early", str(s["stop_reason"]))
     t.add_row("wall time", f"{wall:.1f}s")
     t.add_row("outputs", str(out))
+    try:
+        from fedseek.report import write_report
+
+        t.add_row("report", str(write_report(out)))
+    except Exception as exc:  # noqa: BLE001 - a plotting problem must not fail a finished run
+        t.add_row("report", f"not written ({type(exc).__name__}: {exc})")
     console.print(t)
