@@ -87,7 +87,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 sites, 2 rounds, 3 DP configs, no non-DP pair")
     ap.add_argument("--seeds", default=f"{SEED},{SEED + 1}", help="comma-separated seeds; every DP config runs with the first")
-    ap.add_argument("--repeat", default="dense_fp32,topk10_int8,mask80_int8",
+    ap.add_argument("--repeat", default="dense_fp32,topk10_int8,topk20_int8_bitmap,mask80_int8",
                     help="DP configs re-run with the further seeds (noise estimate)")
     ap.add_argument("--no-nondp", action="store_true", help="skip the non-DP reference pair")
     ap.add_argument("--no-cache", action="store_true", help="re-run every config (default: reuse a result of the same scenario and code)")

@@ -474,7 +474,7 @@ class Coordinator:
     def _update_sites(self, rnd: int, screened: Any) -> dict[str, dict[str, Any]]:
         row: dict[str, dict[str, Any]] = {}
         for r in screened.accepted:
-            view = {k: r.metrics[k] for k in ("epsilon", "delta", "noise-multiplier", "sample-rate", "dp-steps", "train-loss", "num-examples") if k in r.metrics}
+            view = {k: r.metrics[k] for k in ("epsilon", "delta", "noise-multiplier", "sample-rate", "dp-steps", "dp-steps-total", "train-loss", "num-examples") if k in r.metrics}
             view["status"] = "trained"
             row[r.site or str(r.node_id)] = view
         for r in screened.refused:
