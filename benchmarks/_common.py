@@ -98,16 +98,28 @@ def _model_zero_fraction(out: Path) -> dict[str, float] | None:
 
 
 CACHE_DIR = QUICK_DIR / "cache"
+# The code that decides a simulation's numbers (not the CLI, deployment, report or process plumbing,
+# which other work edits often): the cache key hashes these files.
+RESULT_CODE = (
+    "fedseek/codec.py", "fedseek/config.py", "fedseek/coordinator.py", "fedseek/models.py", "fedseek/protocol.py",
+    "fedseek/site.py", "fedseek/watermark.py", "fedseek/aggregate", "fedseek/data", "fedseek/train",
+    "server/app.py", "clients/app.py", "pyproject.toml",
+)
+
+
 def code_hash() -> str:
-    """SHA-256 over the code a run executes (fedseek/, server/, clients/ .py files, pyproject.toml) and the
-    torch / flwr / opacus versions: part of the cache key, so an edit anywhere invalidates cached runs.
-    Computed afresh on every call (the simulation's processes import the code as it is on disk then)."""
+    """SHA-256 over the code that decides a run's figures (RESULT_CODE) and the torch / flwr / opacus
+    versions: part of the cache key, so an edit there invalidates cached runs. Computed afresh on every
+    call (the simulation's processes import the code as it is on disk then)."""
     import hashlib
     from importlib import metadata
 
     h = hashlib.sha256()
-    files = sorted(p for d in ("fedseek", "server", "clients") for p in (ROOT / d).rglob("*.py"))
-    for p in [*files, ROOT / "pyproject.toml"]:
+    files: list[Path] = []
+    for rel in RESULT_CODE:
+        p = ROOT / rel
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
+    for p in files:
         h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
     for dist in ("torch", "flwr", "opacus"):
         try:
@@ -135,8 +147,9 @@ def run(scenario: dict[str, Any], workdir: Path, tag: str, *, keep_rounds: bool 
     """Run one scenario (fresh out dir, fresh ledgers) and reduce its outputs to the benchmark's figures.
 
     With `cache`, a result for the same validated scenario and the same code (see `code_hash`) is reused
-    from QUICK_DIR/cache (runs are deterministic for a seed: a re-run reproduces every figure except
-    timings); the result then says `"cached": true` and when it was measured.
+    from QUICK_DIR/cache; the result then says `"cached": true` and when it was measured. Non-DP runs
+    are deterministic for a seed (a re-run reproduces every figure except timings); DP runs are not
+    (sites draw the DP noise from the OS CSPRNG), so a cached DP result is one sample, as a fresh one is.
     """
     code = code_hash()
     cpath = CACHE_DIR / f"{_cache_key(scenario, code)}.json" if cache else None

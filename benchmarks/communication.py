@@ -8,12 +8,13 @@ left unset), so every config spends the same epsilon; same seed (same partitions
 sampling) for all. The codec runs after DP-SGD (post-processing: no privacy cost).
 
 Configs: dense fp32 (codec none), fp16, int8 (stochastic rounding), top-k 10% + int8 (error
-feedback), top-k 1% + int8 (the "100x point"), top-k 10% fp32, top-k 20% / 25% + int8 with a bitmap index (~12x / ~10.6x), top-k 10% / 1% + int8
-without error feedback, and a sparse model (global mask fixed from the seed at 80% / 90%; DP-SGD gradients and
-noise on the kept weights only) sent with the `sparse_mask` codec + int8 (kept values only, no
-indices), once with ghost clipping (default) and once with Opacus hooks (mask applied before
-clipping); plus a non-DP reference pair (dense vs top-k 10% + int8). Some configs re-run with a
-second seed (--repeat) to show how much final accuracy moves between seeds.
+feedback), top-k 1% + int8 (the "100x point"), top-k 10% fp32, top-k 20% / 25% + int8 with a bitmap index (~12x / ~10.6x), and a sparse model
+(global mask fixed from the seed at 80%; DP-SGD gradients and noise on the kept weights only) sent
+with the `sparse_mask` codec + int8 (kept values only, no indices), once with ghost clipping (the
+default) and once with Opacus hooks (mask applied before clipping); plus a non-DP reference pair (dense vs top-k 10% + int8). Diagnostics on request (--configs): top-k without error feedback,
+a 90% mask. Some configs re-run with a second seed (--repeat) to show how much final accuracy moves
+between seeds. Sites draw DP noise from the OS CSPRNG, so DP runs are not reproducible even for a
+seed: the dense DP run itself moves by a few points between runs.
 
 Reported per config: bytes up per round (mean over rounds, all sites) and in total (exact codec
 payload bytes, `bytes_up`) and on the wire (`wire_bytes_up`, payload + record framing), ratio vs
@@ -24,9 +25,9 @@ round-to-round wobble of DP training), accuracy delta vs dense, max epsilon over
 Goal (issue 5): >= 10x fewer bytes up than dense fp32 within 1 point of its accuracy at the same
 epsilon; report the 100x point too.
 
-Runs are deterministic for a seed, so results are cached in $TMPDIR/fedseek-bench/cache keyed by
-the validated scenario and a hash of the code (fedseek/, server/, clients/, library versions); a
-cached result says "cached": true. --no-cache re-runs everything.
+Results are cached in $TMPDIR/fedseek-bench/cache keyed by the validated scenario and a hash of the
+code that decides the figures (benchmarks/_common.py RESULT_CODE, library versions); a cached result
+says "cached": true (for DP runs it is one sample, as a fresh run is). --no-cache re-runs everything.
 
 Run:  .venv/bin/python benchmarks/communication.py            (full; ~15 min on 2 cores, uncached)
       .venv/bin/python benchmarks/communication.py --quick    (smoke, ~2 min: 4 sites, 2 rounds, 3 DP configs)
@@ -66,17 +67,20 @@ CODECS: dict[str, dict] = {
     # denser top-k with a bitmap index (ceil(n/8) bytes per tensor: cheaper than delta varints above ~12% density)
     "topk20_int8_bitmap": {"compression": {"codec": "topk", "topk_fraction": 0.2, "quantize": "int8", "error_feedback": True, "index_coding": "bitmap"}},
     "topk25_int8_bitmap": {"compression": {"codec": "topk", "topk_fraction": 0.25, "quantize": "int8", "error_feedback": True, "index_coding": "bitmap"}},
-    # without error feedback: under DP the residual top-k drops is mostly noise, and EF re-injects it
-    "topk10_int8_noef": {"compression": {"codec": "topk", "topk_fraction": 0.1, "quantize": "int8", "error_feedback": False}},
-    "topk1_int8_noef": {"compression": {"codec": "topk", "topk_fraction": 0.01, "quantize": "int8", "error_feedback": False}},
     # a sparse model (global mask fixed from the seed: gradients AND DP noise only on the kept weights)
     # whose updates are sent as the masked-in values only (no indices: both sides hold the mask), int8
     "mask80_int8": {"compression": {"codec": "sparse_mask", "quantize": "int8"}, "sparsity": {"enabled": True, "target": 0.8, "schedule": "fixed"}},
-    "mask90_int8": {"compression": {"codec": "sparse_mask", "quantize": "int8"}, "sparsity": {"enabled": True, "target": 0.9, "schedule": "fixed"}},
     # the same with Opacus hooks instead of ghost clipping: real per-sample gradients, so the mask is applied
     # BEFORE clipping (with ghost clipping the clipped norm includes the pruned coordinates' gradients)
     "mask80_int8_hooks": {"compression": {"codec": "sparse_mask", "quantize": "int8"}, "sparsity": {"enabled": True, "target": 0.8, "schedule": "fixed"},
                           "privacy": {"grad_sample_mode": "hooks"}},
+}
+# diagnostics, run only when named with --configs (all lost >= 20 points under DP in a first pass)
+EXTRA_CODECS: dict[str, dict] = {
+    # without error feedback: what top-k drops never arrives (much worse than with EF)
+    "topk10_int8_noef": {"compression": {"codec": "topk", "topk_fraction": 0.1, "quantize": "int8", "error_feedback": False}},
+    "topk1_int8_noef": {"compression": {"codec": "topk", "topk_fraction": 0.01, "quantize": "int8", "error_feedback": False}},
+    "mask90_int8": {"compression": {"codec": "sparse_mask", "quantize": "int8"}, "sparsity": {"enabled": True, "target": 0.9, "schedule": "fixed"}},
 }
 NON_DP = ("dense_fp32", "topk10_int8")
 GOAL = (">= 10x fewer bytes up than dense fp32 within 1 point of its accuracy at the same epsilon; "
@@ -87,9 +91,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 sites, 2 rounds, 3 DP configs, no non-DP pair")
     ap.add_argument("--seeds", default=f"{SEED},{SEED + 1}", help="comma-separated seeds; every DP config runs with the first")
-    ap.add_argument("--repeat", default="dense_fp32,topk10_int8,topk20_int8_bitmap,mask80_int8",
+    ap.add_argument("--repeat", default="dense_fp32,topk10_int8,topk20_int8_bitmap",
                     help="DP configs re-run with the further seeds (noise estimate)")
     ap.add_argument("--no-nondp", action="store_true", help="skip the non-DP reference pair")
+    ap.add_argument("--configs", default=None, help=f"comma-separated DP configs (default: all of {', '.join(CODECS)}; "
+                                                    f"diagnostics: {', '.join(EXTRA_CODECS)})")
     ap.add_argument("--no-cache", action="store_true", help="re-run every config (default: reuse a result of the same scenario and code)")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/communication.json (communication.quick.json in the temp dir with --quick)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep scenario files and run outputs here (default: a temp dir)")
@@ -99,7 +105,10 @@ def main() -> int:
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     over: dict = {"rounds": ROUNDS, "train": TRAIN}
-    codecs = dict(CODECS)
+    allc = {**CODECS, **EXTRA_CODECS}
+    codecs = {k: allc[k] for k in (args.configs.split(",") if args.configs else CODECS)}
+    if "dense_fp32" not in codecs:
+        codecs = {"dense_fp32": CODECS["dense_fp32"], **codecs}
     if args.quick:
         over = {"rounds": 2, "num_sites": 4, "strategy": {"min_sites": 4}, "train": TRAIN}
         codecs = {k: CODECS[k] for k in ("dense_fp32", "topk10_int8", "topk1_int8")}
@@ -107,7 +116,7 @@ def main() -> int:
     plan: list[tuple[str, bool, int]] = [(name, True, seeds[0]) for name in codecs]
     plan += [(name, True, s) for s in seeds[1:] for name in args.repeat.split(",") if name in codecs]
     if not (args.quick or args.no_nondp):
-        plan += [(name, False, seeds[0]) for name in NON_DP]
+        plan += [(name, False, seeds[0]) for name in NON_DP if name in codecs]
 
     tmp = tempfile.TemporaryDirectory(prefix="fedseek-bench-comm-") if args.workdir is None else None
     workdir = Path(tmp.name) if tmp else args.workdir
@@ -153,7 +162,10 @@ def main() -> int:
             continue
         by_config[name] = {
             "seeds": [r["seed"] for r in rs],
+            "final_accuracy_by_seed": [r["final_accuracy"] for r in rs],
             "final_accuracy_mean": statistics.fmean(r["final_accuracy"] for r in rs),
+            "final_accuracy_std": statistics.stdev([r["final_accuracy"] for r in rs]) if len(rs) > 1 else None,
+            "last3_mean_accuracy_mean": statistics.fmean(r["last3_mean_accuracy"] for r in rs),
             "accuracy_delta_vs_dense_mean": statistics.fmean(r["accuracy_delta_vs_dense"] for r in rs),
             "last3_delta_vs_dense_mean": statistics.fmean(r["last3_delta_vs_dense"] for r in rs),
             "ratio_vs_dense": statistics.fmean(r["ratio_vs_dense"] for r in rs),
@@ -171,9 +183,11 @@ def main() -> int:
                                         "last3_delta_vs_dense", "max_epsilon")}
                for n, r in dp_first.items() if r["ratio_vs_dense_run_bytes"] >= 100}
     goal_met = {
-        "10x_within_1pt_same_epsilon": bool(qualifying),
-        "10x_within_1pt_same_epsilon_on_wire_bytes": bool(qualifying_wire),
-        "10x_within_1pt_same_epsilon_mean_over_seeds": bool(qualifying_mean) if len(seeds) > 1 else None,
+        # DP runs draw their noise from the OS CSPRNG: one run per config moves by a few points, so the
+        # verdict uses the mean over every seed a config ran with (first seed only for configs not repeated)
+        "10x_within_1pt_same_epsilon": bool(qualifying_mean),
+        "10x_within_1pt_same_epsilon_first_seed_only": bool(qualifying),
+        "10x_within_1pt_same_epsilon_on_wire_bytes": bool([n for n in qualifying_mean if by_config[n]["ratio_vs_dense_wire"] >= 10]),
         "100x_point_within_1pt": any(dp_first[n]["within_1pt_of_dense"] for n in hundred) if hundred else False,
         "all_dp_runs_same_epsilon": all(r.get("same_epsilon_as_dense", False) for r in results.values() if r.get("dp") and "error" not in r),
         "no_failed_configs": not any("error" in r for r in results.values()),
@@ -183,9 +197,9 @@ def main() -> int:
         "benchmark": "communication",
         "goal": GOAL,
         "goal_met": goal_met,
-        "configs_meeting_10x_goal": qualifying,
-        "configs_meeting_10x_goal_on_wire_bytes": qualifying_wire,
-        "configs_meeting_10x_goal_mean_over_seeds": qualifying_mean if len(seeds) > 1 else None,
+        "configs_meeting_10x_goal": qualifying_mean,
+        "configs_meeting_10x_goal_first_seed_only": qualifying,
+        "configs_meeting_10x_goal_first_seed_only_on_wire_bytes": qualifying_wire,
         "point_100x": hundred,
         "quick": args.quick,
         "setup": {
@@ -201,6 +215,7 @@ def main() -> int:
             "accuracy": "central test accuracy of the final global model; within 1 point = delta >= -0.01",
         },
         "tuning": TUNING,
+        "earlier_pass_seeded_dp_noise": EARLIER_SEEDED_NOISE,
         "by_config_mean_over_seeds": by_config,
         "scenarios": scenarios,
         "results": results,
@@ -221,7 +236,7 @@ def main() -> int:
                      f"{r.get('last3_delta_vs_dense', 0) * 100:+.2f}", fmt(r["max_epsilon"], ".3f")])
     print(table(body, header))
     print(f"goal: {GOAL}")
-    print(f"goal_met: {goal_met}  (qualifying: {qualifying or 'none'})")
+    print(f"goal_met: {goal_met}  (qualifying, mean over seeds: {qualifying_mean or 'none'})")
     print(f"wrote {args.out}  ({time.time() - t_all:.0f}s)")
     if tmp:
         tmp.cleanup()
@@ -238,6 +253,17 @@ TUNING = [
     {"rounds": 30, "train": {"local_epochs": 1, "lr": 0.25, "batch_size": 16, "momentum": 0.9}, "final_accuracy": 0.8400, "last3_mean": 0.8341},
     {"rounds": 20, "train": {"local_epochs": 2, "lr": 0.2, "batch_size": 16, "momentum": 0.5}, "final_accuracy": 0.8222, "last3_mean": 0.8111},
 ]
+
+# A first full pass with the code before commit 1fe81c1, when the sites' DP noise was drawn from the
+# seeded RNG (so a seed fixed the noise and configs of one seed were paired). Same scenarios as now.
+# Final accuracy; bytes_up identical to now. Kept because the pairing makes these deltas less noisy.
+EARLIER_SEEDED_NOISE = {
+    "seed 7": {"dense_fp32": 0.8444, "fp16": 0.8444, "int8": 0.8444, "topk10_int8": 0.8067, "topk1_int8": 0.5689, "topk10_fp32": 0.8067,
+               "topk10_int8_noef": 0.6467, "topk1_int8_noef": 0.2222, "mask80_int8": 0.3044, "mask90_int8": 0.1778,
+               "mask80_codec_none": 0.3044, "mask80_int8_hooks": 0.6444},
+    "seed 8": {"dense_fp32": 0.8733, "topk10_int8": 0.8444, "mask80_int8": 0.3022},
+    "non-DP seed 7": {"dense_fp32": 0.9667, "topk10_int8": 0.9667},
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,8 +18,8 @@ Goal (issue 5): a 80%-sparse model within 1 point of dense accuracy on breast ca
 `goal_met` compares the mean final accuracy over seeds (sparse - dense >= -0.01) and requires the
 final model to be >= 80% sparse.
 
-Runs are deterministic for a seed, so results are cached in $TMPDIR/fedseek-bench/cache keyed by
-the validated scenario and a hash of the code (see benchmarks/_common.py); --no-cache re-runs all.
+Non-DP runs are deterministic for a seed, so results are cached in $TMPDIR/fedseek-bench/cache keyed
+by the validated scenario and a hash of the code (see benchmarks/_common.py); --no-cache re-runs all.
 
 Run:  .venv/bin/python benchmarks/sparsity.py            (full; ~13 min on 2 cores, uncached)
       .venv/bin/python benchmarks/sparsity.py --quick    (smoke, ~1-2 min: breast cancer only, 1 seed, 2 rounds, 4 sites)
