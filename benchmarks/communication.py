@@ -29,7 +29,7 @@ Results are cached in $TMPDIR/fedseek-bench/cache keyed by the validated scenari
 code that decides the figures (benchmarks/_common.py RESULT_CODE, library versions); a cached result
 says "cached": true (for DP runs it is one sample, as a fresh run is). --no-cache re-runs everything.
 
-Run:  .venv/bin/python benchmarks/communication.py            (full; ~15 min on 2 cores, uncached)
+Run:  .venv/bin/python benchmarks/communication.py            (full; ~25 min on 2 cores, uncached)
       .venv/bin/python benchmarks/communication.py --quick    (smoke, ~2 min: 4 sites, 2 rounds, 3 DP configs)
 Writes benchmarks/results/communication.json (or --out).
 """
@@ -90,7 +90,7 @@ GOAL = (">= 10x fewer bytes up than dense fp32 within 1 point of its accuracy at
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 sites, 2 rounds, 3 DP configs, no non-DP pair")
-    ap.add_argument("--seeds", default=f"{SEED},{SEED + 1}", help="comma-separated seeds; every DP config runs with the first")
+    ap.add_argument("--seeds", default=",".join(str(SEED + i) for i in range(4)), help="comma-separated seeds; every DP config runs with the first")
     ap.add_argument("--repeat", default="dense_fp32,topk10_int8,topk20_int8_bitmap",
                     help="DP configs re-run with the further seeds (noise estimate)")
     ap.add_argument("--no-nondp", action="store_true", help="skip the non-DP reference pair")
@@ -173,18 +173,25 @@ def main() -> int:
             "ratio_vs_dense_wire": statistics.fmean(r["ratio_vs_dense_wire"] for r in rs),
         }
 
+    dense_c = by_config.get("dense_fp32")
+    for name, c in by_config.items():
+        if name != "dense_fp32" and dense_c and c["final_accuracy_std"] is not None and dense_c["final_accuracy_std"] is not None:
+            # standard error of (mean of this config - mean of dense): DP noise makes single runs move by points
+            c["delta_vs_dense_se"] = (c["final_accuracy_std"] ** 2 / len(c["seeds"]) + dense_c["final_accuracy_std"] ** 2 / len(dense_c["seeds"])) ** 0.5
+
     # ---- goals (DP runs, first seed; mean over seeds where repeated)
     dp_first = {r["config"]: r for r in results.values() if r.get("dp") and r["seed"] == seeds[0] and "ratio_vs_dense" in r}
     qualifying = [n for n, r in dp_first.items() if n != "dense_fp32" and r["ratio_vs_dense_run_bytes"] >= 10 and r["within_1pt_of_dense"] and r["same_epsilon_as_dense"]]
     qualifying_wire = [n for n in qualifying if dp_first[n]["ratio_vs_dense_wire"] >= 10]
     qualifying_mean = [n for n, c in by_config.items() if n != "dense_fp32" and c["ratio_vs_dense_run_bytes"] >= 10
+                       and (len(c["seeds"]) > 1 or len(seeds) == 1)  # with repeats, a single DP run decides nothing
                        and c["accuracy_delta_vs_dense_mean"] >= -0.01 and dp_first.get(n, {}).get("same_epsilon_as_dense")]
     hundred = {n: {k: r.get(k) for k in ("ratio_vs_dense", "ratio_vs_dense_run_bytes", "ratio_vs_dense_wire", "final_accuracy", "accuracy_delta_vs_dense",
                                         "last3_delta_vs_dense", "max_epsilon")}
                for n, r in dp_first.items() if r["ratio_vs_dense_run_bytes"] >= 100}
     goal_met = {
         # DP runs draw their noise from the OS CSPRNG: one run per config moves by a few points, so the
-        # verdict uses the mean over every seed a config ran with (first seed only for configs not repeated)
+        # verdict uses the mean over every seed of the configs run with several seeds (--repeat)
         "10x_within_1pt_same_epsilon": bool(qualifying_mean),
         "10x_within_1pt_same_epsilon_first_seed_only": bool(qualifying),
         "10x_within_1pt_same_epsilon_on_wire_bytes": bool([n for n in qualifying_mean if by_config[n]["ratio_vs_dense_wire"] >= 10]),
@@ -193,8 +200,21 @@ def main() -> int:
         "no_failed_configs": not any("error" in r for r in results.values()),
     }
 
+    caveats = [
+        "Sites draw DP noise from the OS CSPRNG (since commit 1fe81c1), so DP runs are not reproducible even for a seed; "
+        + (f"the dense fp32 DP runs here spread with a standard deviation of {dense_c['final_accuracy_std'] * 100:.1f} points over "
+           f"{len(dense_c['seeds'])} runs, so a 1-point verdict from a few runs is not statistically resolved "
+           f"(see delta_vs_dense_se in by_config_mean_over_seeds)." if dense_c and dense_c.get("final_accuracy_std") else "one run per config."),
+        "An earlier pass with seeded DP noise (configs of one seed paired; see earlier_pass_seeded_dp_noise) put top-k 10% + int8 "
+        "3.8 and 2.9 points below dense (seeds 7, 8); pooled with this pass the difference is within the noise, and a loss of up to "
+        "~3 points cannot be excluded: treat the 10x verdict as 'no loss detected', not as a demonstrated 1-point bound.",
+        "wire_bytes_up counts Flower's ArrayRecord (payload + ~147 B of framing per array: top-k sends 3 arrays per tensor, 30 for this "
+        "10-tensor CNN, ~4.4 KB per reply) but not the codec's ConfigRecord meta (~1.3 KB of JSON per reply), so on the wire no config "
+        "reaches 10x on this 10k-parameter model; packing all tensors' values/indices into one array per field would.",
+    ]
     report = {
         "benchmark": "communication",
+        "caveats": caveats,
         "goal": GOAL,
         "goal_met": goal_met,
         "configs_meeting_10x_goal": qualifying_mean,
@@ -219,7 +239,9 @@ def main() -> int:
         "by_config_mean_over_seeds": by_config,
         "scenarios": scenarios,
         "results": results,
-        "total_wall_seconds": time.time() - t_all,
+        "total_wall_seconds": time.time() - t_all,  # this invocation (cached runs cost ~0 s)
+        "runs_wall_seconds_sum": sum(r.get("wall_seconds", 0.0) for r in results.values()),  # as measured, cached or not
+        "runs_cached": sum(1 for r in results.values() if r.get("cached")),
         "environment": environment(),
     }
     write_json(args.out, report)
