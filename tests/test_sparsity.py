@@ -330,6 +330,76 @@ def test_opacus_without_enforcer_noise_hits_pruned_weights() -> None:
     assert sparsity_of(model) < 0.01
 
 
+def _reference_masked_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: dict[str, np.ndarray]) -> torch.Tensor:
+    """Per-record gradient norms over the active coordinates, by torch.func (independent of Opacus)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    gs = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    sq = torch.zeros(len(x))
+    for name, g in gs.items():
+        if name in mask:
+            g = g * torch.from_numpy(mask[name]).to(g.dtype)
+        sq = sq + g.reshape(len(x), -1).pow(2).sum(1)
+    return sq.sqrt()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ghost_clipping_norms_count_active_weights_only(kind: str) -> None:
+    """With a mask, Opacus' per-sample norms (ghost mode) are those of the masked gradients, not the dense ones."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    shape = (30,) if kind == "mlp" else (1, 8, 8)
+    model = build_model(kind, shape, 3, hidden=(64,), seed=4)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(48, *shape, generator=gen)
+    y = torch.randint(0, 3, (48,), generator=gen)
+    mask = init_mask(model.state_dict(), 0.8, seed=4)
+    apply_mask_(model, mask)
+    expected = _reference_masked_norms(model, x, y, mask)
+    dense = _reference_masked_norms(model, x, y, {})
+    assert torch.all(dense > expected * 1.2), "the test needs pruned coordinates that carry gradient"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pmodel, popt, crit, _ = PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(x, y), batch_size=48), criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost",
+        )
+    enforcer = enforce_mask(pmodel, popt, mask)
+    popt.zero_grad()
+    crit(pmodel(x), y).backward()
+    got = pmodel.per_sample_gradient_norms.detach()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (got[:4], expected[:4], dense[:4])
+    enforcer.detach()
+    # detached: the next model wrapped without a mask gets Opacus' dense norms again
+    popt.zero_grad()
+    crit(pmodel(x), y).backward()
+    assert torch.allclose(pmodel.per_sample_gradient_norms.detach(), dense, rtol=1e-4, atol=1e-6)
+
+
+def test_hooks_mode_per_sample_grads_are_masked_at_backward() -> None:
+    """Hooks mode: per-sample gradients of pruned weights are zero as soon as Opacus computes them."""
+    model, pmodel, popt, loader, _ = _private(seed=3)
+    mask = init_mask(pmodel.state_dict(), 0.7, seed=3)
+    enforce_mask(pmodel, popt, mask)
+    xb, yb = next(iter(loader))
+    popt.zero_grad()
+    nn.functional.cross_entropy(pmodel(xb), yb).backward()
+    params = {canonical_name(n): p for n, p in pmodel.named_parameters()}
+    for k, m in mask.items():
+        gs = params[k].grad_sample
+        assert gs.shape[0] == len(yb)
+        assert torch.count_nonzero(gs[:, torch.from_numpy(~m)]) == 0
+        assert torch.count_nonzero(gs[:, torch.from_numpy(m)]) > 0
+    popt.step()
+
+
 # ----------------------------------------------------------------------------- transport
 
 

@@ -310,8 +310,10 @@ class MaskEnforcer:
     (noise is added inside `DPOptimizer.pre_step`), keeping momentum/Adam state clean; and
     (3) re-zero the pruned weights after the step, the robust guarantee (e.g. weight decay).
     Masking before clipping and after noise is sound because the mask is public: a fixed
-    projection cannot raise the clipped sensitivity. In ghost-clipping mode there are no
-    per-sample gradients, so norms include pruned coordinates (utility cost only, still DP).
+    projection cannot raise the clipped sensitivity. In ghost-clipping mode per-sample
+    gradients are never kept, so while attached each masked parameter carries its keep mask
+    (`masked_clipping.MASK_ATTR`) and fedseek's mask-aware Opacus samplers compute the
+    per-sample norms over active coordinates only (`fedseek.train.masked_clipping`).
     Opacus' own single-slot `attach_step_hook` (the accountant) is left untouched.
     """
 
@@ -382,6 +384,11 @@ class MaskEnforcer:
 
         inner = getattr(optimizer, "original_optimizer", None)
         if inner is not None:
+            from fedseek.train import masked_clipping
+
+            masked_clipping.install()
+            for p, pruned in self._pairs:
+                setattr(p, masked_clipping.MASK_ATTR, ~pruned)
             self._hook = inner.register_step_pre_hook(self._mask_plain_grads)
         optimizer.step = step  # type: ignore[method-assign]
         self._optimizer, self._orig_step = optimizer, orig
@@ -398,6 +405,11 @@ class MaskEnforcer:
             vars(opt).pop("step", None)
         if self._hook is not None:
             self._hook.remove()
+            from fedseek.train.masked_clipping import MASK_ATTR
+
+            for p, _ in self._pairs:
+                if hasattr(p, MASK_ATTR):
+                    delattr(p, MASK_ATTR)
         self._optimizer = self._orig_step = self._hook = None
 
     def __enter__(self) -> "MaskEnforcer":
