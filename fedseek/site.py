@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedseek.codec import CodecSpec, ErrorFeedback
 from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenario, load_site
 from fedseek.models import build_model
-from fedseek.protocol import pack_update, to_record, unpack_global
+from fedseek.protocol import encode_update, unpack_global, update_records
 from fedseek.telemetry import atomic_write_bytes
 from fedseek.train.local import evaluate, resolve_device, train_local
 from fedseek.train.privacy import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
@@ -228,9 +228,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     corrupt = all(np.all(v == NAN_MARK) for v in delta.values())
     if corrupt:  # a Byzantine site sending NaN: our encoder refuses non-finite values, a hostile one would not
         spec, feedback = CodecSpec(), None
-    records, payload, dense = pack_update(delta, spec, feedback, mask, nonce=rnd)
+    enc = encode_update(delta, spec, feedback, mask, nonce=rnd)
     if corrupt:
-        records["update"] = to_record({k: np.full_like(v.numpy(), np.nan) for k, v in records["update"].items()})
+        enc.arrays = {k: np.full_like(v, np.nan) for k, v in enc.arrays.items()}
+    records, payload, dense = update_records(enc), enc.nbytes, enc.dense_nbytes
     if feedback is not None:
         _save_feedback(site.state_dir, feedback)
     metrics: dict[str, Any] = {

@@ -13,6 +13,8 @@ from typing import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedseek.protocol import update_wire_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ class Screened:
     refused: list[dict] = field(default_factory=list)  # privacy-budget refusals {"node_id","site","reason",...}
     failed: list[dict] = field(default_factory=list)  # error replies (crash, timeout)
     bytes_up: int = 0  # exact codec payload bytes of accepted updates
-    wire_bytes_up: int = 0  # the same as Flower records (plus per-array headers)
+    wire_bytes_up: int = 0  # the update's Flower records: packed blob (payload + codec meta) + framing
 
 
 def _site_name(content: RecordDict) -> str:
@@ -80,7 +82,7 @@ def screen_replies(
             continue
         reply.node_id, reply.site = node, site
         out.bytes_up += int(reply.metrics.get("payload-bytes", 0))
-        out.wire_bytes_up += int(content.array_records["update"].count_bytes())
+        out.wire_bytes_up += update_wire_bytes(content)
         out.accepted.append(reply)
     return out
 
@@ -92,8 +94,8 @@ def _check_one(
     max_update_norm: float | None,
     max_payload_bytes: int | None = None,
 ) -> tuple[str, SiteReply | None]:
-    from fedseek.codec import CodecError, payload_bytes
-    from fedseek.protocol import from_record, unpack_update
+    from fedseek.codec import CodecError
+    from fedseek.protocol import unpack_update
 
     if "update" not in content.array_records or "update-codec" not in content.config_records:
         return "no 'update' / 'update-codec' record in reply", None
@@ -104,11 +106,11 @@ def _check_one(
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0:
         return f"metric 'num-examples' missing or not positive ({n!r})", None
     shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
-    size = int(content.array_records["update"].count_bytes())
+    size = update_wire_bytes(content)
     if max_payload_bytes is not None and size > max_payload_bytes:
         return f"oversize payload: {size} bytes > limit {max_payload_bytes}", None
     try:
-        delta = unpack_update(content, shapes, mask)
+        delta, payload = unpack_update(content, shapes, mask)
     except (CodecError, KeyError, ValueError, TypeError) as exc:
         return f"undecodable update ({type(exc).__name__}: {str(exc)[:200]})", None
     missing = sorted(set(shapes) - set(delta))
@@ -124,7 +126,7 @@ def _check_one(
         return f"update norm {norm:.3g} above bound {max_update_norm:g}", None
     arrays = {k: (global_arrays[k] + delta[k]).astype(np.float32) for k in shapes}
     scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    scalars["payload-bytes"] = float(payload_bytes(from_record(content.array_records["update"])))
+    scalars["payload-bytes"] = float(payload)
     scalars["update-norm"] = norm
     return "", SiteReply(0, "", arrays, int(n), scalars)
 
