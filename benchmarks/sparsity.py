@@ -154,9 +154,9 @@ def main() -> int:
 
     notes = [
         "Breast cancer's test set has 142 rows: one row is 0.70 points, so per-seed deltas move in 0.7-point steps; the verdict uses the mean over 5 seeds.",
-        "Under DP (not run here unless --dp): see benchmarks/results/communication.json mask80_int8 / mask80_int8_hooks. With Opacus ghost "
-        "clipping (the default grad_sample_mode) per-sample norms include the pruned weights' gradients, so clipping spends the budget on "
-        "coordinates that are then zeroed; a fixed 80% mask lost ~50 points at epsilon 8 with ghost and ~18 with hooks.",
+        "Under DP (not run here unless --dp): see benchmarks/results/communication.json mask80_int8 / prog80_int8. Before "
+        "fedseek.train.masked_clipping, Opacus ghost clipping counted the pruned weights' gradients in every per-record norm and a fixed "
+        "80% mask lost ~50 points at epsilon 8; clipping now counts the active weights only, in every grad_sample_mode.",
     ]
     report = {
         "benchmark": "sparsity",
