@@ -66,16 +66,17 @@ def _masked_norm_sampler(orig_norm: Callable[..., dict], grad_sampler: Callable[
             return orig_norm(layer, activations, backprops)
         out = orig_norm(layer, activations, backprops)  # unmasked params (bias) keep Opacus' ghost norm
         weight = getattr(layer, "weight", None)
+        # norms in float32 even under bf16 autocast: a clipped norm must not overshoot C by rounding
         if isinstance(layer, nn.Linear) and backprops.dim() == 2 and len(masked) == 1 and masked[0] is weight:
-            a = activations[0].to(backprops.dtype)
-            keep = _keep(weight, backprops)
+            g, a = backprops.float(), activations[0].float()
+            keep = _keep(weight, g)
             # sum_ij K_ij g_i^2 a_j^2 per sample, without the B x out x in per-sample gradient
-            sq = torch.einsum("ni,ij,nj->n", backprops * backprops, keep, a * a).clamp(min=0)
+            sq = torch.einsum("ni,ij,nj->n", g * g, keep, a * a).clamp(min=0)
             out[weight] = torch.sqrt(sq)
             return out
         grads = grad_sampler(layer, activations, backprops)  # already masked
         for p in masked:
-            gs = grads[p]
+            gs = grads[p].float()
             out[p] = gs.reshape(len(gs), -1).norm(2, dim=-1)
         return out
 
