@@ -168,6 +168,8 @@ class Coordinator:
         self.rng = np.random.default_rng(cfg.seed)
         self.excluded: dict[str, str] = {}  # site name -> reason (e.g. privacy budget spent)
         self.names: dict[int, str] = {}  # node id -> site name
+        self.seen_nodes: set[int] = set()  # every node Flower has listed during this run
+        self.lost_nodes: set[int] = set()  # listed earlier, not listed now (dead, or its heartbeat expired)
         self.round = 0
         self.stop_reason: str | None = None
         self.initial: dict[str, float] | None = None
@@ -287,17 +289,34 @@ class Coordinator:
             self.audit("site_joined", site=name, node_id=node)
 
     def _alive(self) -> list[int]:
-        """Nodes to use this round: wait (bounded) for min_sites, then go on with whoever is there."""
+        """Nodes to use this round: wait (bounded) only for sites that never connected, then go on with whoever is there.
+
+        A site that was connected and vanished (Flower stops listing a SuperNode whose heartbeat
+        expired) is not waited for: the round goes on with the sites alive, and the site is used
+        again as soon as Flower lists it again. Waiting `node_wait_s` for it in every round would
+        stall the whole run.
+        """
         need = self.cfg.strategy.min_sites
         deadline = time.monotonic() + self.node_wait_s
         nodes = sorted(self.grid.get_node_ids())
-        while len(nodes) < need and time.monotonic() < deadline:
+        while (not nodes or len(self.seen_nodes | set(nodes)) < need) and time.monotonic() < deadline:
             time.sleep(0.5)
             nodes = sorted(self.grid.get_node_ids())
         if not nodes:
             raise RuntimeError(f"no site connected within {self.node_wait_s:.0f}s")
+        listed = set(nodes)
+        lost = self.seen_nodes - listed
+        for n in sorted(lost - self.lost_nodes):
+            _flwr_log("site %s (node %d) is gone: Flower no longer lists it (no heartbeat); going on without it",
+                      self.names.get(n, "?"), n)
+            self.audit("site_lost", round=self.round + 1, site=self.names.get(n, ""), node_id=n)
+        for n in sorted(self.lost_nodes & listed):
+            _flwr_log("site %s (node %d) is back", self.names.get(n, "?"), n)
+            self.audit("site_rejoined", round=self.round + 1, site=self.names.get(n, ""), node_id=n)
+        self.lost_nodes = lost
+        self.seen_nodes |= listed
         if len(nodes) < need:
-            _flwr_log("only %d of %d sites alive after %.0fs: going on with them", len(nodes), need, self.node_wait_s)
+            _flwr_log("only %d of %d sites alive: going on with them", len(nodes), need)
         self._discover(nodes)
         return nodes
 
@@ -362,13 +381,24 @@ class Coordinator:
             msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
             bytes_down = payload_down * len(sampled)
             replies = list(self.grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
+            # push_messages set each message's id: map replies to the node they were sent to (Flower's own error
+            # replies for an unavailable node come from the SuperLink, src_node_id 1, not from the node)
+            dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs}
+            answered = {r.metadata.reply_to_message_id for r in replies}
+            named = "" not in dst and len(dst) == len(msgs)  # False only for a Grid that sets no message ids
+            missing = sorted(n for mid, n in dst.items() if mid not in answered) if named else []
             for r in replies:
                 if not r.has_error() and "site" in r.content.config_records:
                     self.names.setdefault(int(r.metadata.src_node_id), str(r.content.config_records["site"].get("name", "")))
             screened = screen_replies(replies, self.arrays, mask=self.mask, max_update_norm=cfg.validation.max_update_norm,
                                       max_payload_bytes=self.max_payload_bytes)
-            for r in screened.failed:
+            errors = [r for r in replies if r.has_error()]  # screen_replies lists failures in reply order
+            for r, msg in zip(screened.failed, errors):
+                r["node_id"] = dst.get(msg.metadata.reply_to_message_id, r["node_id"])
                 r["site"] = self.names.get(r["node_id"], "")
+            for n in missing:
+                _flwr_log("site %s (node %d) sent no reply within round_timeout_s %.0fs", self.names.get(n, "?"), n, cfg.round_timeout_s)
+                self.audit("site_timed_out", round=rnd, site=self.names.get(n, ""), node_id=n, timeout_s=cfg.round_timeout_s)
             screened.accepted.sort(key=lambda r: (r.site, r.node_id))  # aggregation order independent of arrival
             for r in screened.refused:
                 self.excluded[r["site"] or f"node-{r['node_id']}"] = r["reason"]
@@ -376,8 +406,8 @@ class Coordinator:
             for r in screened.rejected:
                 self.audit("update_rejected", round=rnd, site=r["site"], reason=r["reason"])
             for r in screened.failed:
-                self.audit("site_failed", round=rnd, site=r["site"], reason=r["reason"])
-            timed_out = len(sampled) - len(replies)
+                self.audit("site_failed", round=rnd, site=r["site"], node_id=r["node_id"], reason=r["reason"])
+            timed_out = len(missing) if named else max(0, len(sampled) - len(replies))
             row_sites = self._update_sites(rnd, screened)
             if screened.accepted:
                 new, agg_metrics = self.strategy.aggregate_train(rnd, as_messages(screened.accepted))
@@ -411,6 +441,8 @@ class Coordinator:
                 "refused": len(screened.refused),
                 "failed": len(screened.failed),
                 "timed_out": timed_out,
+                "timed_out_sites": [self.names.get(n, f"node-{n}") for n in missing],
+                "failures": [{"site": r["site"], "reason": r["reason"]} for r in screened.failed],
                 "rejections": screened.rejected,
                 "refusals": [{"site": r["site"], "reason": r["reason"]} for r in screened.refused],
                 "train_loss": train_loss,
