@@ -211,9 +211,9 @@ def main() -> int:
         + (f"the dense fp32 DP runs here spread with a standard deviation of {dense_c['final_accuracy_std'] * 100:.1f} points over "
            f"{len(dense_c['seeds'])} runs, so a 1-point verdict from a few runs is not statistically resolved "
            f"(see delta_vs_dense_se in by_config_mean_over_seeds)." if dense_c and dense_c.get("final_accuracy_std") else "one run per config."),
-        "An earlier pass with seeded DP noise (configs of one seed paired; see earlier_pass_seeded_dp_noise) put top-k 10% + int8 "
-        "3.8 and 2.9 points below dense (seeds 7, 8); pooled with this pass the difference is within the noise, and a loss of up to "
-        "~3 points cannot be excluded: treat the 10x verdict as 'no loss detected', not as a demonstrated 1-point bound.",
+        "An earlier pass with seeded DP noise and the lr 0.05 recipe (configs of one seed paired; see earlier_pass_seeded_dp_noise) put "
+        "top-k 10% + int8 3.8 and 2.9 points below dense (seeds 7, 8); with this pass's spread a loss of ~2-3 points for top-k 10% "
+        "cannot be excluded: treat the 10x verdict as 'no loss detected in the mean over seeds', not as a demonstrated 1-point bound.",
         "wire_bytes_up counts the update's Flower records as sent: one packed blob per reply (codec payload + zlib'd codec meta, "
         "~520 B of header and framing), so ratio_vs_dense_wire is below the payload ratio on this 10k-parameter model.",
         "Sparse models: DP clipping counts the active weights only (fedseek.train.masked_clipping, since this pass). The earlier "
