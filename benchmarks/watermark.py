@@ -9,7 +9,10 @@ Targets (reference/anchors.md A.2): utility cost <= 0.5 pp; fine-tune attack (10
 data, 10 epochs, training lr) leaves p <= 1e-3 in >= 90% of trials; after 50% global magnitude
 pruning p <= 1e-3 or the pruned model has lost >= 5 pp first.
 
-Usage: python benchmarks/watermark.py [--out PATH] [--threads 1] [--keys 3] [--trials 10]
+Embedding uses fedseek.watermark.embed's defaults (recorded in the JSON under config.embed_defaults).
+
+Run:  nice -n 5 .venv/bin/python benchmarks/watermark.py     (~2-4 min on 2 cores)
+      options: [--out PATH] [--threads 1] [--keys 3] [--trials 10] [--rounds 10] [--local-epochs 2]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -254,7 +258,9 @@ def main() -> None:
         "task": {"dataset": "sklearn digits", "input_shape": list(SHAPE), "num_classes": K, "n_triggers": 100,
                  "train": len(xtr), "test": len(xte), "model": "cnn (fedseek.models.SmallCNN)"},
         "config": {"rounds": args.rounds, "local_epochs": args.local_epochs, "lr": LR, "batch_size": BS,
-                   "keys": args.keys, "trials": args.trials, "embed_defaults": "fedseek.watermark.embed defaults"},
+                   "keys": args.keys, "trials": args.trials,
+                   "embed_defaults": {k: v.default for k, v in inspect.signature(wm.embed).parameters.items()
+                                      if v.default is not inspect.Parameter.empty and k not in ("distill_inputs", "mask", "seed")}},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                         "machine": platform.machine()},
         "summary": summary,

@@ -241,8 +241,9 @@ class Coordinator:
 
         spec = self.cfg.watermark
         self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})
+        extra = {"distill_weight": spec.distill_weight} if spec.distill_weight is not None else {}
         rep = wm.embed(self.model, self.wm_key, target_accuracy=spec.target_trigger_accuracy, max_steps=spec.max_steps, seed=self.cfg.seed + rnd,
-                       mask=self.mask)
+                       optimizer=spec.optimizer, lr=spec.lr, margin_steps=spec.margin_steps, mask=self.mask, **extra)
         self.arrays = _state_to_arrays(self.model)
         self._apply_mask()
         self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})

@@ -18,9 +18,12 @@ Scheme ``fedseek-wm-v1`` (reference/anchors.md, section A.2):
   pre-embed model's outputs on seeded synthetic inputs (standard-normal records for tabular
   models, smooth random blobs for images; or caller-supplied public inputs). Gradients are taken
   at randomly perturbed weights so the mark survives pruning and fine-tuning better
-  (Yu et al. 2024, Gan et al. 2023). **No site data is used**: the embedding is post-processing of
-  the (DP) aggregate, so it costs zero privacy budget and leaves every site's (epsilon, delta)
-  unchanged. Re-embed after every aggregation (sites' local training erodes the mark).
+  (Yu et al. 2024, Gan et al. 2023), clipped, and applied with SGD + momentum, so each step is
+  proportional to the gradient; it stops as soon as the trigger accuracy reaches the target, and a
+  model already at the target is left untouched. **No site data is used**: the embedding is
+  post-processing of the (DP) aggregate, so it costs zero privacy budget and leaves every site's
+  (epsilon, delta) unchanged. Re-embed after every aggregation (sites' local training erodes the
+  mark; in practice the mark mostly survives a round, so later re-embeddings take a few steps).
 * **Verification.** Black-box: query the suspect model on the triggers, count top-1 matches
   ``m``, report ``p = scipy.stats.binom.sf(m - 1, n, 1/K)`` and ``detected = p <= alpha``.
   Use ``alpha = 1e-6`` for evidence, ``1e-3`` for an internal alert, and divide ``alpha`` by
@@ -68,6 +71,8 @@ _SEED_BYTES = 32
 # of triggers (a mark partly eroded by fine-tuning) gives p <= _DEFAULT_N_P.
 _DEFAULT_N_RETENTION = 0.75
 _DEFAULT_N_P = 1e-9
+# Embedding optimizers and their defaults (see embed()): learning rate, gradient-norm clip (0: none).
+_OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "clip_norm": 0.5}, "adam": {"lr": 5e-3, "clip_norm": 0.0}}
 
 __all__ = [
     "SCHEME_VERSION",
@@ -400,29 +405,53 @@ def embed(
     key: WatermarkKey,
     *,
     target_accuracy: float = 0.98,
-    max_steps: int = 200,
+    max_steps: int = 600,
     min_steps: int = 0,
-    lr: float = 5e-3,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    momentum: float = 0.9,
+    clip_norm: float | None = None,
     anchor_weight: float = 1e-2,
-    distill_weight: float = 5.0,
+    distill_weight: float = 10.0,
     n_distill: int = 256,
     distill_inputs: torch.Tensor | None = None,
     perturb: float = 0.05,
-    margin_steps: int = 5,
+    margin_steps: int = 0,
     seed: int | None = None,
     mask: Any = None,
 ) -> EmbedReport:
     """Fine-tune `model` in place on the key's triggers (no site data) until trigger accuracy >= target.
 
     `mask` (the coordinator's public sparsity mask) keeps pruned weights at exactly zero throughout.
+    A model already at the target is left exactly as it is (0 steps, unless `min_steps`/`margin_steps`).
     """
     # Loss = CE(triggers) + distill_weight * KL(pre-embed || model) on seeded synthetic inputs (or the
     # caller's public `distill_inputs`) + anchor_weight * ||theta - theta_start||^2. Gradients are taken at
-    # weights multiplicatively perturbed by N(0, perturb^2) (0 disables). Once the target is reached,
-    # `margin_steps` more steps widen the margin. Deterministic given the key and `seed` (default: from the key).
+    # weights multiplicatively perturbed by N(0, perturb^2) (0 disables) and clipped to total norm
+    # `clip_norm` (0 disables; default 0.5 for sgd, none for adam). `lr` defaults to 0.05 (sgd) / 5e-3 (adam).
+    # Once the target is reached, `margin_steps` more steps widen the margin.
+    # Deterministic given the key and `seed` (default: from the key).
+    #
+    # Defaults (benchmarks/watermark_federated.py: digits CNN on 20 sites, breast-cancer MLP on 10): SGD +
+    # momentum with the gradient clipped to norm 0.5, i.e. short steps along the gradient, distillation
+    # weight 10, and no step once the target is met. The v1 settings (Adam lr 5e-3, then 5 "margin" steps
+    # every round, distillation 5) moved every weight by ~lr per step whatever its gradient: ~4% of the
+    # weight norm every round even when the mark was already in place (the mark mostly survives the sites'
+    # training), and cost ~1.8 points of digits test accuracy. The damage of one re-embedding grows with the
+    # step length (the distillation term can only hold the task function in place between short steps) and
+    # shrinks with the distillation weight (breast cancer: cost 0.46 -> 0.07 points from weight 5 to 10, 20
+    # seeds); the price is more steps in the first rounds (a few hundred from an unmarked model).
     t0 = time.perf_counter()
     if not 0.0 < target_accuracy <= 1.0:
         raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy}")
+    if optimizer not in _OPTIMIZER_DEFAULTS:
+        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZER_DEFAULTS)}, got {optimizer!r}")
+    lr = _OPTIMIZER_DEFAULTS[optimizer]["lr"] if lr is None else float(lr)
+    clip_norm = _OPTIMIZER_DEFAULTS[optimizer]["clip_norm"] if clip_norm is None else float(clip_norm)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if clip_norm < 0:
+        raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -445,7 +474,9 @@ def embed(
         with torch.no_grad():
             teacher_logp = F.log_softmax(teacher(distill_inputs), dim=1)
 
-    opt = torch.optim.Adam(params, lr=lr)
+    opt: torch.optim.Optimizer = (
+        torch.optim.SGD(params, lr=lr, momentum=momentum) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+    )
     enforcer = None
     if mask:
         from fedseek.train.sparsity import enforce_mask
@@ -481,6 +512,8 @@ def embed(
                     for p, s in zip(params, start):  # gradient of anchor_weight * ||p - s||^2
                         if p.grad is not None:
                             p.grad.add_(p - s, alpha=2.0 * anchor_weight)
+            if clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
             opt.step()
             steps += 1
     if enforcer is not None:
