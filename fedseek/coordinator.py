@@ -393,9 +393,8 @@ class Coordinator:
                     self.names.setdefault(int(r.metadata.src_node_id), str(r.content.config_records["site"].get("name", "")))
             screened = screen_replies(replies, self.arrays, mask=self.mask, max_update_norm=cfg.validation.max_update_norm,
                                       max_payload_bytes=self.max_payload_bytes)
-            errors = [r for r in replies if r.has_error()]  # screen_replies lists failures in reply order
-            for r, msg in zip(screened.failed, errors):
-                r["node_id"] = dst.get(msg.metadata.reply_to_message_id, r["node_id"])
+            for r in screened.failed:
+                r["node_id"] = dst.get(r.pop("reply_to", ""), r["node_id"])
                 r["site"] = self.names.get(r["node_id"], "")
             for n in missing:
                 _flwr_log("site %s (node %d) sent no reply within round_timeout_s %.0fs", self.names.get(n, "?"), n, cfg.round_timeout_s)

@@ -81,10 +81,14 @@ def test_bad_replies_are_rejected_with_a_reason(reply, reason):
 def test_refusals_and_error_replies_are_sorted_out():
     from flwr.app import Error
 
-    err = Message(Error(code=2, reason="ClientApp raised"), reply_to=Message(RecordDict(), dst_node_id=3, message_type="train"))
+    sent = Message(RecordDict(), dst_node_id=3, message_type="train")
+    sent.metadata.__dict__["_message_id"] = "m-3"  # as Flower's Grid.push_messages sets it
+    err = Message(Error(code=2, reason="ClientApp raised"), reply_to=sent)
     out = screen_replies([_reply(refused="budget spent"), err, _reply(site="ok")], GLOBAL)
     assert [r["reason"] for r in out.refused] == ["budget spent"]
     assert len(out.failed) == 1 and "ClientApp raised" in out.failed[0]["reason"]
+    # the coordinator maps a failure to the node the message went to by this id (not by the sender)
+    assert out.failed[0]["reply_to"] == err.metadata.reply_to_message_id == "m-3"
     assert len(out.accepted) == 1
 
 

@@ -64,7 +64,9 @@ def screen_replies(
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
             reason = f"error reply (code {msg.error.code}): {str(msg.error.reason)[:300]}"
-            out.failed.append({"node_id": node, "site": "", "reason": reason})
+            # reply_to: the coordinator maps it to the node the message went to (Flower's own error replies
+            # for an unavailable node come from the SuperLink's node id, not from the node)
+            out.failed.append({"node_id": node, "site": "", "reason": reason, "reply_to": msg.metadata.reply_to_message_id})
             log.warning("node %s: %s", node, reason)
             continue
         content = msg.content
