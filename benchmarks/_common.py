@@ -107,6 +107,20 @@ RESULT_CODE = (
 )
 
 
+def magnitude_prune(model: Any, frac: float) -> Any:
+    """A copy of `model` with global magnitude pruning of all weight matrices / conv kernels (biases, norms untouched):
+    the pruning attack of issue 6, shared by benchmarks/watermark.py and benchmarks/watermark_federated.py."""
+    import torch
+
+    m = copy.deepcopy(model)
+    ws = [p for p in m.parameters() if p.dim() > 1]
+    thr = torch.quantile(torch.cat([p.detach().abs().flatten() for p in ws]), frac)
+    with torch.no_grad():
+        for p in ws:
+            p.mul_((p.abs() > thr).to(p.dtype))
+    return m
+
+
 def code_hash() -> str:
     """SHA-256 over the code that decides a run's figures (RESULT_CODE) and the torch / flwr / opacus
     versions: part of the cache key, so an edit there invalidates cached runs. Computed afresh on every

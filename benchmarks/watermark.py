@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedseek import watermark as wm  # noqa: E402
 from fedseek.models import build_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import magnitude_prune  # noqa: E402
+
 SHAPE = (1, 8, 8)
 K = 10
 LR = 2e-3  # the "training lr" (Adam)
@@ -78,17 +81,6 @@ def bench_key(i: int) -> wm.WatermarkKey:
     return wm.WatermarkKey(hashlib.sha256(f"fedseek-bench-{i}".encode()).hexdigest(), 100, K, SHAPE)
 
 
-def prune(model: torch.nn.Module, frac: float) -> torch.nn.Module:
-    """Global magnitude pruning of all weight matrices / conv kernels (biases, GroupNorm untouched)."""
-    m = copy.deepcopy(model)
-    ws = [p for p in m.parameters() if p.dim() > 1]
-    thr = torch.quantile(torch.cat([p.detach().abs().flatten() for p in ws]), frac)
-    with torch.no_grad():
-        for p in ws:
-            p.mul_((p.abs() > thr).to(p.dtype))
-    return m
-
-
 def attacks(model: torch.nn.Module, key: wm.WatermarkKey, d: tuple, trials: int) -> dict:
     """Fine-tune (10% data, 10 epochs, training lr and 10x lr) and magnitude-pruning attacks."""
     xtr, ytr, xte, yte = d
@@ -115,7 +107,7 @@ def attacks(model: torch.nn.Module, key: wm.WatermarkKey, d: tuple, trials: int)
     base = accuracy(model, xte, yte)
     out["pruning"] = {}
     for frac in (0.3, 0.5, 0.7, 0.9):
-        pm = prune(model, frac)
+        pm = magnitude_prune(model, frac)
         r = wm.verify_model(pm, key)
         out["pruning"][f"{frac:.1f}"] = {
             "matches": r.matches, "p_value": r.p_value, "accuracy": accuracy(pm, xte, yte),

@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     _cache_key,
     breast_cancer_scenario,
     code_hash,
+    magnitude_prune,
     digits_scenario,
     environment,
     log,
@@ -153,12 +154,7 @@ def attacks(out_dir: Path, scenario: dict[str, Any], key_path: Path, trials: int
                      "fraction_p_le_1e-3": float((ps <= ATTACK_ALPHA).mean()), "fraction_p_le_1e-6": float((ps <= ALPHA).mean()),
                      "matches_min": int(min(r["matches"] for r in rows)), "matches_mean": float(np.mean([r["matches"] for r in rows])),
                      "p_value_max": float(ps.max()), "accuracy_mean": float(np.mean([r["accuracy"] for r in rows]))}
-    pm = copy.deepcopy(model)
-    ws = [p for p in pm.parameters() if p.dim() > 1]
-    thr = torch.quantile(torch.cat([p.detach().abs().flatten() for p in ws]), 0.5)
-    with torch.no_grad():
-        for p in ws:
-            p.mul_((p.abs() > thr).to(p.dtype))
+    pm = magnitude_prune(model, 0.5)
     r = wm.verify_model(pm, key)
     res["prune_0.5"] = {"matches": r.matches, "p_value": r.p_value, "accuracy": acc(pm), "accuracy_drop_pt": 100 * (res["accuracy_before"] - acc(pm))}
     return res
