@@ -1,7 +1,7 @@
 """Shared helpers for the scenario benchmarks (communication, sparsity, watermark_federated).
 
 Every configuration is a real `fedseek simulate` run, in-process through
-`fedseek.simulate.simulate` (private SuperLink, `flwr run`, Flower's simulation engine): the
+`fedseek.ops.simulate.simulate` (private SuperLink, `flwr run`, Flower's simulation engine): the
 scenario is written as YAML into a temporary directory, run into a fresh output directory (so
 every site starts with an empty privacy ledger), and its `summary.json` + `metrics.jsonl` are
 reduced to the figures the benchmarks report.
@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -183,7 +184,7 @@ def run(scenario: dict[str, Any], workdir: Path, tag: str, *, keep_rounds: bool 
 def _run(scenario: dict[str, Any], workdir: Path, tag: str, *, keep_rounds: bool = False) -> dict[str, Any]:
     from rich.console import Console
 
-    from fedseek.simulate import simulate
+    from fedseek.ops.simulate import simulate
 
     workdir.mkdir(parents=True, exist_ok=True)
     spath = workdir / f"{tag}.yaml"

@@ -52,7 +52,7 @@ DELTA = 1e-5
 PRIVACY = {"epsilon_budget": EPSILON, "delta": DELTA, "max_grad_norm": 1.0, "accountant": "rdp", "grad_sample_mode": "ghost"}
 # Local recipe: seven dense DP runs (see TUNING / "tuning" in the JSON) all plateaued at 0.82-0.84 at
 # epsilon 8 (~67 training records per site), single runs within the DP noise of each other; 30 rounds x
-# 1 epoch. lr 0.15 (was 0.05): with clipping restricted to the mask (fedseek.train.masked_clipping) an
+# 1 epoch. lr 0.15 (was 0.05): with clipping restricted to the mask (fedseek.privacy.masked_clipping) an
 # 80%-sparse model trains well under DP only at a larger step (seed 7, fixed mask: lr 0.05 -> 0.67,
 # lr 0.15 -> 0.80, lr 0.25 -> 0.70), and dense fp32 did not lose by it (seeds 7, 8: lr 0.05 -> 0.81,
 # 0.85; lr 0.15 -> 0.85, 0.87; measured with fedseek's site training in one process, not in this file).
@@ -139,7 +139,7 @@ def main() -> int:
         r = run(sc, workdir, tag, cache=not args.no_cache)
         r.update({"config": name, "dp": dp, "seed": seed})
         results[tag] = r
-        log(f"    -> " + (r["error"] if "error" in r else
+        log("    -> " + (r["error"] if "error" in r else
                           f"acc {r['final_accuracy']:.4f}  bytes_up {r['bytes_up']:,}  eps {fmt(r['max_epsilon'], '.3f')}" + (" (cached)" if r.get("cached") else f"  {r['wall_seconds']:.0f}s")))
 
     # ---- compare with dense fp32 of the same privacy setting and seed
@@ -216,7 +216,7 @@ def main() -> int:
         "cannot be excluded: treat the 10x verdict as 'no loss detected in the mean over seeds', not as a demonstrated 1-point bound.",
         "wire_bytes_up counts the update's Flower records as sent: one packed blob per reply (codec payload + zlib'd codec meta, "
         "~520 B of header and framing), so ratio_vs_dense_wire is below the payload ratio on this 10k-parameter model.",
-        "Sparse models: DP clipping counts the active weights only (fedseek.train.masked_clipping, since this pass). The earlier "
+        "Sparse models: DP clipping counts the active weights only (fedseek.privacy.masked_clipping, since this pass). The earlier "
         "mask80_int8 figures (0.30-0.33) were ghost clipping counting the pruned weights' gradients in every per-record norm.",
     ]
     report = {

@@ -14,7 +14,7 @@ log (and, when configured: DP ledgers, compression, sparsity, watermark, Prometh
 
 Both apps run the same way fedseek simulate runs: a private `flower-superlink --simulation`
 on a free loopback port, `flwr run --format json`, status polled through the Control API
-(fedseek.processes / fedseek.flower_control), every process stopped by pid afterwards. Runs
+(fedseek.ops.processes / fedseek.ops.flower_control), every process stopped by pid afterwards. Runs
 alternate (plain, fedseek, plain, fedseek, ...) so drifting load on the shared cores hits both.
 
 Per-round period = time between consecutive round-end stamps (fedseek: metrics.jsonl "time";
@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from scale import TreeMemory, cores, machine  # noqa: E402
 
-from fedseek.flower_control import ControlClient, flower_env, flwr_bin, submit_run, write_connection  # noqa: E402
-from fedseek.processes import free_port, start_process, wait_for_port  # noqa: E402
+from fedseek.ops.flower_control import ControlClient, flower_env, flwr_bin, submit_run, write_connection  # noqa: E402
+from fedseek.ops.processes import free_port, start_process, wait_for_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GOAL = 1.15
@@ -145,7 +145,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseek.models import build_model
+from fedseek.train.models import build_model
 from fedseek.train.local import train_local
 from plainbench.task import key, partitions, splits
 
@@ -180,7 +180,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedseek.models import build_model
+from fedseek.train.models import build_model
 from fedseek.train.local import evaluate
 from plainbench.task import key, splits
 
@@ -229,8 +229,8 @@ METHOD = {
                "plain: to the initial central evaluation (before any actor starts); to_end_of_round1_s (start-up + round 1) is comparable",
     "wall_s": "SuperLink start to the run's finished status; fedseek's extra start-up includes `flwr run` building the FAB from the "
               "repo root (Flower walks every file under it, .venv included, before applying fab-include: ~4 s vs ~0.9 s for the "
-              "plain app, measured with `flwr build`) and importing opacus in every Ray actor (fedseek.site imports "
-              "fedseek.train.privacy at module level: ~1.4 s, DP on or off)",
+              "plain app, measured with `flwr build`) and importing opacus in every Ray actor (fedseek.runtime.site imports "
+              "fedseek.privacy.ledger at module level: ~1.4 s, DP on or off)",
     "not_in_plain": "site discovery query, seeded sampling by site name, delta encoding + validation of each reply, per-site views, "
                     "metrics.jsonl, checkpoint, audit log",
 }
@@ -344,8 +344,8 @@ def run_plain(app_dir: Path, name: str, w: dict[str, Any], rounds: int, work: Pa
 
 
 def run_fedseek(name: str, w: dict[str, Any], rounds: int, work: Path) -> dict[str, Any]:
-    from fedseek.simulate import app_dir
-    from fedseek.telemetry import read_metrics
+    from fedseek.ops.simulate import app_dir
+    from fedseek.outputs.store import read_metrics
 
     work.mkdir(parents=True, exist_ok=True)
     scenario = work / "scenario.yaml"

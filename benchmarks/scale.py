@@ -1,6 +1,6 @@
 """Simulation scale: 100 and 1000 virtual sites on this machine (issue 8).
 
-Each configuration is a real `fedseek simulate` run (fedseek.simulate.simulate: private
+Each configuration is a real `fedseek simulate` run (fedseek.ops.simulate.simulate: private
 SuperLink, `flwr run`, Ray) of a tiny task: synthetic bank transactions, one bank per site
 (`bank_fraud`, natural partition, 20 rows per bank -> ~15 training rows per site), MLP [64],
 1 local epoch, 3 rounds, sampling 10% or 100% of the sites per round. Measured:
@@ -91,7 +91,7 @@ class TreeMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-memory", daemon=True)
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self._thread.start()
         return self
 
@@ -163,9 +163,8 @@ def cores() -> int:
 
 
 def machine() -> dict[str, Any]:
-    import torch
-
     import flwr
+    import torch
 
     mem_total = _kb("/proc/meminfo", "MemTotal:") or 0
     return {
@@ -185,8 +184,8 @@ def train_seconds_per_call(rows: int, epochs: int, batch: int, hidden: list[int]
     import numpy as np
     import torch
 
-    from fedseek.models import build_model
     from fedseek.train.local import train_local
+    from fedseek.train.models import build_model
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -223,8 +222,8 @@ simulation: {{cpus_per_site: 1, node_wait_s: 600}}
 def run_one(num_sites: int, fraction: float, work: Path, train_s: float) -> dict[str, Any]:
     from rich.console import Console
 
-    from fedseek.simulate import simulate
-    from fedseek.telemetry import read_metrics
+    from fedseek.ops.simulate import simulate
+    from fedseek.outputs.store import read_metrics
 
     work.mkdir(parents=True, exist_ok=True)
     scenario = work / "scenario.yaml"

@@ -155,7 +155,7 @@ def main() -> int:
     notes = [
         "Breast cancer's test set has 142 rows: one row is 0.70 points, so per-seed deltas move in 0.7-point steps; the verdict uses the mean over 5 seeds.",
         "Under DP (not run here unless --dp): see benchmarks/results/communication.json mask80_int8 / prog80_int8. Before "
-        "fedseek.train.masked_clipping, Opacus ghost clipping counted the pruned weights' gradients in every per-record norm and a fixed "
+        "fedseek.privacy.masked_clipping, Opacus ghost clipping counted the pruned weights' gradients in every per-record norm and a fixed "
         "80% mask lost ~50 points at epsilon 8; clipping now counts the active weights only, in every grad_sample_mode.",
     ]
     report = {
@@ -167,7 +167,7 @@ def main() -> int:
         "setup": {
             "target": TARGET, "variants": VARIANTS,
             "progressive": "magnitude pruning of the global model after aggregation, Zhu & Gupta cubic ramp "
-                           "(fedseek.train.sparsity.schedule_sparsity), target reached at end_fraction 0.75 of the rounds (default)",
+                           "(fedseek.sparsity.masks.schedule_sparsity), target reached at end_fraction 0.75 of the rounds (default)",
             "fixed": "init_mask from the seed (data-independent), applied before round 1",
             "datasets": {ds: {"seeds": DATASETS[ds]["seeds"], "overrides": DATASETS[ds]["over"]} for ds in args.datasets.split(",")},
             "dp": args.dp, "privacy_if_dp": PRIVACY, "dp_seeds": args.dp_seeds if args.dp else None,

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedseek import watermark as wm  # noqa: E402
-from fedseek.models import build_model  # noqa: E402
+from fedseek.train.models import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import magnitude_prune  # noqa: E402
@@ -248,7 +248,7 @@ def main() -> None:
         "benchmark": "watermark",
         "scheme": wm.SCHEME_VERSION,
         "task": {"dataset": "sklearn digits", "input_shape": list(SHAPE), "num_classes": K, "n_triggers": 100,
-                 "train": len(xtr), "test": len(xte), "model": "cnn (fedseek.models.SmallCNN)"},
+                 "train": len(xtr), "test": len(xte), "model": "cnn (fedseek.train.models.SmallCNN)"},
         "config": {"rounds": args.rounds, "local_epochs": args.local_epochs, "lr": LR, "batch_size": BS,
                    "keys": args.keys, "trials": args.trials,
                    "embed_defaults": {k: v.default for k, v in inspect.signature(wm.embed).parameters.items()

@@ -58,10 +58,10 @@ from _common import (  # noqa: E402
     _cache_key,
     breast_cancer_scenario,
     code_hash,
-    magnitude_prune,
     digits_scenario,
     environment,
     log,
+    magnitude_prune,
     run,
     table,
     write_json,
@@ -109,7 +109,7 @@ def attacks(out_dir: Path, scenario: dict[str, Any], key_path: Path, trials: int
     from fedseek import watermark as wm
     from fedseek.config import ScenarioConfig
     from fedseek.data import load_builtin
-    from fedseek.models import build_model
+    from fedseek.train.models import build_model
 
     torch.set_num_threads(1)
     cfg = ScenarioConfig.model_validate(scenario)

@@ -1,9 +1,9 @@
-"""fedseek site daemon: Flower ClientApp. Round handling lives in fedseek.site."""
+"""fedseek site daemon: Flower ClientApp. Round handling lives in fedseek.runtime.site."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedseek.site import handle_evaluate, handle_query, handle_train
+from fedseek.runtime.site import handle_evaluate, handle_query, handle_train
 
 app = ClientApp()
 

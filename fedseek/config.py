@@ -73,7 +73,7 @@ class PrivacySpec(_Strict):
     grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = "ghost"
 
     @model_validator(mode="after")
-    def _one_noise_rule(self) -> "PrivacySpec":
+    def _one_noise_rule(self) -> PrivacySpec:
         if self.noise_multiplier is not None and self.target_epsilon_per_round is not None:
             raise ValueError("set at most one of noise_multiplier and target_epsilon_per_round")
         return self
@@ -157,15 +157,15 @@ class CompressionSpec(_Strict):
     downlink: Literal["none", "fp16"] = "none"
 
     @model_validator(mode="after")
-    def _valid_codec(self) -> "CompressionSpec":
+    def _valid_codec(self) -> CompressionSpec:
         if self.quantize != "none" and self.codec not in ("topk", "sparse_mask"):
             raise ValueError(f"quantize applies to codec topk or sparse_mask only (codec is {self.codec!r})")
         self.codec_spec(0)  # raises ValueError with the allowed combinations
         return self
 
-    def codec_spec(self, seed: int) -> "Any":
-        """The fedseek.codec.CodecSpec for site uplinks."""
-        from fedseek.codec import CodecSpec
+    def codec_spec(self, seed: int) -> Any:
+        """The fedseek.wire.codec.CodecSpec for site uplinks."""
+        from fedseek.wire.codec import CodecSpec
 
         return CodecSpec(
             kind=self.codec,
@@ -225,7 +225,7 @@ class ScenarioConfig(FederationSpec):
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
 
     @model_validator(mode="after")
-    def _fit(self) -> "ScenarioConfig":
+    def _fit(self) -> ScenarioConfig:
         if self.precision == "fp16" and self.privacy is not None and self.privacy.enabled:
             raise ValueError("precision fp16 is not supported with DP-SGD (GradScaler breaks per-sample clipping); use bf16")
         if self.strategy.min_sites > self.num_sites:
@@ -339,7 +339,7 @@ class TaskSpec(_Strict):
     num_classes: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TaskSpec":
+    def _one_source(self) -> TaskSpec:
         given = [k for k, v in (("dataset", self.dataset), ("test_file", self.test_file), ("input_shape", self.input_shape)) if v]
         if len(given) != 1:
             raise ValueError("give exactly one of dataset, test_file (+ label_column) or input_shape (+ num_classes)"
@@ -370,7 +370,7 @@ class SuperLinkSpec(_Strict):
 
 
 class GatewaySpec(_Strict):
-    """The Fleet-only TLS gateway (fedseek.gateway): the sites' entry point, so the SuperLink and its
+    """The Fleet-only TLS gateway (fedseek.ops.gateway): the sites' entry point, so the SuperLink and its
     unauthenticated Control API stay on loopback."""
 
     host: str = Field("0.0.0.0", description="public interface the sites reach")
@@ -400,7 +400,7 @@ class CoordinatorConfig(FederationSpec):
     privacy: PrivacySpec | None = Field(None, description="the sites' announced policy (summary only; each site enforces its own)")
 
     @model_validator(mode="after")
-    def _fit(self) -> "CoordinatorConfig":
+    def _fit(self) -> CoordinatorConfig:
         if self.expected_sites is None:
             self.expected_sites = self.strategy.min_sites
         names = [s.name for s in self.sites]
@@ -419,7 +419,7 @@ class CoordinatorConfig(FederationSpec):
             raise ValueError(f"strategy.min_sites ({self.strategy.min_sites}) exceeds the {len(self.sites)} allowed sites")
         return self
 
-    def resolve_paths(self, base: Path) -> "CoordinatorConfig":
+    def resolve_paths(self, base: Path) -> CoordinatorConfig:
         """Make every path absolute against `base` and fill the state-dir defaults."""
         sl = self.superlink
         sl.state_dir = str(_resolve_path(base, sl.state_dir))
@@ -461,7 +461,7 @@ class SiteDataSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="extra builtin args")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "SiteDataSpec":
+    def _one_source(self) -> SiteDataSpec:
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of path (a table or image folder) and builtin (a demo partition)")
         if self.path is not None and self.image_size is None and not self.label_column:
@@ -493,7 +493,7 @@ class SiteConfig(_Strict):
     _name = field_validator("name")(_site_name)
     _coordinator = field_validator("coordinator")(_address)
 
-    def resolve_paths(self, base: Path) -> "SiteConfig":
+    def resolve_paths(self, base: Path) -> SiteConfig:
         """Make every path absolute against `base` and fill the state-dir default."""
         self.root_certificates = str(_resolve_path(base, self.root_certificates))
         self.auth_private_key = str(_resolve_path(base, self.auth_private_key))

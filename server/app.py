@@ -1,9 +1,9 @@
-"""fedseek coordinator: Flower ServerApp. The round loop lives in fedseek.coordinator."""
+"""fedseek coordinator: Flower ServerApp. The round loop lives in fedseek.runtime.coordinator."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedseek.coordinator import run_coordinator
+from fedseek.runtime.coordinator import run_coordinator
 
 app = ServerApp()
 

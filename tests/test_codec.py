@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from fedseek import codec as C
-from fedseek.codec import CodecError, CodecSpec, ErrorFeedback, decode, encode, payload_bytes
+from fedseek.wire import codec as C
+from fedseek.wire.codec import CodecError, CodecSpec, ErrorFeedback, decode, encode, payload_bytes
 
 
 def _update(seed: int = 0) -> dict[str, np.ndarray]:
@@ -459,7 +459,7 @@ def test_payload_travels_in_flower_records() -> None:
 
 def _cnn_update(seed: int = 0) -> dict[str, np.ndarray]:
     """A delta shaped like the digits CNN (10 tensors, ~10k parameters)."""
-    from fedseek.models import build_model
+    from fedseek.train.models import build_model
 
     rng = np.random.default_rng(seed)
     state = build_model("cnn", (1, 8, 8), 10).state_dict()
@@ -476,8 +476,8 @@ def test_packed_blob_roundtrip_and_wire_size(spec: CodecSpec) -> None:
     """The packed update decodes to exactly what the codec produced; its wire size is payload + one small header."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedseek.protocol import pack_update, to_record, unpack_update, update_wire_bytes
-    from fedseek.train.sparsity import init_mask
+    from fedseek.sparsity.masks import init_mask
+    from fedseek.wire.transfer import pack_update, to_record, unpack_update, update_wire_bytes
 
     u = _cnn_update()
     mask = init_mask(u, 0.8, seed=1) if spec.kind == "sparse_mask" else None
@@ -498,7 +498,7 @@ def test_packed_blob_roundtrip_and_wire_size(spec: CodecSpec) -> None:
 
 
 def test_packed_blob_rejects_malformed_bytes() -> None:
-    from fedseek.protocol import pack_blob, unpack_blob
+    from fedseek.wire.transfer import pack_blob, unpack_blob
 
     enc = encode(_cnn_update(), CodecSpec(kind="topk", quantize="int8", seed=0))
     blob = pack_blob(enc.arrays, enc.meta)
@@ -532,7 +532,7 @@ def test_packed_blob_fuzz_never_crashes() -> None:
     """Flipped bytes anywhere in the blob either decode to finite, right-shaped tensors or raise CodecError."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    from fedseek.protocol import PACKING, pack_update, unpack_update
+    from fedseek.wire.transfer import PACKING, pack_update, unpack_update
 
     rng = np.random.default_rng(5)
     u = _cnn_update(1)

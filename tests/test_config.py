@@ -64,7 +64,7 @@ def test_privacy_spec_rules():
 
 def test_cli_malformed_scenario_exits_2_with_one_line(write_yaml):
     bad = write_yaml("num_sites: 4\nstrategy:\n  name: fedsgd\n")
-    res = subprocess.run([sys.executable, "-m", "fedseek.cli", "simulate", str(bad), "--out", str(bad.parent / "o")],
+    res = subprocess.run([sys.executable, "-m", "fedseek.ops.cli", "simulate", str(bad), "--out", str(bad.parent / "o")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     lines = [l for l in res.stderr.strip().splitlines() if l.strip()]

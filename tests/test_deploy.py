@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fedseek import deploy, pki
 from fedseek.config import load_coordinator, load_site
-from fedseek.processes import free_port
+from fedseek.ops import deploy, pki
+from fedseek.ops.processes import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ SITES = ("site-a", "site-b", "site-c")
 
 def fedseek(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the fedseek CLI as an operator would."""
-    return subprocess.run([sys.executable, "-m", "fedseek.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "fedseek.ops.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def lines(text: str) -> list[str]:
@@ -45,7 +45,6 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 def breast_cancer_csvs(root: Path, n_sites: int) -> tuple[list[Path], Path]:
     """Site tables and a central test table with a named label column, written like a hospital would have them."""
-    import pandas as pd
     from sklearn.datasets import load_breast_cancer
 
     raw = load_breast_cancer(as_frame=True)
@@ -147,7 +146,7 @@ def fed(tmp_path_factory):
         for path in [root / "coord" / deploy.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{deploy.SUPERNODE_PIDFILE}")]:
             pf = deploy.Pidfile.read(path)  # belt and braces: nothing may outlive the module
             if pf is not None and pf.running():
-                from fedseek.processes import stop_detached
+                from fedseek.ops.processes import stop_detached
 
                 stop_detached(pf.pid, pf.started)
 
@@ -231,7 +230,7 @@ def test_plaintext_client_is_refused(fed):
         rc = proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
-            from fedseek.processes import ProcessTree
+            from fedseek.ops.processes import ProcessTree
 
             ProcessTree(proc).stop()
     text = log.read_text()
@@ -264,7 +263,7 @@ def test_expired_coordinator_certificate_is_refused(fed, tmp_path):
     for f in (pki.CA_CRT, pki.CA_KEY):
         shutil.copy(fed["certs"] / f, certs / f)
     ca_key, ca_cert = pki.load_private_key(certs / pki.CA_KEY), pki.load_cert(certs / pki.CA_CRT)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     key, cert = pki.issue_server_cert(ca_key, ca_cert, [], [], not_valid_before=now - dt.timedelta(days=30),
                                       not_valid_after=now - dt.timedelta(days=1))
     pki.write_private_key(certs / pki.COORDINATOR_KEY, key)

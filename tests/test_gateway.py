@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedseek.gateway import FLEET_RPCS, Refused, check_request, parse_head
+from fedseek.ops.gateway import FLEET_RPCS, Refused, check_request, parse_head
 
 MAX = 1024
 

@@ -1,4 +1,4 @@
-"""Tests for fedseek.pki: files and modes, SANs, chain checks, site keys Flower accepts, real TLS."""
+"""Tests for fedseek.ops.pki: files and modes, SANs, chain checks, site keys Flower accepts, real TLS."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedseek import pki
+from fedseek.ops import pki
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _mode(path: Path) -> int:

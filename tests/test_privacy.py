@@ -14,9 +14,7 @@ import pytest
 import torch
 
 from fedseek.config import PrivacySpec
-from fedseek.models import build_model
-from fedseek.train.local import train_local
-from fedseek.train.privacy import (
+from fedseek.privacy.ledger import (
     BudgetExceeded,
     DPRound,
     PrivacyLedger,
@@ -24,6 +22,8 @@ from fedseek.train.privacy import (
     noise_for_round,
     plan_round,
 )
+from fedseek.train.local import train_local
+from fedseek.train.models import build_model
 
 
 def _data(n=60, d=30, seed=0):
@@ -134,9 +134,9 @@ def test_changed_accountant_or_corrupt_ledger_refuses(tmp_path):
 _WORKER = r"""
 import sys, time, numpy as np
 from fedseek.config import PrivacySpec
-from fedseek.models import build_model
+from fedseek.train.models import build_model
 from fedseek.train.local import train_local
-from fedseek.train.privacy import DPRound, PrivacyLedger, plan_round
+from fedseek.privacy.ledger import DPRound, PrivacyLedger, plan_round
 state, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 x = rng.normal(size=(60, 30)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int64)
@@ -187,8 +187,8 @@ def test_per_sample_clipping_bounds_one_records_influence(mode):
     policy = PrivacySpec(noise_multiplier=1.0, max_grad_norm=C, grad_sample_mode=mode)
 
     def summed_grad(xb, yb):
-        from torch.utils.data import DataLoader, TensorDataset
         from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
 
         model = build_model("mlp", (30,), 2, seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedseek.processes import ProcessTree
+from fedseek.ops.processes import ProcessTree
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def _scenario(tmp: Path, name: str, body: str) -> Path:
 
 
 def _simulate(scen: Path, out: Path, *extra: str) -> dict:
-    res = subprocess.run([sys.executable, "-m", "fedseek.cli", "simulate", str(scen), "--out", str(out), *extra],
+    res = subprocess.run([sys.executable, "-m", "fedseek.ops.cli", "simulate", str(scen), "--out", str(out), *extra],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -71,7 +71,7 @@ def test_kill_9_after_round_3_then_resume_matches_uninterrupted_run(tmp_path):
     _simulate(scen, tmp_path / "straight")
 
     out = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedseek.cli", "simulate", str(scen), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "fedseek.ops.cli", "simulate", str(scen), "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     tree = ProcessTree(proc, "simulate")
     state = out / "checkpoint" / "state.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseek.report import build_report, main, write_report
+from fedseek.outputs.report import build_report, main, write_report
 
 EVIL = '<script>alert("x")</script>&'
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from fedseek.train.privacy import PrivacyLedger, epsilon_for
+from fedseek.privacy.ledger import PrivacyLedger, epsilon_for
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 
 def _fedseek(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedseek.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "fedseek.ops.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def _descendant_free(out: Path) -> list[str]:

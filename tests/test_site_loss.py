@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedseek import deploy, pki
-from fedseek.processes import ProcessTree, free_port, is_running, stop_detached
+from fedseek.ops import deploy, pki
+from fedseek.ops.processes import ProcessTree, free_port, is_running, stop_detached
 from tests.conftest import ROOT
 from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, wait_online
 
@@ -81,7 +81,7 @@ def small_fed(tmp_path_factory):
     try:
         res = fedseek("coordinator", "start", "--config", str(coord))
         assert res.returncode == 0, res.stderr
-        starts = [subprocess.Popen([sys.executable, "-m", "fedseek.cli", "site", "start", "--config", str(c), "--wait", "60"],
+        starts = [subprocess.Popen([sys.executable, "-m", "fedseek.ops.cli", "site", "start", "--config", str(c), "--wait", "60"],
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in site_cfgs.values()]
         for p in starts:  # the three operators start their sites at the same time (each CLI returns within its --wait)
             _, err = p.communicate(timeout=120)
@@ -112,7 +112,7 @@ def test_site_killed_mid_round_round_ends_at_timeout_and_run_finishes(small_fed)
     out = small_fed["root"] / "run"
     t0 = time.monotonic()
     with open(small_fed["root"] / "fedseek-run.log", "wb") as run_out:
-        proc = subprocess.Popen([sys.executable, "-m", "fedseek.cli", "run", "--config", str(small_fed["coord"]), "--out", str(out)],
+        proc = subprocess.Popen([sys.executable, "-m", "fedseek.ops.cli", "run", "--config", str(small_fed["coord"]), "--out", str(out)],
                                 cwd=ROOT, stdout=run_out, stderr=subprocess.STDOUT, start_new_session=True)
     run_tree = ProcessTree(proc, "fedseek-run")
     try:

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedseek.models import build_model
-from fedseek.train.sparsity import (
+from fedseek.sparsity.masks import (
     MaskEnforcer,
     apply_mask_,
     canonical_name,
@@ -23,6 +22,7 @@ from fedseek.train.sparsity import (
     sparsity_of,
     unpack_mask,
 )
+from fedseek.train.models import build_model
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from fedseek.telemetry import PrometheusMetrics, RunOutputs, read_metrics
+from fedseek.outputs.store import PrometheusMetrics, RunOutputs, read_metrics
 
 
 def test_prometheus_endpoint_serves_round_metrics():

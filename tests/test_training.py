@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fedseek.config import PrivacySpec
-from fedseek.models import build_model
+from fedseek.privacy.ledger import BF16_NORM_SLACK, DPRound, PrivacyLedger, plan_round
+from fedseek.sparsity.masks import init_mask, sparsity_of
 from fedseek.train.local import check_precision, evaluate, train_local
-from fedseek.train.privacy import BF16_NORM_SLACK, DPRound, PrivacyLedger, plan_round
-from fedseek.train.sparsity import init_mask, sparsity_of
+from fedseek.train.models import build_model
 
 
 def _data(n=96, d=30, seed=0):

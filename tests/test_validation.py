@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedseek.aggregate.validate import as_messages, screen_replies
-from fedseek.codec import CodecSpec
-from fedseek.protocol import pack_update, to_record
-
+from fedseek.wire.codec import CodecSpec
+from fedseek.wire.screening import as_messages, screen_replies
+from fedseek.wire.transfer import pack_update, to_record
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +26,7 @@ GLOBAL = {"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
 
 def _none_meta() -> dict:
-    from fedseek.codec import encode
+    from fedseek.wire.codec import encode
 
     return dict(encode({k: np.zeros_like(v) for k, v in GLOBAL.items()}, CodecSpec()).meta)
 

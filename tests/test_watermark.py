@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.nn import functional as F
 
 from fedseek import watermark as wm
-from fedseek.models import build_model
+from fedseek.train.models import build_model
 
 
 def fixed_key(tag: str, input_shape: tuple[int, ...], k: int, n: int | None = None) -> wm.WatermarkKey:

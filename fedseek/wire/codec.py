@@ -32,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -353,7 +354,7 @@ def _as_numpy(x: Any) -> np.ndarray:
 def _select(u: Mapping[str, np.ndarray], spec: CodecSpec, masks_flat: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
     """Which flat indices each tensor sends (sorted int64), or None for all of them."""
     if spec.kind in ("none", "fp16", "int8"):
-        return {k: None for k in u}
+        return dict.fromkeys(u)
     if spec.kind == "sparse_mask":
         return {k: (None if masks_flat.get(k) is None else np.flatnonzero(masks_flat[k])) for k in u}
     out: dict[str, np.ndarray | None] = {}

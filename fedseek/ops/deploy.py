@@ -25,16 +25,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 
-from fedseek.config import CoordinatorConfig, SiteConfig, load_coordinator, load_site
-from fedseek.flower_control import ControlClient, flower_env, flwr_bin, submit_run, write_connection
-from fedseek.follow import RunError, follow_run, print_summary, tail
-from fedseek.processes import ProcessTree, is_running, start_process, start_time, stop_detached, wait_for_port
+from fedseek.config import CoordinatorConfig, SiteConfig, load_coordinator
+from fedseek.ops.flower_control import ControlClient, flower_env, flwr_bin, submit_run, write_connection
+from fedseek.ops.follow import RunError, follow_run, print_summary, tail
+from fedseek.ops.processes import ProcessTree, is_running, start_process, start_time, stop_detached, wait_for_port
 
 CONNECTION = "fedseek"
 SUPERLINK_PIDFILE = "superlink.pid"
@@ -66,7 +67,7 @@ class Pidfile:
     log: str = ""
 
     @classmethod
-    def read(cls, path: Path) -> "Pidfile | None":
+    def read(cls, path: Path) -> Pidfile | None:
         """The pidfile at `path`, or None if absent or unreadable."""
         try:
             return cls(**json.loads(path.read_text()))
@@ -138,7 +139,7 @@ def coordinator_paths(cfg: CoordinatorConfig) -> CoordinatorPaths:
     """The coordinator's state and certificate paths (config paths are already absolute)."""
     state = Path(cfg.superlink.state_dir)
     certs = Path(cfg.superlink.certs_dir)
-    from fedseek import pki
+    from fedseek.ops import pki
 
     return CoordinatorPaths(state, state / "flwr-home", state / SUPERLINK_PIDFILE, state / "superlink.out",
                             certs / pki.CA_CRT, certs / pki.COORDINATOR_CRT, certs / pki.COORDINATOR_KEY)
@@ -158,7 +159,7 @@ def admin_address(cfg: CoordinatorConfig) -> str:
 
 def check_coordinator_certs(cfg: CoordinatorConfig, paths: CoordinatorPaths) -> None:
     """Refuse to start on missing, mismatched or expired TLS material (DeployError, exit 2)."""
-    from fedseek import pki
+    from fedseek.ops import pki
 
     for what, p in (("CA certificate", paths.ca), ("coordinator certificate", paths.cert), ("coordinator key", paths.key)):
         if not p.is_file():
@@ -314,7 +315,7 @@ def gateway_command(cfg: CoordinatorConfig, paths: CoordinatorPaths) -> list[str
     gw = cfg.gateway
     assert gw is not None
     gh = f"[{gw.host}]" if ":" in gw.host else gw.host
-    return [sys.executable, "-m", "fedseek.gateway", "--listen", f"{gh}:{gw.port}", "--upstream", admin_address(cfg),
+    return [sys.executable, "-m", "fedseek.ops.gateway", "--listen", f"{gh}:{gw.port}", "--upstream", admin_address(cfg),
             "--certfile", str(paths.cert), "--keyfile", str(paths.key), "--cafile", str(paths.ca),
             "--max-body-mb", str(gw.max_body_mb)]
 
@@ -434,9 +435,9 @@ def validate_site(cfg: SiteConfig, config_path: Path) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fedseek import pki
     from fedseek.data import DataError
-    from fedseek.site import load_site_data
+    from fedseek.ops import pki
+    from fedseek.runtime.site import load_site_data
 
     where = f"{config_path}"
     ca = Path(cfg.root_certificates)
@@ -572,7 +573,7 @@ def run_federation(
 
     Raises RunError unless the run ends finished:completed with a summary written.
     """
-    from fedseek.simulate import app_dir
+    from fedseek.ops.simulate import app_dir
 
     console = console or Console(stderr=True)
     config_path = Path(config_path).resolve()

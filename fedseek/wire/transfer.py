@@ -3,7 +3,7 @@
 Downlink (coordinator -> site): "global" ArrayRecord (weights, possibly fp16-encoded with
 "global-codec" meta), optional "mask" ArrayRecord (1 bit per coordinate) and the "config"
 ConfigRecord. Uplink (site -> coordinator): "update" ArrayRecord holding ONE uint8 array "blob" (the DP
-model delta encoded by fedseek.codec, packed with its meta, see `pack_blob`), "update-codec"
+model delta encoded by fedseek.wire.codec, packed with its meta, see `pack_blob`), "update-codec"
 ConfigRecord naming the packing, "metrics" and "site". Why one blob: Flower frames every
 Array (~130 B of .npy header plus its key) and a ConfigRecord carries JSON text, so a
 10-tensor top-k update sent as 30 arrays + meta cost ~5.7 KB of framing around ~2 KB of
@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedseek.codec import CodecError, CodecSpec, EncodedUpdate, ErrorFeedback, decode, encode, payload_bytes
-from fedseek.train.sparsity import pack_mask, unpack_mask
+from fedseek.sparsity.masks import pack_mask, unpack_mask
+from fedseek.wire.codec import CodecError, CodecSpec, EncodedUpdate, ErrorFeedback, decode, encode, payload_bytes
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -8,15 +8,16 @@ the ServerApp appends it and poll the run status through Flower's Control API, b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedseek.flower_control import ControlClient, RunStatus
-from fedseek.telemetry import read_metrics
+from fedseek.ops.flower_control import ControlClient, RunStatus
+from fedseek.outputs.store import read_metrics
 
 
 class RunError(RuntimeError):
@@ -120,7 +121,7 @@ def print_summary(console: Console, s: dict, out: Path, wall: float) -> None:
     t.add_row("wall time", f"{wall:.1f}s")
     t.add_row("outputs", str(out))
     try:
-        from fedseek.report import write_report
+        from fedseek.outputs.report import write_report
 
         t.add_row("report", str(write_report(out)))
     except Exception as exc:  # noqa: BLE001 - a plotting problem must not fail a finished run

@@ -10,7 +10,7 @@ known Fleet RPC with a single Content-Length body; anything else (Control, Runti
 /openapi.json, other methods, chunked or ambiguous framing) gets 403 and the connection is closed.
 
 Run by `fedseek coordinator start` when the coordinator config has a `gateway:` section:
-`python -m fedseek.gateway --listen 0.0.0.0:9092 --upstream 127.0.0.1:9192 --certfile ... --keyfile ... --cafile ...`
+`python -m fedseek.ops.gateway --listen 0.0.0.0:9092 --upstream 127.0.0.1:9192 --certfile ... --keyfile ... --cafile ...`
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import signal
 import ssl
 import sys
 
-log = logging.getLogger("fedseek.gateway")
+log = logging.getLogger("fedseek.ops.gateway")
 
 #: Fleet RPCs of Flower 1.41 (flwr/superlink/routers/fleet): the only paths forwarded.
 FLEET_RPCS: frozenset[str] = frozenset({
@@ -192,7 +192,7 @@ class Gateway:
                 assert up_reader is not None
                 if not await _relay_response(up_reader, writer) or not _keep_alive(headers):
                     return
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError, ValueError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError, ValueError) as exc:
             log.info("connection from %s ended: %s", peer, type(exc).__name__)
         finally:
             for w in (up_writer, writer):
@@ -223,7 +223,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fedseek.gateway`: run the gateway in the foreground until SIGTERM/SIGINT."""
+    """`python -m fedseek.ops.gateway`: run the gateway in the foreground until SIGTERM/SIGINT."""
     p = argparse.ArgumentParser(prog="fedseek-gateway", description=__doc__.splitlines()[0])
     p.add_argument("--listen", required=True, help="host:port the sites connect to")
     p.add_argument("--upstream", required=True, help="the SuperLink's loopback host:port")

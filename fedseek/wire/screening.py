@@ -7,13 +7,13 @@ coordinator checks every reply here and hands the strategy only clean, uniform m
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedseek.protocol import update_wire_bytes
+from fedseek.wire.transfer import update_wire_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def screen_replies(
 ) -> Screened:
     """Sort replies into accepted / rejected (malformed) / refused (privacy budget) / failed (errors).
 
-    An accepted reply's update is decoded (fedseek.codec, validated against the global
+    An accepted reply's update is decoded (fedseek.wire.codec, validated against the global
     model's shapes) and turned into full weights: global + delta.
     """
     out = Screened()
@@ -96,8 +96,8 @@ def _check_one(
     max_update_norm: float | None,
     max_payload_bytes: int | None = None,
 ) -> tuple[str, SiteReply | None]:
-    from fedseek.codec import CodecError
-    from fedseek.protocol import unpack_update
+    from fedseek.wire.codec import CodecError
+    from fedseek.wire.transfer import unpack_update
 
     if "update" not in content.array_records or "update-codec" not in content.config_records:
         return "no 'update' / 'update-codec' record in reply", None

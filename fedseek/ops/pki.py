@@ -143,7 +143,7 @@ class CertInfo:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _new_key(key_type: str, curve: ec.EllipticCurve) -> PrivateKey:
@@ -164,7 +164,7 @@ def _describe_key(key: object) -> str:
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _validity(

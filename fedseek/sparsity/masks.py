@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -313,7 +314,7 @@ class MaskEnforcer:
     projection cannot raise the clipped sensitivity. In ghost-clipping mode per-sample
     gradients are never kept, so while attached each masked parameter carries its keep mask
     (`masked_clipping.MASK_ATTR`) and fedseek's mask-aware Opacus samplers compute the
-    per-sample norms over active coordinates only (`fedseek.train.masked_clipping`).
+    per-sample norms over active coordinates only (`fedseek.privacy.masked_clipping`).
     Opacus' own single-slot `attach_step_hook` (the accountant) is left untouched.
     """
 
@@ -358,7 +359,7 @@ class MaskEnforcer:
                 if p.grad is not None:
                     p.grad.masked_fill_(pruned, 0.0)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> "MaskEnforcer":
+    def attach(self, optimizer: torch.optim.Optimizer) -> MaskEnforcer:
         """Patch `optimizer.step` (plain torch or Opacus DPOptimizer) to enforce the mask on every step."""
         if self._optimizer is not None:
             raise RuntimeError("MaskEnforcer is already attached; detach() first")
@@ -384,7 +385,7 @@ class MaskEnforcer:
 
         inner = getattr(optimizer, "original_optimizer", None)
         if inner is not None:
-            from fedseek.train import masked_clipping
+            from fedseek.privacy import masked_clipping
 
             masked_clipping.install()
             for p, pruned in self._pairs:
@@ -405,14 +406,14 @@ class MaskEnforcer:
             vars(opt).pop("step", None)
         if self._hook is not None:
             self._hook.remove()
-            from fedseek.train.masked_clipping import MASK_ATTR
+            from fedseek.privacy.masked_clipping import MASK_ATTR
 
             for p, _ in self._pairs:
                 if hasattr(p, MASK_ATTR):
                     delattr(p, MASK_ATTR)
         self._optimizer = self._orig_step = self._hook = None
 
-    def __enter__(self) -> "MaskEnforcer":
+    def __enter__(self) -> MaskEnforcer:
         """Use as `with enforce_mask(model, opt, mask): ...`."""
         return self
 

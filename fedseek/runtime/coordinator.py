@@ -21,16 +21,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedseek.aggregate.strategy import build_strategy, prepare_round
-from fedseek.aggregate.validate import as_messages, screen_replies
-from fedseek.protocol import pack_global
-from fedseek.train.sparsity import sparsity_of
 from fedseek.config import FederationSpec, ScenarioConfig, load_scenario
-from fedseek.models import build_model
-from fedseek.telemetry import RunOutputs
+from fedseek.outputs.store import RunOutputs
+from fedseek.runtime.rules import build_strategy, prepare_round
+from fedseek.sparsity.masks import sparsity_of
 from fedseek.train.local import evaluate
+from fedseek.train.models import build_model
+from fedseek.wire.screening import as_messages, screen_replies
+from fedseek.wire.transfer import pack_global
 
-log = logging.getLogger("fedseek.coordinator")
+log = logging.getLogger("fedseek.runtime.coordinator")
 
 
 def _flwr_log(msg: str, *args: Any) -> None:
@@ -52,7 +52,7 @@ class RunSettings:
     resume: bool = False
 
     @classmethod
-    def from_context(cls, context: Context) -> "RunSettings":
+    def from_context(cls, context: Context) -> RunSettings:
         rc = context.run_config
         path = str(rc.get("config-path", ""))
         if not path:
@@ -181,7 +181,7 @@ class Coordinator:
         self.codec = cfg.compression.codec_spec(cfg.seed)
         self.mask: dict[str, np.ndarray] | None = None
         if cfg.sparsity.enabled and cfg.sparsity.schedule == "fixed":
-            from fedseek.train.sparsity import init_mask
+            from fedseek.sparsity.masks import init_mask
 
             # data-independent: drawn from the run's seed before any site trains
             self.mask = init_mask(self.arrays, cfg.sparsity.target, seed=cfg.seed)
@@ -195,7 +195,7 @@ class Coordinator:
     def _apply_mask(self) -> None:
         if self.mask is None:
             return
-        from fedseek.train.sparsity import canonical_name
+        from fedseek.sparsity.masks import canonical_name
 
         for k in self.arrays:
             m = self.mask.get(canonical_name(k))
@@ -207,7 +207,7 @@ class Coordinator:
         sp = self.cfg.sparsity
         if not sp.enabled:
             return 0.0
-        from fedseek.train.sparsity import magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
+        from fedseek.sparsity.masks import magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
 
         if sp.schedule == "progressive":
             target = schedule_sparsity(rnd, self.cfg.rounds, sp.target, start_round=sp.start_round, end_fraction=sp.end_fraction)
@@ -354,7 +354,7 @@ class Coordinator:
             self.initial = self._evaluate()
         self.prom = None
         if cfg.metrics.prometheus_port is not None:
-            from fedseek.telemetry import PrometheusMetrics
+            from fedseek.outputs.store import PrometheusMetrics
 
             self.prom = PrometheusMetrics(cfg.metrics.prometheus_host, cfg.metrics.prometheus_port)
             _flwr_log("Prometheus metrics on http://%s:%d/metrics", self.prom.host, self.prom.port)
@@ -566,8 +566,8 @@ class Coordinator:
         """Everything needed to continue after a crash, in ONE file replaced atomically."""
         import io
 
-        from fedseek.aggregate.strategy import strategy_state
-        from fedseek.telemetry import atomic_write_bytes, atomic_write_json
+        from fedseek.files import atomic_write_bytes, atomic_write_json
+        from fedseek.runtime.rules import strategy_state
 
         state = {
             "version": 1,
@@ -592,7 +592,7 @@ class Coordinator:
 
     def _restore(self) -> bool:
         """Load checkpoint/state.pt (our own file: weights_only=False is safe here); False if none."""
-        from fedseek.aggregate.strategy import load_strategy_state
+        from fedseek.runtime.rules import load_strategy_state
 
         path = self.out.checkpoint_dir / "state.pt"
         if not path.exists():
@@ -618,6 +618,6 @@ class Coordinator:
 
 
 def _rounds_in(path: Path) -> list[int]:
-    from fedseek.telemetry import read_metrics
+    from fedseek.outputs.store import read_metrics
 
     return [int(r["round"]) for r in read_metrics(path)]

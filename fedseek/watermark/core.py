@@ -53,10 +53,11 @@ import os
 import secrets
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,7 +169,7 @@ def keygen(
         n_triggers=n,
         num_classes=int(num_classes),
         input_shape=tuple(int(d) for d in input_shape),
-        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         model_id=model_id,
     )
 
@@ -479,7 +480,7 @@ def embed(
     )
     enforcer = None
     if mask:
-        from fedseek.train.sparsity import enforce_mask
+        from fedseek.sparsity.masks import enforce_mask
 
         enforcer = enforce_mask(model, opt, mask)
     steps, extra, kl_val, reached = 0, 0, 0.0, False
@@ -640,7 +641,7 @@ def verify_file(
     sidecar: str | os.PathLike | None = None,
 ) -> VerifyResult:
     """Verify a saved state_dict; architecture from args, else the JSON sidecar (default <model>.json)."""
-    from fedseek.models import build_model  # local import: keep watermark importable on its own
+    from fedseek.train.models import build_model  # local import: keep watermark importable on its own
 
     model_path = Path(model_path)
     key = load_key(key_path)

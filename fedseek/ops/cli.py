@@ -17,7 +17,7 @@ dep = Console(stderr=True, soft_wrap=True)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedseek.simulate import SimulationError, simulate
+    from fedseek.ops.simulate import SimulationError, simulate
 
     try:
         simulate(args.scenario, args.out, state_dir=args.state_dir, timeout_s=args.timeout, resume=args.resume)
@@ -30,8 +30,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     import json
 
-    from fedseek import deploy
     from fedseek.config import load_coordinator
+    from fedseek.ops import deploy
 
     cfg = load_coordinator(args.config)
     try:
@@ -67,8 +67,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_site(args: argparse.Namespace) -> int:
-    from fedseek import deploy
     from fedseek.config import load_site
+    from fedseek.ops import deploy
 
     cfg = load_site(args.config)
     try:
@@ -84,8 +84,8 @@ def _cmd_site(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedseek import deploy
-    from fedseek.follow import RunError
+    from fedseek.ops import deploy
+    from fedseek.ops.follow import RunError
 
     try:
         deploy.run_federation(args.config, args.out, console=dep, timeout_s=args.timeout)
@@ -103,7 +103,7 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from fedseek.train.privacy import LEDGER_FILE
+    from fedseek.privacy.ledger import LEDGER_FILE
 
     root = Path(args.state_dir)
     ledgers = [root / LEDGER_FILE] if (root / LEDGER_FILE).exists() else sorted(root.glob(f"*/{LEDGER_FILE}"))
@@ -135,7 +135,7 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from fedseek import pki
+    from fedseek.ops import pki
 
     try:
         if args.certs_cmd == "init":
@@ -201,7 +201,7 @@ def _cmd_watermark(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedseek.report import write_report
+    from fedseek.outputs.report import write_report
 
     if not Path(args.run_dir).is_dir():
         print(f"error: {args.run_dir} is not a run directory", file=sys.stderr)

@@ -8,43 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None  # JSON has no NaN/Inf
-    return obj
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (NaN/Inf become null)."""
-    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
+from fedseek.files import atomic_write_bytes, atomic_write_json, jsonable
 
 
 class RunOutputs:
@@ -65,7 +34,7 @@ class RunOutputs:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one round as a JSON line, fsync'd so a reader never sees a partial line."""
-        line = json.dumps(_jsonable(row)) + "\n"
+        line = json.dumps(jsonable(row)) + "\n"
         with open(self.metrics_path, "a") as fh:
             fh.write(line)
             fh.flush()
@@ -74,13 +43,13 @@ class RunOutputs:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop rows after `last_round` (a crash between the metrics line and the checkpoint)."""
         rows = [r for r in read_metrics(self.metrics_path) if int(r.get("round", 0)) <= last_round]
-        atomic_write_bytes(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows).encode())
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows).encode())
 
     def audit(self, event: str, **fields: Any) -> None:
         """Append one structured audit event to audit.jsonl (fsync'd)."""
         import time
 
-        line = json.dumps(_jsonable({"time": time.time(), "event": event, **fields})) + "\n"
+        line = json.dumps(jsonable({"time": time.time(), "event": event, **fields})) + "\n"
         with open(self.dir / "audit.jsonl", "a") as fh:
             fh.write(line)
             fh.flush()

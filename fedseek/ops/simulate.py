@@ -8,17 +8,16 @@ every process it started. The exit code reflects the run's real status.
 
 from __future__ import annotations
 
-import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 
 from fedseek.config import ScenarioConfig, load_scenario
-from fedseek.flower_control import ControlClient, flower_env, flwr_bin, submit_run, write_connection
-from fedseek.follow import RunError, follow_run, print_summary, tail
-from fedseek.processes import ProcessTree, free_port, start_process, wait_for_port
+from fedseek.ops.flower_control import ControlClient, flower_env, flwr_bin, submit_run, write_connection
+from fedseek.ops.follow import RunError, follow_run, print_summary, tail
+from fedseek.ops.processes import ProcessTree, free_port, start_process, wait_for_port
 
 CONNECTION = "fedseek-sim"
 
@@ -29,7 +28,7 @@ class SimulationError(RunError):
 
 def app_dir() -> Path:
     """The Flower App root (pyproject.toml with [tool.flwr.app]) next to the fedseek package."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").exists() or not (root / "server" / "app.py").exists():
         raise SimulationError(f"the fedseek Flower App was not found at {root}: install fedseek from a source checkout (pip install -e .)")
     return root
@@ -152,7 +151,7 @@ def _cores() -> int:
 
 def _follow(cfg: ScenarioConfig, out: Path, client: ControlClient, run_id: int, superlink: ProcessTree,
             console: Console, timeout_s: float, on_round: Callable[[dict], None] | None):
-    """Follow the run (shared logic in fedseek.follow), watching our own SuperLink process tree."""
+    """Follow the run (shared logic in fedseek.ops.follow), watching our own SuperLink process tree."""
 
     def alive() -> str | None:
         superlink.sample()

@@ -21,7 +21,7 @@ clipped sensitivity stays C, so the accounting is unchanged.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

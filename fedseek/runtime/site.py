@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedseek.codec import CodecSpec, ErrorFeedback
 from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenario, load_site
-from fedseek.models import build_model
-from fedseek.protocol import encode_update, unpack_global, update_records
-from fedseek.telemetry import atomic_write_bytes
+from fedseek.files import atomic_write_bytes
+from fedseek.privacy.ledger import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
 from fedseek.train.local import evaluate, resolve_device, train_local
-from fedseek.train.privacy import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
+from fedseek.train.models import build_model
+from fedseek.wire.codec import CodecSpec, ErrorFeedback
+from fedseek.wire.transfer import encode_update, unpack_global, update_records
 
-log = logging.getLogger("fedseek.site")
+log = logging.getLogger("fedseek.runtime.site")
 FEEDBACK_FILE = "error_feedback.npz"
 NAN_MARK = np.float32(-1.2345e-30)  # fault injection only: marks a delta whose payload is replaced by NaN
 
