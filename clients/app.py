@@ -1,14 +1,19 @@
-"""fedseek site daemon: Flower ClientApp. Round handling lives in fedseek.runtime.site."""
+"""fedseek site daemon: Flower ClientApp. Round handling lives in fedseek.runtime.site.
+
+Simulated faults (drop-outs, Byzantine updates) are a mod on the train handler that acts only
+in simulations whose scenario asks for them; a deployed site passes straight through it.
+"""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedseek.runtime.faults import simulated_faults
 from fedseek.runtime.site import handle_evaluate, handle_query, handle_train
 
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[simulated_faults])
 def train(msg: Message, context: Context) -> Message:
     """Local (DP-)training on the site's private data."""
     return handle_train(msg, context)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedseek.wire.codec import CodecSpec
-from fedseek.wire.screening import as_messages, screen_replies
-from fedseek.wire.transfer import pack_update, to_record
+from fedseek.wire.blob import PACKING, pack_blob
+from fedseek.wire.screening import Bounds, as_messages, screen_replies
+from fedseek.wire.transfer import pack_update
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +37,8 @@ def _reply(delta=None, *, metrics=None, spec=CodecSpec(), site="s", refused=None
     if refused:
         content["status"] = ConfigRecord({"refused": refused})
     elif raw is not None:
-        content["update"] = to_record(raw)
-        content["update-codec"] = ConfigRecord(meta or {"codec": "none"})
+        content["update"] = ArrayRecord({"blob": Array(pack_blob(raw, meta or {"codec": "none"}))})
+        content["update-codec"] = ConfigRecord({"packing": PACKING})
     else:
         delta = delta if delta is not None else {k: np.full_like(v, 0.1) for k, v in GLOBAL.items()}
         records, _, _ = pack_update(delta, spec, None, None, nonce=1)
@@ -47,11 +48,12 @@ def _reply(delta=None, *, metrics=None, spec=CodecSpec(), site="s", refused=None
 
 
 def test_good_reply_is_decoded_into_full_weights():
-    out = screen_replies([_reply()], GLOBAL)
+    out = screen_replies([_reply()], Bounds(GLOBAL))
     assert len(out.accepted) == 1 and not out.rejected
     r = out.accepted[0]
     assert np.allclose(r.arrays["w"], 1.1) and np.allclose(r.arrays["b"], 0.1)
-    assert out.bytes_up == 4 * 15 and r.metrics["update-norm"] == pytest.approx(np.sqrt(15 * 0.01))
+    assert out.bytes_up == 4 * 15 and r.update_norm == pytest.approx(np.sqrt(15 * 0.01))
+    assert r.num_examples == 10 and r.metrics.train_loss == 0.5
     msgs = as_messages(out.accepted)
     assert msgs[0].content["metrics"]["num-examples"] == 10
 
@@ -64,17 +66,19 @@ def test_good_reply_is_decoded_into_full_weights():
         (lambda: _reply({"w": np.zeros((4, 3), np.float32)}), "undecodable"),
         (lambda: _reply(metrics={"train-loss": 0.1}), "num-examples"),
         (lambda: _reply(metrics={"num-examples": 0}), "num-examples"),
+        (lambda: _reply(metrics={"num-examples": 10, "train-loss": float("inf")}), "train-loss"),
+        (lambda: _reply(metrics={"num-examples": 10, "epsilon": -1.0}), "epsilon"),
         (lambda: _reply(raw={"junk": np.zeros(3, np.float32)}), "undecodable"),
         (lambda: _reply(raw={"big": np.zeros(10_000, np.float32)}), "oversize"),
         (lambda: _reply({k: np.full_like(v, 100.0) for k, v in GLOBAL.items()}), "norm"),
     ],
 )
 def test_bad_replies_are_rejected_with_a_reason(reply, reason):
-    out = screen_replies([reply(), _reply(site="good")], GLOBAL, max_update_norm=50.0, max_payload_bytes=1000)
+    out = screen_replies([reply(), _reply(site="good")], Bounds(GLOBAL, max_update_norm=50.0, max_payload_bytes=1000))
     assert [r.site for r in out.accepted] == ["good"]
     assert len(out.rejected) == 1
-    assert reason in out.rejected[0]["reason"]
-    assert out.rejected[0]["site"] == "s"
+    assert reason in out.rejected[0].reason
+    assert out.rejected[0].site == "s"
 
 
 def test_refusals_and_error_replies_are_sorted_out():
@@ -83,11 +87,11 @@ def test_refusals_and_error_replies_are_sorted_out():
     sent = Message(RecordDict(), dst_node_id=3, message_type="train")
     sent.metadata.__dict__["_message_id"] = "m-3"  # as Flower's Grid.push_messages sets it
     err = Message(Error(code=2, reason="ClientApp raised"), reply_to=sent)
-    out = screen_replies([_reply(refused="budget spent"), err, _reply(site="ok")], GLOBAL)
-    assert [r["reason"] for r in out.refused] == ["budget spent"]
-    assert len(out.failed) == 1 and "ClientApp raised" in out.failed[0]["reason"]
+    out = screen_replies([_reply(refused="budget spent"), err, _reply(site="ok")], Bounds(GLOBAL))
+    assert [r.reason for r in out.refused] == ["budget spent"]
+    assert len(out.failed) == 1 and "ClientApp raised" in out.failed[0].reason
     # the coordinator maps a failure to the node the message went to by this id (not by the sender)
-    assert out.failed[0]["reply_to"] == err.metadata.reply_to_message_id == "m-3"
+    assert out.failed[0].reply_to == err.metadata.reply_to_message_id == "m-3"
     assert len(out.accepted) == 1
 
 
@@ -95,7 +99,7 @@ def test_compressed_update_round_trips_through_screening():
     rng = np.random.default_rng(0)
     delta = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()}
     spec = CodecSpec(kind="topk", topk_fraction=0.5, quantize="int8", seed=1)
-    out = screen_replies([_reply(delta, spec=spec)], GLOBAL)
+    out = screen_replies([_reply(delta, spec=spec)], Bounds(GLOBAL))
     assert len(out.accepted) == 1
     got = out.accepted[0].arrays["w"] - GLOBAL["w"]
     kept = got != 0

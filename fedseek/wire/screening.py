@@ -1,7 +1,8 @@
-"""Validation of site replies before aggregation: a bad reply is rejected with a reason, never aggregated.
+"""Screening of site replies before aggregation: a bad reply is rejected with a reason, never aggregated.
 
-A stock Flower strategy aborts the whole run on one inconsistent reply (measured), so the
-coordinator checks every reply here and hands the strategy only clean, uniform messages.
+A stock Flower strategy aborts the whole run on one inconsistent reply (measured), so every
+reply is decoded and checked here (metrics schema, payload size, codec, shapes, finiteness,
+norm bound) and the strategy only ever sees clean, uniform messages.
 """
 
 from __future__ import annotations
@@ -11,22 +12,41 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
-from fedseek.wire.transfer import update_wire_bytes
+from fedseek.wire.codec import CodecError
+from fedseek.wire.records import METRICS, RecordError, RefusalMetrics, TrainMetrics, refusal_reason, site_name
+from fedseek.wire.transfer import to_record, unpack_update, update_wire_bytes
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SiteReply:
-    """A reply that passed validation: full local weights plus its metrics."""
+    """A reply that passed validation: full local weights (global + delta) plus its typed metrics."""
 
     node_id: int
     site: str
     arrays: dict[str, np.ndarray]
-    num_examples: int
-    metrics: dict[str, float]
+    metrics: TrainMetrics
+    payload_bytes: int = 0
+    update_norm: float = 0.0
+
+    @property
+    def num_examples(self) -> int:
+        """The weight of this reply in FedAvg-style aggregation."""
+        return self.metrics.num_examples
+
+
+@dataclass
+class Issue:
+    """A reply that was not aggregated: which node and site, and why."""
+
+    node_id: int
+    site: str
+    reason: str
+    reply_to: str = ""  # id of the message it answers (error replies come from the SuperLink's node id)
+    refusal: RefusalMetrics | None = None
 
 
 @dataclass
@@ -34,103 +54,98 @@ class Screened:
     """Outcome of screening one round's replies."""
 
     accepted: list[SiteReply] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)  # {"node_id","site","reason"}
-    refused: list[dict] = field(default_factory=list)  # privacy-budget refusals {"node_id","site","reason",...}
-    failed: list[dict] = field(default_factory=list)  # error replies (crash, timeout)
+    rejected: list[Issue] = field(default_factory=list)  # malformed or out of bounds
+    refused: list[Issue] = field(default_factory=list)  # the site declined (privacy budget)
+    failed: list[Issue] = field(default_factory=list)  # error replies (crash, drop-out)
     bytes_up: int = 0  # exact codec payload bytes of accepted updates
     wire_bytes_up: int = 0  # the update's Flower records: packed blob (payload + codec meta) + framing
 
 
-def _site_name(content: RecordDict) -> str:
-    rec = content.config_records.get("site")
-    return str(rec.get("name", "")) if rec is not None else ""
+@dataclass(frozen=True)
+class Bounds:
+    """What a reply must respect against the current global model."""
+
+    global_arrays: dict[str, np.ndarray]
+    mask: dict[str, np.ndarray] | None = None
+    max_update_norm: float | None = None
+    max_payload_bytes: int | None = None
 
 
-def screen_replies(
-    replies: Iterable[Message],
-    global_arrays: dict[str, np.ndarray],
-    *,
-    mask: dict[str, np.ndarray] | None = None,
-    max_update_norm: float | None = None,
-    max_payload_bytes: int | None = None,
-) -> Screened:
-    """Sort replies into accepted / rejected (malformed) / refused (privacy budget) / failed (errors).
-
-    An accepted reply's update is decoded (fedseek.wire.codec, validated against the global
-    model's shapes) and turned into full weights: global + delta.
-    """
+def screen_replies(replies: Iterable[Message], bounds: Bounds) -> Screened:
+    """Sort replies into accepted / rejected / refused / failed; accepted ones are decoded into full weights."""
     out = Screened()
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
             reason = f"error reply (code {msg.error.code}): {str(msg.error.reason)[:300]}"
-            # reply_to: the coordinator maps it to the node the message went to (Flower's own error replies
-            # for an unavailable node come from the SuperLink's node id, not from the node)
-            out.failed.append({"node_id": node, "site": "", "reason": reason, "reply_to": msg.metadata.reply_to_message_id})
+            out.failed.append(Issue(node, "", reason, reply_to=msg.metadata.reply_to_message_id))
             log.warning("node %s: %s", node, reason)
             continue
         content = msg.content
-        site = _site_name(content)
-        status = content.config_records.get("status")
-        if status is not None and status.get("refused"):
-            metrics = dict(content.metric_records.get("metrics", MetricRecord()))
-            out.refused.append({"node_id": node, "site": site, "reason": str(status.get("refused")), **metrics})
-            log.warning("site %s (node %s) refused the round: %s", site, node, status.get("refused"))
+        site = site_name(content)
+        refused = refusal_reason(content)
+        if refused is not None:
+            out.refused.append(Issue(node, site, refused, refusal=_refusal_metrics(content)))
+            log.warning("site %s (node %s) refused the round: %s", site, node, refused)
             continue
-        reason, reply = _check_one(content, global_arrays, mask, max_update_norm, max_payload_bytes)
+        reason, reply = check_update(content, bounds)
         if reply is None:
-            out.rejected.append({"node_id": node, "site": site, "reason": reason})
+            out.rejected.append(Issue(node, site, reason))
             log.warning("rejected update from site %s (node %s): %s", site, node, reason)
             continue
         reply.node_id, reply.site = node, site
-        out.bytes_up += int(reply.metrics.get("payload-bytes", 0))
+        out.bytes_up += reply.payload_bytes
         out.wire_bytes_up += update_wire_bytes(content)
         out.accepted.append(reply)
     return out
 
 
-def _check_one(
-    content: RecordDict,
-    global_arrays: dict[str, np.ndarray],
-    mask: dict[str, np.ndarray] | None,
-    max_update_norm: float | None,
-    max_payload_bytes: int | None = None,
-) -> tuple[str, SiteReply | None]:
-    from fedseek.wire.codec import CodecError
-    from fedseek.wire.transfer import unpack_update
+def _refusal_metrics(content: RecordDict) -> RefusalMetrics:
+    try:
+        return RefusalMetrics.from_record(content.metric_records.get(METRICS, MetricRecord()))
+    except RecordError as exc:
+        log.warning("refusal with unreadable metrics (%s): kept without them", exc)
+        return RefusalMetrics()
 
+
+def check_update(content: RecordDict, bounds: Bounds) -> tuple[str, SiteReply | None]:
+    """One reply's update against the bounds: ("", reply) when acceptable, (reason, None) otherwise."""
     if "update" not in content.array_records or "update-codec" not in content.config_records:
         return "no 'update' / 'update-codec' record in reply", None
-    if "metrics" not in content.metric_records:
+    if METRICS not in content.metric_records:
         return "no 'metrics' record in reply", None
-    metrics = content.metric_records["metrics"]
-    n = metrics.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0:
-        return f"metric 'num-examples' missing or not positive ({n!r})", None
-    shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
-    size = update_wire_bytes(content)
-    if max_payload_bytes is not None and size > max_payload_bytes:
-        return f"oversize payload: {size} bytes > limit {max_payload_bytes}", None
     try:
-        delta, payload = unpack_update(content, shapes, mask)
+        metrics = TrainMetrics.from_record(content.metric_records[METRICS])
+    except RecordError as exc:
+        return str(exc)[:300], None
+    shapes = {k: tuple(v.shape) for k, v in bounds.global_arrays.items()}
+    size = update_wire_bytes(content)
+    if bounds.max_payload_bytes is not None and size > bounds.max_payload_bytes:
+        return f"oversize payload: {size} bytes > limit {bounds.max_payload_bytes}", None
+    try:
+        delta, payload = unpack_update(content, shapes, bounds.mask)
     except (CodecError, KeyError, ValueError, TypeError) as exc:
         return f"undecodable update ({type(exc).__name__}: {str(exc)[:200]})", None
+    reason = _delta_problem(delta, shapes)
+    if reason:
+        return reason, None
+    norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
+    if bounds.max_update_norm is not None and norm > bounds.max_update_norm:
+        return f"update norm {norm:.3g} above bound {bounds.max_update_norm:g}", None
+    arrays = {k: (bounds.global_arrays[k] + delta[k]).astype(np.float32) for k in shapes}
+    return "", SiteReply(0, "", arrays, metrics, payload_bytes=int(payload), update_norm=norm)
+
+
+def _delta_problem(delta: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> str:
     missing = sorted(set(shapes) - set(delta))
     if missing:
-        return f"update lacks tensors {missing[:3]}", None
+        return f"update lacks tensors {missing[:3]}"
     for k, d in delta.items():
         if d.shape != shapes[k]:
-            return f"wrong shape for {k}: {d.shape} != {shapes[k]}", None
+            return f"wrong shape for {k}: {d.shape} != {shapes[k]}"
         if not np.all(np.isfinite(d)):
-            return f"non-finite values (NaN/Inf) in {k}", None
-    norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
-    if max_update_norm is not None and norm > max_update_norm:
-        return f"update norm {norm:.3g} above bound {max_update_norm:g}", None
-    arrays = {k: (global_arrays[k] + delta[k]).astype(np.float32) for k in shapes}
-    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    scalars["payload-bytes"] = float(payload)
-    scalars["update-norm"] = norm
-    return "", SiteReply(0, "", arrays, int(n), scalars)
+            return f"non-finite values (NaN/Inf) in {k}"
+    return ""
 
 
 def as_messages(accepted: list[SiteReply]) -> list[Message]:
@@ -139,15 +154,9 @@ def as_messages(accepted: list[SiteReply]) -> list[Message]:
     for r in accepted:
         content = RecordDict(
             {
-                "arrays": ArrayRecord(_to_record(r.arrays)),
-                "metrics": MetricRecord({"num-examples": r.num_examples, "train-loss": r.metrics.get("train-loss", 0.0)}),
+                "arrays": to_record(r.arrays),
+                "metrics": MetricRecord({"num-examples": r.num_examples, "train-loss": r.metrics.train_loss}),
             }
         )
         msgs.append(Message(content=content, dst_node_id=0, message_type="train"))
     return msgs
-
-
-def _to_record(arrays: dict[str, np.ndarray]) -> dict:
-    from flwr.app import Array
-
-    return {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}

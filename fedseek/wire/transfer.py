@@ -8,15 +8,11 @@ ConfigRecord naming the packing, "metrics" and "site". Why one blob: Flower fram
 Array (~130 B of .npy header plus its key) and a ConfigRecord carries JSON text, so a
 10-tensor top-k update sent as 30 arrays + meta cost ~5.7 KB of framing around ~2 KB of
 payload; packed, the wire size is the payload plus one header (measured in tests).
-The unpacked layout (codec arrays as separate Arrays, meta in the ConfigRecord) is still
-decoded. Everything a site sends is decoded under validation: a malformed payload is a CodecError.
+Everything a site sends is decoded under validation: a malformed payload is a CodecError.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedseek.sparsity.masks import pack_mask, unpack_mask
+from fedseek.wire.blob import PACKING, pack_blob, unpack_blob
 from fedseek.wire.codec import CodecError, CodecSpec, EncodedUpdate, ErrorFeedback, decode, encode, payload_bytes
 
 
@@ -69,73 +66,6 @@ def unpack_global(content: RecordDict, shapes: Mapping[str, tuple[int, ...]]) ->
     return arrays, mask
 
 
-PACKING = "fedseek-blob-1"
-_BLOB_MAGIC = b"FSB1"
-_MAX_HEADER = 1 << 20  # decompressed header bytes a site may claim
-_BLOB_DTYPES = {"float32", "float16", "int8", "uint8", "uint32"}
-
-
-def pack_blob(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> np.ndarray:
-    """One uint8 array: b"FSB1" | u32 header length | zlib(JSON {meta, arrays: [[name, dtype, count]]}) | array bytes."""
-    entries, chunks = [], []
-    for name, a in arrays.items():
-        arr = np.ascontiguousarray(np.asarray(a).ravel())
-        if arr.dtype.name not in _BLOB_DTYPES:
-            raise ValueError(f"array {name!r} has dtype {arr.dtype}, not one the wire carries ({', '.join(sorted(_BLOB_DTYPES))})")
-        entries.append([name, arr.dtype.name, int(arr.size)])
-        chunks.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
-    header = zlib.compress(json.dumps({"meta": dict(meta), "arrays": entries}, separators=(",", ":")).encode(), 9)
-    raw = _BLOB_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
-    return np.frombuffer(raw, dtype=np.uint8).copy()
-
-
-def unpack_blob(blob: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Inverse of `pack_blob`, for bytes from a site: every length and dtype checked, CodecError otherwise."""
-    b = np.asarray(blob)
-    if b.dtype != np.uint8 or b.ndim != 1:
-        raise CodecError(f"update blob must be 1-D uint8, got {b.dtype} {b.shape}")
-    raw = b.tobytes()
-    if len(raw) < 8 or raw[:4] != _BLOB_MAGIC:
-        raise CodecError("update blob does not start with the fedseek header")
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    if 8 + hlen > len(raw):
-        raise CodecError(f"update blob header claims {hlen} bytes, blob has {len(raw) - 8}")
-    try:
-        d = zlib.decompressobj()
-        text = d.decompress(raw[8 : 8 + hlen], _MAX_HEADER)
-        if d.unconsumed_tail:
-            raise CodecError(f"update blob header inflates beyond {_MAX_HEADER} bytes")
-        head = json.loads(text)
-    except (zlib.error, ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, CodecError):
-            raise
-        raise CodecError(f"update blob header unreadable ({type(exc).__name__})") from None
-    if not isinstance(head, dict) or not isinstance(head.get("meta"), dict) or not isinstance(head.get("arrays"), list):
-        raise CodecError("update blob header lacks 'meta' / 'arrays'")
-    arrays: dict[str, np.ndarray] = {}
-    pos = 8 + hlen
-    for entry in head["arrays"]:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in _BLOB_DTYPES
-                and isinstance(entry[2], int) and not isinstance(entry[2], bool) and entry[2] >= 0):
-            raise CodecError(f"bad array entry in update blob header: {str(entry)[:80]}")
-        name, dt, count = entry
-        if name in arrays:
-            raise CodecError(f"array {name!r} appears twice in the update blob")
-        dtype = np.dtype(dt).newbyteorder("<")
-        end = pos + count * dtype.itemsize
-        if end > len(raw):
-            raise CodecError(f"array {name!r} runs past the end of the update blob")
-        arrays[name] = np.frombuffer(raw, dtype=dtype, count=count, offset=pos).astype(np.dtype(dt))
-        pos = end
-    if pos != len(raw):
-        raise CodecError(f"{len(raw) - pos} trailing bytes in the update blob")
-    meta = head["meta"]
-    for k, v in meta.items():
-        if not isinstance(v, (int, float, str)) or isinstance(v, bool):
-            raise CodecError(f"meta {k!r} has a value of type {type(v).__name__}")
-    return arrays, meta
-
-
 def encode_update(
     delta: Mapping[str, np.ndarray], spec: CodecSpec, feedback: ErrorFeedback | None, mask: Mapping[str, np.ndarray] | None, nonce: int
 ) -> EncodedUpdate:
@@ -173,12 +103,9 @@ def unpack_update(
     """
     rec = content.array_records["update"]
     cfg = dict(content.config_records["update-codec"])
-    if cfg.get("packing") == PACKING:
-        if set(rec.keys()) != {"blob"}:
-            raise CodecError(f"packed update must hold exactly one array 'blob', got {sorted(rec.keys())[:5]}")
-        arrays, meta = unpack_blob(rec["blob"].numpy())
-    elif "packing" in cfg:
-        raise CodecError(f"unknown update packing {str(cfg['packing'])[:40]!r}; this coordinator reads {PACKING!r}")
-    else:
-        arrays, meta = from_record(rec), cfg
+    if cfg.get("packing") != PACKING:
+        raise CodecError(f"unknown update packing {str(cfg.get('packing', ''))[:40]!r}; this coordinator reads {PACKING!r}")
+    if set(rec.keys()) != {"blob"}:
+        raise CodecError(f"packed update must hold exactly one array 'blob', got {sorted(rec.keys())[:5]}")
+    arrays, meta = unpack_blob(rec["blob"].numpy())
     return decode(arrays, meta, mask=mask, expected_shapes=shapes), payload_bytes(arrays)

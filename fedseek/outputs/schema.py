@@ -1,0 +1,242 @@
+"""The run's output records: one metrics.jsonl row per round and summary.json, as typed models.
+
+The coordinator writes them, and `fedseek simulate/run` (follow), `fedseek report`, the
+Prometheus exporter and the tests read them through these same classes. Field names are the
+files' field names (per-site views keep their hyphenated keys through aliases), and every
+record carries `schema_version` so a reader can tell which layout it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+
+SCHEMA_VERSION = 1
+Metrics = dict[str, float | None]  # evaluate(): loss, accuracy, balanced_accuracy, auc (binary tasks)
+
+
+class SchemaError(ValueError):
+    """A run file that is not a fedseek run record (or a newer layout): one line naming the file and field."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+
+class SiteIssue(_Record):
+    """A site named with the reason it failed or refused a round."""
+
+    site: str = ""
+    reason: str = ""
+
+
+class Rejection(SiteIssue):
+    """An update rejected by screening (malformed, oversized, non-finite, above the norm bound)."""
+
+    node_id: int = 0
+
+
+class RoundRejection(Rejection):
+    """A rejection in the run summary, with its round."""
+
+    round: int = 0
+
+
+class SiteRoundView(_Record):
+    """One site's line in a round row: DP accounting it reported (trained) or its refusal facts."""
+
+    status: Literal["trained", "refused"]
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = Field(None, alias="noise-multiplier")
+    sample_rate: float | None = Field(None, alias="sample-rate")
+    dp_steps: int | None = Field(None, alias="dp-steps")
+    dp_steps_total: int | None = Field(None, alias="dp-steps-total")
+    train_loss: float | None = Field(None, alias="train-loss")
+    num_examples: int | None = Field(None, alias="num-examples")
+    epsilon_budget: float | None = Field(None, alias="epsilon-budget")
+    projected_epsilon: float | None = Field(None, alias="projected-epsilon")
+
+
+class WatermarkRound(_Record):
+    """The watermark embedding step of one round (coordinator-side, no site data)."""
+
+    steps: int
+    trigger_accuracy_before: float
+    trigger_accuracy: float
+    matches: int
+    n: int
+    p_value: float
+    detected: bool
+    seconds: float
+
+
+class MetricsRow(_Record):
+    """One line of metrics.jsonl: what happened in one round."""
+
+    schema_version: int = SCHEMA_VERSION
+    round: int
+    time: float
+    round_seconds: float
+    sampled: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    refused: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    timed_out_sites: list[str] = []
+    failures: list[SiteIssue] = []
+    rejections: list[Rejection] = []
+    refusals: list[SiteIssue] = []
+    train_loss: float | None = None
+    central: Metrics = {}
+    bytes_up: int = 0
+    wire_bytes_up: int = 0
+    bytes_down: int = 0
+    codec: str = "none"
+    sparsity: float = 0.0
+    watermark: WatermarkRound | None = None
+    sites: dict[str, SiteRoundView] = {}
+
+    @field_serializer("sites")
+    def _sites(self, sites: dict[str, SiteRoundView]) -> dict[str, dict[str, Any]]:
+        return {k: v.model_dump(by_alias=True, exclude_none=True) for k, v in sites.items()}
+
+
+class SitePrivacy(_Record):
+    """A site's privacy spend as last reported (its own ledger is the authority)."""
+
+    epsilon: float | None = None
+    delta: float | None = None
+    steps: int | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    rounds_trained: int = 0
+    refusals: int = 0
+
+
+class PrivacySummary(_Record):
+    """The run's privacy section: policy and the worst site's epsilon."""
+
+    enabled: bool = False
+    accountant: str | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    max_epsilon: float | None = None
+    sites: dict[str, SitePrivacy] = {}
+
+
+class CompressionSummary(_Record):
+    """The uplink codec and the measured compression ratio."""
+
+    codec: str = "none"
+    topk_fraction: float | None = None
+    quantize: str | None = None
+    error_feedback: bool = False
+    downlink: str = "none"
+    ratio_up: float | None = None
+
+
+class WatermarkSummary(_Record):
+    """Detection on the final model, and the commitment a verifier checks the key against."""
+
+    p_value: float
+    matches: int
+    n: int
+    num_classes: int
+    detected: bool
+    alpha: float
+    commitment: str
+    embed_seconds: float
+
+
+class RunSummary(_Record):
+    """summary.json: the run's outcome, written once at the end."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    run_id: str = ""
+    rounds: int
+    rounds_completed: int
+    num_sites: int
+    strategy: str
+    dataset: str = ""
+    seed: int
+    initial: Metrics | None = None
+    final: Metrics = {}
+    final_accuracy: float | None = None
+    privacy: PrivacySummary = PrivacySummary()
+    bytes_up: int = 0
+    wire_bytes_up: int = 0
+    dense_bytes_up: int = 0
+    bytes_down: int = 0
+    compression: CompressionSummary = CompressionSummary()
+    sparsity: float = 0.0
+    rejected_updates: int = 0
+    rejections: list[RoundRejection] = []
+    refused_rounds: int = 0
+    failed_replies: int = 0
+    excluded_sites: dict[str, str] = {}
+    watermark: WatermarkSummary | None = None
+    stop_reason: str | None = None
+    wall_seconds: float = 0.0
+
+
+def _check_version(data: Any, where: str) -> None:
+    version = data.get("schema_version", SCHEMA_VERSION) if isinstance(data, dict) else SCHEMA_VERSION
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise SchemaError(f"{where}: schema_version {version!r} is newer than this fedseek reads ({SCHEMA_VERSION}); upgrade fedseek")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"field {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+
+
+def parse_row(data: Any, where: str = "metrics row") -> MetricsRow:
+    """A metrics.jsonl row from parsed JSON; SchemaError naming the field otherwise."""
+    _check_version(data, where)
+    try:
+        return MetricsRow.model_validate(data)
+    except ValidationError as exc:
+        raise SchemaError(f"{where}: {_first_error(exc)}") from None
+
+
+def read_rows(path: str | Path) -> list[MetricsRow]:
+    """Every complete round in metrics.jsonl (a trailing partial line, from a crash mid-write, is ignored)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows = []
+    lines = p.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise SchemaError(f"{p}:{i + 1}: not a JSON line") from None
+        rows.append(parse_row(data, f"{p}:{i + 1}"))
+    return rows
+
+
+def read_summary(path: str | Path) -> RunSummary:
+    """summary.json as a RunSummary; SchemaError with the file and field when it is not one."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"{p}: unreadable ({exc})") from None
+    _check_version(data, str(p))
+    try:
+        return RunSummary.model_validate(data)
+    except ValidationError as exc:
+        raise SchemaError(f"{p}: {_first_error(exc)}") from None
+
+
+def dump(record: BaseModel) -> dict[str, Any]:
+    """The JSON object a record is written as (aliases for the hyphenated per-site keys)."""
+    return record.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,117 @@
+"""The coordinator's running account of a run: traffic and failure totals, each site's privacy view, rejections.
+
+It turns one round's outcome into the typed metrics row, and the whole run into the summary's
+totals and privacy section. Sites' epsilons are what their own ledgers reported: the site's
+ledger is the authority, this is the coordinator's view of it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fedseek.config import PrivacySpec
+from fedseek.outputs.schema import (
+    MetricsRow,
+    PrivacySummary,
+    Rejection,
+    RoundRejection,
+    SiteIssue,
+    SitePrivacy,
+    SiteRoundView,
+    WatermarkRound,
+)
+from fedseek.runtime.nodes import NodeTracker
+from fedseek.runtime.strategy import RoundOutcome
+from fedseek.wire.records import RefusalMetrics
+from fedseek.wire.screening import Issue, Screened
+
+_TOTALS = ("bytes_up", "wire_bytes_up", "bytes_down", "dense_bytes_up", "rejected", "refused", "failed")
+
+
+def _site_views(screened: Screened) -> dict[str, SiteRoundView]:
+    views: dict[str, SiteRoundView] = {}
+    for r in screened.accepted:
+        m = r.metrics
+        views[r.site or str(r.node_id)] = SiteRoundView(
+            status="trained", epsilon=m.epsilon, delta=m.delta, noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate,
+            dp_steps=m.dp_steps, dp_steps_total=m.dp_steps_total, train_loss=m.train_loss, num_examples=m.num_examples)
+    for f in screened.refused:
+        rm = f.refusal or RefusalMetrics()
+        views[f.site or str(f.node_id)] = SiteRoundView(
+            status="refused", epsilon=rm.epsilon, delta=rm.delta, epsilon_budget=rm.epsilon_budget, projected_epsilon=rm.projected_epsilon)
+    return views
+
+
+def _issues(issues: list[Issue]) -> list[SiteIssue]:
+    return [SiteIssue(site=i.site, reason=i.reason) for i in issues]
+
+
+class RunBook:
+    """Totals, per-site views and rejections across rounds; checkpointed with state_dict()."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = dict.fromkeys(_TOTALS, 0)
+        self.sites: dict[str, dict[str, Any]] = {}  # site name -> latest privacy / participation view
+        self.rejections: list[RoundRejection] = []
+
+    def record_round(self, rnd: int, outcome: RoundOutcome, nodes: NodeTracker, *, started: float, central: dict[str, float],
+                     codec: str, sparsity: float, watermark: WatermarkRound | None) -> MetricsRow:
+        """Account for one round and return its metrics row."""
+        s = outcome.screened
+        views = _site_views(s)
+        self._update_sites(rnd, views)
+        rejections = [Rejection(node_id=r.node_id, site=r.site, reason=r.reason) for r in s.rejected]
+        t = self.totals
+        t["bytes_up"] += s.bytes_up
+        t["wire_bytes_up"] += s.wire_bytes_up
+        t["dense_bytes_up"] += sum(r.metrics.dense_bytes for r in s.accepted)
+        t["bytes_down"] += outcome.bytes_down
+        t["rejected"] += len(s.rejected)
+        t["refused"] += len(s.refused)
+        t["failed"] += len(s.failed) + outcome.timeouts
+        self.rejections += [RoundRejection(round=rnd, **r.model_dump()) for r in rejections]
+        weight = sum(r.num_examples for r in s.accepted)
+        train_loss = sum(r.metrics.train_loss * r.num_examples for r in s.accepted) / max(1, weight) if s.accepted else None
+        now = time.time()
+        return MetricsRow(
+            round=rnd, time=now, round_seconds=now - started, sampled=len(outcome.sampled), accepted=len(s.accepted),
+            rejected=len(s.rejected), refused=len(s.refused), failed=len(s.failed), timed_out=outcome.timeouts,
+            timed_out_sites=[nodes.name(n) for n in outcome.timed_out], failures=_issues(s.failed), rejections=rejections,
+            refusals=_issues(s.refused), train_loss=train_loss, central=dict(central), bytes_up=s.bytes_up,
+            wire_bytes_up=s.wire_bytes_up, bytes_down=outcome.bytes_down, codec=codec, sparsity=sparsity, watermark=watermark,
+            sites=views)
+
+    def _update_sites(self, rnd: int, views: dict[str, SiteRoundView]) -> None:
+        for name, view in views.items():
+            site = self.sites.setdefault(name, {"rounds_trained": 0, "refusals": 0})
+            if view.status == "trained":
+                site["rounds_trained"] += 1
+            else:
+                site["refusals"] += 1
+            site.update(view.model_dump(exclude_none=True, exclude={"status"}))
+            site["last_round"] = rnd
+
+    def privacy_summary(self, privacy: PrivacySpec | None) -> PrivacySummary:
+        """The summary's privacy section: policy, each site's last reported spend, the worst epsilon."""
+        sites = {
+            name: SitePrivacy(epsilon=s.get("epsilon"), delta=s.get("delta"), steps=s.get("dp_steps_total"),
+                              noise_multiplier=s.get("noise_multiplier"), sample_rate=s.get("sample_rate"),
+                              rounds_trained=s["rounds_trained"], refusals=s["refusals"])
+            for name, s in sorted(self.sites.items())
+        }
+        eps = [v.epsilon for v in sites.values() if v.epsilon is not None]
+        return PrivacySummary(
+            enabled=bool(privacy and privacy.enabled), accountant=privacy.accountant if privacy else None,
+            delta=privacy.delta if privacy else None, epsilon_budget=privacy.epsilon_budget if privacy else None,
+            max_epsilon=max(eps) if eps else None, sites=sites)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Totals, site views and rejections (plain data)."""
+        return {"totals": dict(self.totals), "sites": self.sites, "rejections": [r.model_dump() for r in self.rejections]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict saved."""
+        self.totals.update(state["totals"])
+        self.sites = state["sites"]
+        self.rejections = [RoundRejection.model_validate(r) for r in state["rejections"]]

@@ -1,0 +1,107 @@
+"""The coordinator's global model: weights as numpy arrays, the sparsity mask, and the torch module to evaluate them.
+
+Pruning the aggregate (progressive magnitude pruning, regrowth) is post-processing of DP
+releases: it costs no privacy and uses no site data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedseek.config import FederationSpec
+from fedseek.sparsity.masks import canonical_name, init_mask, magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
+from fedseek.train.local import evaluate
+from fedseek.train.models import build_model
+from fedseek.wire.transfer import from_record, to_record
+
+Arrays = dict[str, np.ndarray]
+
+
+def state_arrays(module: torch.nn.Module) -> Arrays:
+    """A module's state_dict as float32 numpy copies."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in module.state_dict().items()}
+
+
+class GlobalModel:
+    """Weights, mask and module of the shared model, with the run's sparsity policy."""
+
+    def __init__(self, cfg: FederationSpec, input_shape: tuple[int, ...], num_classes: int) -> None:
+        self.cfg = cfg
+        self.module = build_model(cfg.model.kind, input_shape, num_classes, cfg.model.hidden, seed=cfg.seed)
+        self.arrays: Arrays = state_arrays(self.module)
+        self.mask: Arrays | None = None
+        if cfg.sparsity.enabled and cfg.sparsity.schedule == "fixed":
+            # data-independent: drawn from the run's seed before any site trains
+            self.mask = init_mask(self.arrays, cfg.sparsity.target, seed=cfg.seed)
+            self.apply_mask()
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the dense fp32 weights."""
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    def record(self) -> Any:
+        """The weights as a Flower ArrayRecord."""
+        return to_record(self.arrays)
+
+    def set_record(self, record: Any) -> None:
+        """Take the aggregate a strategy returned."""
+        self.arrays = {k: np.asarray(v, dtype=np.float32) for k, v in from_record(record).items()}
+
+    def load_module(self) -> torch.nn.Module:
+        """The torch module holding the current weights."""
+        self.module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})
+        return self.module
+
+    def take_module(self) -> None:
+        """Read the weights back from the module (after coordinator-side fine-tuning), keeping the mask."""
+        self.arrays = state_arrays(self.module)
+        self.apply_mask()
+
+    def apply_mask(self) -> None:
+        """Zero the pruned coordinates."""
+        if self.mask is None:
+            return
+        for k in self.arrays:
+            m = self.mask.get(canonical_name(k))
+            if m is not None:
+                self.arrays[k] = np.where(m, self.arrays[k], 0.0).astype(np.float32)
+
+    def update_mask(self, rnd: int) -> float:
+        """Progressive magnitude pruning of the aggregate (schedule from config); returns the sparsity now in force."""
+        sp = self.cfg.sparsity
+        if not sp.enabled:
+            return 0.0
+        if sp.schedule == "progressive":
+            target = schedule_sparsity(rnd, self.cfg.rounds, sp.target, start_round=sp.start_round, end_fraction=sp.end_fraction)
+            current = self.sparsity()
+            if target > current + 1e-9:
+                self.mask = magnitude_mask(self.arrays, target)
+            elif sp.regrow_fraction > 0 and self.mask is not None and target >= sp.target - 1e-9:
+                self.mask = prune_and_regrow(self.arrays, self.mask, sp.regrow_fraction, seed=self.cfg.seed + rnd)
+        self.apply_mask()
+        return self.sparsity()
+
+    def sparsity(self) -> float:
+        """Fraction of masked coordinates (0 without a mask)."""
+        return sparsity_of(self.mask) if self.mask is not None else 0.0
+
+    def evaluate(self, test: Any) -> dict[str, float]:
+        """Central evaluation on the coordinator's held-out set ({} when it has none)."""
+        if test is None:
+            return {}
+        return evaluate(self.load_module(), test.x, test.y, test.num_classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights and mask."""
+        return {"arrays": self.arrays, "mask": self.mask}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore weights and mask; ValueError when they belong to another architecture."""
+        arrays = state["arrays"]
+        if set(arrays) != set(self.arrays) or any(arrays[k].shape != v.shape for k, v in self.arrays.items()):
+            raise ValueError("checkpoint does not match this model's architecture")
+        self.arrays, self.mask = arrays, state["mask"]

@@ -1,0 +1,134 @@
+"""Who a site is and what it holds: resolved once per process from Flower's node config.
+
+Deployment: the node config's `site-config` names the site YAML (data path, privacy policy,
+state dir). Simulation: the site is partition `partition-id` of the scenario's built-in
+dataset, with its state under OUT/sites/site-NNN.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+
+from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenario, load_site
+
+
+@dataclass
+class SiteRuntime:
+    """Everything a site needs for a round, resolved from the node/run config."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    privacy: PrivacySpec | None
+    state_dir: Path
+    device: str
+    num_sites: int = 1
+    precision: str = "fp32"
+    index: int = 0
+
+
+@functools.lru_cache(maxsize=4)
+def _scenario(path: str, mtime: float) -> ScenarioConfig:
+    return load_scenario(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(path: str, mtime: float) -> tuple[Any, list[np.ndarray]]:
+    from fedseek.data import load_builtin, partition_indices
+
+    cfg = _scenario(path, mtime)
+    train, _ = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
+    parts = partition_indices(
+        train.y,
+        cfg.num_sites,
+        cfg.partition.scheme,
+        alpha=cfg.partition.alpha,
+        seed=cfg.seed,
+        min_partition_size=cfg.partition.min_partition_size,
+        groups=getattr(train, "groups", None),
+    )
+    return train, parts
+
+
+def load_site_data(cfg: SiteConfig) -> Any:
+    """A deployed site's training data (fedseek.data.ArrayDataset) as its config says; DataError/ValueError in one line."""
+    from fedseek.data import load_builtin, load_image_folder, load_table, partition_indices
+
+    d = cfg.data
+    if d.builtin is not None:
+        train, _ = load_builtin(d.builtin, d.seed, test_fraction=d.test_fraction, **d.options)
+        parts = partition_indices(train.y, int(d.num_partitions or 1), d.scheme, alpha=d.alpha, seed=d.seed,
+                                  min_partition_size=d.min_partition_size, groups=getattr(train, "groups", None))
+        return train.subset(parts[int(d.partition or 0)])
+    if d.image_size is not None:
+        return load_image_folder(str(d.path), d.image_size, grayscale=d.grayscale, classes=d.classes)
+    return load_table(str(d.path), str(d.label_column), d.feature_columns, standardize=d.standardize, classes=d.classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _site_config(path: str, mtime: float) -> SiteConfig:
+    return load_site(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _deployed_site(path: str, mtime: float, data_mtime: float) -> SiteRuntime:
+    """A site daemon's runtime from its YAML (cached per process on the config's and the data's mtime)."""
+    cfg = _site_config(path, mtime)
+    ds = load_site_data(cfg)
+    return SiteRuntime(
+        name=cfg.name,
+        x=ds.x,
+        y=ds.y,
+        num_classes=int(ds.num_classes),
+        privacy=cfg.privacy if (cfg.privacy and cfg.privacy.enabled) else None,
+        state_dir=Path(str(cfg.state_dir)),
+        device=cfg.device,
+        precision=cfg.precision,
+        index=int(cfg.data.partition or 0),
+    )
+
+
+def scenario_config(context: Context) -> ScenarioConfig:
+    """The scenario a simulated site belongs to (cached per process on the file's mtime)."""
+    path = str(context.run_config.get("config-path", ""))
+    if not path:
+        raise ValueError("run config 'config-path' is empty")
+    return _scenario(path, os.path.getmtime(path))
+
+
+def resolve_site(context: Context) -> SiteRuntime:
+    """Deployment: the node config's `site-config` names the site YAML. Simulation: a partition of the scenario dataset."""
+    rc, nc = context.run_config, context.node_config
+    if nc.get("site-config"):
+        site_path = str(nc["site-config"])
+        site_cfg = _site_config(site_path, os.path.getmtime(site_path))
+        data_mtime = os.path.getmtime(site_cfg.data.path) if site_cfg.data.path else 0.0
+        return _deployed_site(site_path, os.path.getmtime(site_path), data_mtime)
+    cfg = scenario_config(context)
+    path = str(rc["config-path"])
+    mtime = os.path.getmtime(path)
+    pid = int(nc.get("partition-id", 0))
+    train, parts = _partitions(path, mtime)
+    idx = parts[pid]
+    name = f"site-{pid:03d}"
+    state_root = Path(str(rc.get("state-dir", "") or Path(str(rc.get("out-dir", "runs/latest"))) / "sites"))
+    return SiteRuntime(
+        name=name,
+        x=train.x[idx],
+        y=train.y[idx],
+        num_classes=int(train.num_classes),
+        privacy=cfg.privacy if (cfg.privacy and cfg.privacy.enabled) else None,
+        state_dir=state_root / name,
+        device=cfg.device,
+        precision=cfg.precision,
+        num_sites=cfg.num_sites,
+        index=pid,
+    )

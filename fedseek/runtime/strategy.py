@@ -1,0 +1,165 @@
+"""fedseek's strategy wrapper: any Flower strategy, with site-name sampling, the packed global model and reply screening.
+
+Flower's serverapp strategies split a round into `configure_train` (who trains on what) and
+`aggregate_train` (combine the replies); DP and other concerns are added by wrapping a
+strategy (see flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping).
+`SiteStrategy` wraps the configured rule (FedAvg, FedProx, FedAdam, FedMedian, Krum, ...):
+it samples sites by stable name with the run's seed, sends the global model packed (fp16
+downlink, 1-bit mask), screens and decodes every reply, and hands the inner strategy only
+clean, uniform messages. The inner strategy keeps its own state (FedAdam's moments) and sees
+only its public API: `configure_train` on a view of the Grid listing the sampled sites, then
+`aggregate_train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedseek.runtime.nodes import NodeTracker
+from fedseek.wire.records import site_name
+from fedseek.wire.screening import Bounds, Screened, as_messages, screen_replies
+from fedseek.wire.transfer import from_record, pack_global
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to one round's messages: screened replies, time-outs, traffic."""
+
+    sampled: list[int] = field(default_factory=list)
+    screened: Screened = field(default_factory=Screened)
+    timed_out: list[int] = field(default_factory=list)  # node ids that never answered
+    unnamed_timeouts: int = 0  # replies missing from a Grid that sets no message ids (counted, cannot be named)
+
+    @property
+    def timeouts(self) -> int:
+        """Every sampled site that sent nothing within the round's timeout."""
+        return len(self.timed_out) + self.unnamed_timeouts
+    bytes_down: int = 0
+
+
+class _SampledView:
+    """The part of a Grid an inner Flower strategy reads in configure_train: exactly the sampled nodes."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+
+class SiteStrategy(Strategy):
+    """Wraps a Flower strategy with fedseek's sampling, packing and screening (one per run)."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        nodes: NodeTracker,
+        *,
+        fraction_train: float,
+        min_sites: int,
+        seed: int,
+        downlink: str = "none",
+        max_update_norm: float | None = None,
+        max_payload_bytes: int | None = None,
+    ) -> None:
+        self.inner, self.nodes = inner, nodes
+        self.fraction_train, self.min_sites, self.downlink = fraction_train, min_sites, downlink
+        self.max_update_norm, self.max_payload_bytes = max_update_norm, max_payload_bytes
+        self.rng = np.random.default_rng(seed)
+        self.excluded: dict[str, str] = {}  # site name -> reason (e.g. privacy budget spent)
+        self.mask: dict[str, np.ndarray] | None = None  # the sparsity mask sent with (and enforced on) the model
+        self.outcome = RoundOutcome()
+        self._sent: list[Message] = []
+        self._global: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ policy
+    def sample(self, nodes: list[int]) -> list[int]:
+        """Seeded choice over site names (node ids change between runs, names do not); excluded sites skipped."""
+        by_name = {self.nodes.name(n): n for n in nodes}
+        eligible = sorted(name for name in by_name if name not in self.excluded)
+        k = max(1, int(round(len(eligible) * self.fraction_train)))
+        if k < len(eligible):
+            eligible = sorted(str(x) for x in self.rng.choice(eligible, size=k, replace=False))
+        return [by_name[name] for name in eligible]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Sample sites by name and build their TRAIN messages (packed global model + typed round config)."""
+        sampled = self.sample(self.nodes.alive(self.min_sites, server_round))
+        self.outcome = RoundOutcome(sampled=sampled)
+        self._sent = []
+        if not sampled:
+            return []
+        self._global = from_record(arrays)
+        list(self.inner.configure_train(server_round, arrays, config, cast(Grid, _SampledView(sampled))))
+        records, payload = pack_global(self._global, self.mask, self.downlink)
+        content = RecordDict({**records, "config": config})
+        self._sent = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
+        self.outcome.bytes_down = payload * len(sampled)
+        return self._sent
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen every reply, note refusals and time-outs, and aggregate the accepted ones with the inner strategy."""
+        replies = list(replies)
+        bounds = Bounds(self._global, self.mask, self.max_update_norm, self.max_payload_bytes)
+        screened = screen_replies(replies, bounds)
+        self._attribute(replies, screened)
+        screened.accepted.sort(key=lambda r: (r.site, r.node_id))  # aggregation order independent of arrival
+        for r in screened.refused:
+            self.excluded[r.site or f"node-{r.node_id}"] = r.reason
+        self.outcome.screened = screened
+        if not screened.accepted:
+            return None, None
+        return self.inner.aggregate_train(server_round, as_messages(screened.accepted))
+
+    def _attribute(self, replies: list[Message], screened: Screened) -> None:
+        """Name failed and missing replies by the node the message went to (push_messages set each message's id)."""
+        dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent}
+        for r in replies:
+            if not r.has_error():
+                self.nodes.names.setdefault(int(r.metadata.src_node_id), site_name(r.content))
+        for f in screened.failed:
+            f.node_id = dst.get(f.reply_to, f.node_id)
+            f.site = self.nodes.names.get(f.node_id, "")
+        if "" in dst or len(dst) != len(self._sent):  # a Grid that sets no message ids: count, cannot name
+            self.outcome.unnamed_timeouts = max(0, len(self._sent) - len(replies))
+            return
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        self.outcome.timed_out = sorted(n for mid, n in dst.items() if mid not in answered)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """No federated evaluation: the coordinator evaluates centrally (sites' data never answers queries)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see configure_evaluate)."""
+        return None
+
+    def summary(self) -> None:
+        """Flower's hook to log the strategy's settings."""
+        self.inner.summary()
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Sampling RNG, excluded sites and the inner strategy's server-optimizer state (FedAdam's m_t, v_t)."""
+        inner: dict[str, np.ndarray] = {}
+        for attr in ("m_t", "v_t"):
+            val = getattr(self.inner, attr, None)
+            if isinstance(val, dict):
+                inner.update({f"{attr}/{k}": np.asarray(v) for k, v in val.items()})
+        return {"rng": self.rng.bit_generator.state, "excluded": dict(self.excluded), "inner": inner}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict saved."""
+        self.rng.bit_generator.state = state["rng"]
+        self.excluded = dict(state["excluded"])
+        for attr in ("m_t", "v_t"):
+            vals = {k.split("/", 1)[1]: v for k, v in state["inner"].items() if k.startswith(attr + "/")}
+            if vals:
+                setattr(self.inner, attr, vals)

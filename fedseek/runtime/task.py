@@ -1,0 +1,92 @@
+"""What a ServerApp run is about: the settings Flower passes (flat run config) and the task (shapes, test set).
+
+Flower's run config is flat, so fedseek passes only the path of the full YAML (a scenario or a
+deployed coordinator's config), its kind and the output directory; everything else is typed
+YAML (fedseek.config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from flwr.app import Context
+
+from fedseek.config import CoordinatorConfig, FederationSpec, PrivacySpec, ScenarioConfig, load_coordinator, load_scenario
+from fedseek.wire.records import ModelMeta
+
+ConfigKind = Literal["scenario", "coordinator"]
+
+
+@dataclass
+class Task:
+    """What the coordinator knows about the task: shapes, and a held-out test set if it has one."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    test: Any = None  # fedseek.data.ArrayDataset | None
+    name: str = ""
+
+
+@dataclass
+class RunPlan:
+    """A run as the coordinator starts it: the federation config, its task and where outputs go."""
+
+    cfg: FederationSpec
+    task: Task
+    out_dir: Path
+    expected_sites: int
+    node_wait_s: float
+    privacy: PrivacySpec | None
+    run_id: str
+    resume: bool = False
+
+
+def model_meta(fed: FederationSpec, task: Task) -> ModelMeta:
+    """The architecture description sent to sites and saved as model.json."""
+    return ModelMeta(kind=fed.model.kind, hidden=list(fed.model.hidden), input_shape=list(task.input_shape), num_classes=task.num_classes)
+
+
+def scenario_task(cfg: ScenarioConfig) -> Task:
+    """A scenario's task: the built-in dataset's held-out split is the central test set."""
+    from fedseek.data import load_builtin
+
+    _, test = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
+    return Task(tuple(test.input_shape), int(test.num_classes), test, cfg.data.dataset)
+
+
+def coordinator_task(cfg: CoordinatorConfig) -> Task:
+    """A deployed coordinator's task: built-in test split, a test table, or shapes only."""
+    t = cfg.task
+    if t.dataset:
+        from fedseek.data import load_builtin
+
+        _, test = load_builtin(t.dataset, cfg.seed, test_fraction=t.test_fraction, **t.options)
+        return Task(tuple(test.input_shape), int(test.num_classes), test, t.dataset)
+    if t.test_file:
+        from fedseek.data import load_table
+
+        test = load_table(t.test_file, str(t.label_column), t.feature_columns, standardize=t.standardize, classes=t.classes)
+        return Task(tuple(test.input_shape), int(test.num_classes), test, Path(t.test_file).stem)
+    if t.input_shape is None or t.num_classes is None:
+        raise ValueError("coordinator task needs dataset, test_file, or input_shape and num_classes")
+    return Task(tuple(int(d) for d in t.input_shape), int(t.num_classes), None, cfg.name)
+
+
+def plan_from_context(context: Context) -> RunPlan:
+    """Read Flower's run config and load the YAML it names; ValueError with the key when it is unusable."""
+    rc = context.run_config
+    path = str(rc.get("config-path", ""))
+    if not path:
+        raise ValueError("run config 'config-path' is empty: start runs with `fedseek simulate` or `fedseek run`")
+    kind, out_dir = str(rc.get("config-kind", "scenario")), Path(str(rc.get("out-dir", "runs/latest")))
+    resume, run_id = bool(rc.get("resume", False)), str(context.run_id)
+    if kind == "scenario":
+        cfg = load_scenario(path)
+        return RunPlan(cfg, scenario_task(cfg), out_dir, cfg.num_sites, cfg.simulation.node_wait_s, cfg.privacy, run_id, resume)
+    if kind == "coordinator":
+        ccfg = load_coordinator(path)
+        return RunPlan(ccfg, coordinator_task(ccfg), out_dir, int(ccfg.expected_sites or ccfg.strategy.min_sites), ccfg.node_wait_s,
+                       ccfg.privacy, run_id, resume)
+    raise ValueError(f"config-kind {kind!r} not supported (allowed: scenario, coordinator)")

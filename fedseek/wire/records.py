@@ -1,0 +1,156 @@
+"""Typed records that cross the coordinator/site boundary, on Flower's ConfigRecord and MetricRecord.
+
+The coordinator writes a `RoundConfig` into every TRAIN/EVALUATE message and the site reads
+it back through the same class; a site writes `TrainMetrics` (or `RefusalMetrics`) and the
+coordinator validates the reply with it. Keys on the wire are Flower's usual hyphenated names;
+Python code uses the field names. Every value is bounded and finite, so a malformed record
+fails in one place with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG = "config"  # RecordDict keys of a round's messages
+METRICS = "metrics"
+SITE = "site"
+STATUS = "status"
+
+
+class RecordError(ValueError):
+    """A record that does not match its schema (the message names the key)."""
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any], what: str) -> Any:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"]) or "(record)"
+            raise RecordError(f"{what} key {key!r}: {err['msg']}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: hyphenated keys, optional values left out."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class ModelMeta(_Wire):
+    """The architecture a site builds before loading the global weights (also saved as model.json)."""
+
+    kind: str
+    hidden: list[int] = [64]
+    input_shape: list[int]
+    num_classes: int = Field(ge=2)
+
+
+class RoundConfig(_Wire):
+    """What the coordinator asks of a site in one round (the "config" ConfigRecord)."""
+
+    server_round: int = Field(alias="server-round", ge=1)
+    num_rounds: int = Field(alias="num-rounds", ge=1)
+    lr: float = Field(gt=0)
+    local_epochs: int = Field(alias="local-epochs", ge=1)
+    batch_size: int = Field(alias="batch-size", ge=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weighting: str = "none"
+    proximal_mu: float = Field(0.0, alias="proximal-mu", ge=0)
+    model: ModelMeta
+    seed: int = 0
+    run_id: str = Field("", alias="run-id")
+    codec: dict[str, Any] = {}
+
+    def to_record(self) -> ConfigRecord:
+        """The ConfigRecord form (flat: the model and codec travel as JSON text)."""
+        d = self.to_dict()
+        d["model"] = json.dumps(self.model.to_dict())
+        d["codec"] = json.dumps(self.codec)
+        return ConfigRecord(d)
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> RoundConfig:
+        """Parse and validate the coordinator's round config; RecordError naming the key otherwise."""
+        d: dict[str, Any] = dict(rec)
+        for key in ("model", "codec"):
+            if isinstance(d.get(key), str):
+                try:
+                    d[key] = json.loads(str(d[key]))
+                except json.JSONDecodeError:
+                    raise RecordError(f"round config key {key!r}: not JSON") from None
+        parsed: RoundConfig = cls._parse(d, "round config")
+        return parsed
+
+
+class TrainMetrics(_Wire):
+    """A trained site's reply metrics; the DP fields are present when the site trains under DP-SGD."""
+
+    num_examples: int = Field(alias="num-examples", gt=0)
+    train_loss: float = Field(0.0, alias="train-loss")
+    train_seconds: float = Field(0.0, alias="train-seconds", ge=0)
+    steps: int = Field(0, ge=0)
+    payload_bytes: int = Field(0, alias="payload-bytes", ge=0)
+    dense_bytes: int = Field(0, alias="dense-bytes", ge=0)
+    epsilon: float | None = Field(None, ge=0)
+    delta: float | None = Field(None, ge=0, le=1)
+    noise_multiplier: float | None = Field(None, alias="noise-multiplier", ge=0)
+    sample_rate: float | None = Field(None, alias="sample-rate", ge=0, le=1)
+    dp_steps: int | None = Field(None, alias="dp-steps", ge=0)
+    dp_steps_total: int | None = Field(None, alias="dp-steps-total", ge=0)
+    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0)
+
+    def to_record(self) -> MetricRecord:
+        """The MetricRecord form."""
+        return MetricRecord(self.to_dict())
+
+    @classmethod
+    def from_record(cls, rec: MetricRecord) -> TrainMetrics:
+        """Validate a site's metrics; RecordError naming the key otherwise."""
+        parsed: TrainMetrics = cls._parse(dict(rec), "reply metrics")
+        return parsed
+
+
+class RefusalMetrics(_Wire):
+    """What a site that refuses a round (privacy budget, delta too large) reports about its ledger."""
+
+    num_examples: int = Field(0, alias="num-examples", ge=0)
+    epsilon: float | None = Field(None, ge=0)
+    delta: float | None = Field(None, ge=0, le=1)
+    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0)
+    projected_epsilon: float | None = Field(None, alias="projected-epsilon", ge=0)
+
+    @classmethod
+    def from_record(cls, rec: MetricRecord) -> RefusalMetrics:
+        """Validate a refusal's metrics; RecordError naming the key otherwise."""
+        parsed: RefusalMetrics = cls._parse(dict(rec), "refusal metrics")
+        return parsed
+
+
+def site_record(name: str) -> ConfigRecord:
+    """The "site" record a site attaches to every reply."""
+    return ConfigRecord({"name": name})
+
+
+def site_name(content: RecordDict) -> str:
+    """The site name a reply carries ("" when it carries none)."""
+    rec = content.config_records.get(SITE)
+    return str(rec.get("name", ""))[:200] if rec is not None else ""
+
+
+def refusal_reason(content: RecordDict) -> str | None:
+    """The reason of a refusal reply, None for any other reply."""
+    rec = content.config_records.get(STATUS)
+    if rec is None or not rec.get("refused"):
+        return None
+    return str(rec.get("refused"))[:500]
+
+
+def refusal_content(reason: str, metrics: RefusalMetrics, name: str) -> RecordDict:
+    """A refusal reply: a normal reply with a status, never an error."""
+    return RecordDict({METRICS: MetricRecord(metrics.to_dict()), SITE: site_record(name), STATUS: ConfigRecord({"refused": reason})})
