@@ -1,4 +1,5 @@
-# fedseek: `make demo` runs the default simulation, `make test` runs the suite, `make bench` the benchmarks.
+# fedseek: `make demo` runs the default simulation, `make check` lint + types + the fast tests (< 3 min),
+# `make test` everything CI runs (lint, types, every test tier), `make bench` the benchmarks.
 # Each target creates .venv when missing and installs fedseek with a CPU torch (constraints/cpu.txt).
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -7,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedseek-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo check lint test bench venv clean
 
 venv: $(STAMP)
 
@@ -19,7 +20,14 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 demo: $(STAMP)
 	$(BIN)/fedseek simulate simulations/hospitals.yaml --out runs/demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+check: lint
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

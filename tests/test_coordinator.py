@@ -90,8 +90,17 @@ def in_process_sites(run_config: dict, nodes: list[int]) -> Responder:
     """Every node runs fedseek's real ClientApp (clients/app.py) in this process."""
     from clients.app import app
 
+    from flwr.common.constant import ErrorCode
+
     contexts = {n: _site_context(run_config, n, i) for i, n in enumerate(nodes)}
-    return lambda node, msg: app(msg, contexts[node])
+
+    def respond(node: int, msg: Message) -> Message:
+        try:
+            return app(msg, contexts[node])
+        except Exception as exc:  # as Flower's runtime does: an exception in the ClientApp becomes an error reply
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+    return respond
 
 
 def _coordinator(grid: FakeGrid, run_config: dict):
@@ -218,3 +227,30 @@ def test_round_config_round_trips_and_rejects_bad_values():
     with pytest.raises(RecordError, match="'lr'"):
         RoundConfig.from_record(rec)
     assert CONFIG == "config"
+
+
+@pytest.mark.parametrize("attack, reason", [("nan", "non-finite"), ("scale", "above bound"), ("wrong_shape", "undecodable"),
+                                            ("sign_flip", "above bound")])
+def test_simulated_byzantine_site_is_rejected(tmp_path, attack, reason):
+    """The faults mod (simulation only) corrupts one site's real update; screening must catch it every round."""
+    from fedseek.runtime.faults import byzantine_sites
+
+    scen = _scenario(tmp_path, faults={"byzantine": {"fraction": 0.34, "attack": attack, "scale": 1e4}},
+                     validation={"max_update_norm": 100.0})
+    rc, nodes = _run_config(scen, tmp_path / "out"), [1, 2, 3]
+    summary = _coordinator(FakeGrid(nodes, in_process_sites(rc, nodes)), rc)
+    (bad,) = byzantine_sites(3, 0.34, 7)
+    rows = read_rows(tmp_path / "out" / "metrics.jsonl")
+    assert [(r.accepted, r.rejected) for r in rows] == [(2, 1), (2, 1)]
+    assert {r.rejections[0].site for r in rows} == {f"site-{bad:03d}"} and reason in rows[0].rejections[0].reason
+    assert summary.rejected_updates == 2
+
+
+def test_simulated_dropouts_are_error_replies(tmp_path):
+    scen = _scenario(tmp_path, faults={"dropout_rate": 0.9})
+    rc, nodes = _run_config(scen, tmp_path / "out"), [1, 2, 3]
+    _coordinator(FakeGrid(nodes, in_process_sites(rc, nodes)), rc)
+    rows = read_rows(tmp_path / "out" / "metrics.jsonl")
+    failures = [f for r in rows for f in r.failures]
+    assert failures and all("simulated drop-out" in f.reason and f.site.startswith("site-") for f in failures)
+    assert sum(r.failed + r.accepted for r in rows) == 6

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid
@@ -25,8 +25,10 @@ from fedseek.runtime.nodes import NodeTracker
 from fedseek.runtime.rules import build_rule
 from fedseek.runtime.strategy import SiteStrategy
 from fedseek.runtime.task import RunPlan, model_meta, plan_from_context
-from fedseek.runtime.watermarking import WatermarkStage
 from fedseek.wire.records import RoundConfig
+
+if TYPE_CHECKING:
+    from fedseek.runtime.watermarking import WatermarkStage
 
 
 def run_coordinator(grid: Grid, context: Context) -> RunSummary:
@@ -51,8 +53,11 @@ class Coordinator:
             seed=cfg.seed, downlink=cfg.compression.downlink, max_update_norm=cfg.validation.max_update_norm,
             max_payload_bytes=cfg.validation.max_payload_bytes or 2 * self.model.dense_bytes + 4096)
         self.book = RunBook()
-        self.watermark = (WatermarkStage(cfg.watermark, task.input_shape, task.num_classes, self.out.dir, seed=cfg.seed, name=cfg.name)
-                          if cfg.watermark.enabled else None)
+        self.watermark: WatermarkStage | None = None
+        if cfg.watermark.enabled:  # imported only when used: scipy.stats alone takes ~1 s
+            from fedseek.runtime.watermarking import WatermarkStage
+
+            self.watermark = WatermarkStage(cfg.watermark, task.input_shape, task.num_classes, self.out.dir, seed=cfg.seed, name=cfg.name)
         self.round = 0
         self.initial: dict[str, float] | None = None
         self.stop_reason: str | None = None

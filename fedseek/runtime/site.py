@@ -9,19 +9,22 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedseek.files import atomic_write_bytes
-from fedseek.privacy.ledger import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
 from fedseek.runtime.site_runtime import SiteRuntime, resolve_site
 from fedseek.train.local import TrainResult, evaluate, resolve_device, train_local
 from fedseek.train.models import build_model
 from fedseek.wire.codec import CodecSpec, ErrorFeedback, encode
 from fedseek.wire.records import CONFIG, METRICS, SITE, ModelMeta, RefusalMetrics, RoundConfig, TrainMetrics, refusal_content, site_record
 from fedseek.wire.transfer import unpack_global, update_records
+
+if TYPE_CHECKING:  # the privacy layer imports Opacus (~2 s): only sites that train under DP pay for it
+    from fedseek.privacy.ledger import DPRound, PrivacyLedger
 
 log = logging.getLogger("fedseek.site")
 FEEDBACK_FILE = "error_feedback.npz"
@@ -63,6 +66,8 @@ def _dp_round(site: SiteRuntime, cfg: RoundConfig, msg: Message) -> tuple[DPRoun
     pol = site.privacy
     if pol is None:
         return None, None, None
+    from fedseek.privacy.ledger import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
+
     n = len(site.y)
     if pol.delta >= 1.0 / max(1, n):
         return None, None, _refusal(msg, site, f"delta {pol.delta:g} is not below 1/n = {1.0 / n:.3g} for {n} records", None)

@@ -66,13 +66,6 @@ def unpack_global(content: RecordDict, shapes: Mapping[str, tuple[int, ...]]) ->
     return arrays, mask
 
 
-def encode_update(
-    delta: Mapping[str, np.ndarray], spec: CodecSpec, feedback: ErrorFeedback | None, mask: Mapping[str, np.ndarray] | None, nonce: int
-) -> EncodedUpdate:
-    """Site side: encode the DP delta with the round's codec (post-processing)."""
-    return encode(delta, spec, feedback if spec.error_feedback else None, mask=mask, nonce=nonce)
-
-
 def update_records(enc: EncodedUpdate) -> dict[str, Any]:
     """The records carrying an encoded update: one packed blob + the packing's name."""
     return {"update": ArrayRecord({"blob": Array(pack_blob(enc.arrays, enc.meta))}), "update-codec": ConfigRecord({"packing": PACKING})}
@@ -82,7 +75,7 @@ def pack_update(
     delta: Mapping[str, np.ndarray], spec: CodecSpec, feedback: ErrorFeedback | None, mask: Mapping[str, np.ndarray] | None, nonce: int
 ) -> tuple[dict[str, Any], int, int]:
     """Site side: encode the DP delta; returns (records, payload bytes, dense fp32 bytes)."""
-    enc = encode_update(delta, spec, feedback, mask, nonce)
+    enc = encode(delta, spec, feedback if spec.error_feedback else None, mask=mask, nonce=nonce)
     return update_records(enc), enc.nbytes, enc.dense_nbytes
 
 
