@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedseek.wire.codec import CodecSpec
 from fedseek.wire.blob import PACKING, pack_blob
+from fedseek.wire.codec import CodecSpec
 from fedseek.wire.screening import Bounds, as_messages, screen_replies
 from fedseek.wire.transfer import pack_update
 
@@ -32,7 +32,10 @@ def _none_meta() -> dict:
     return dict(encode({k: np.zeros_like(v) for k, v in GLOBAL.items()}, CodecSpec()).meta)
 
 
-def _reply(delta=None, *, metrics=None, spec=CodecSpec(), site="s", refused=None, raw=None, meta=None) -> Message:
+NO_CODEC = CodecSpec()
+
+
+def _reply(delta=None, *, metrics=None, spec=NO_CODEC, site="s", refused=None, raw=None, meta=None) -> Message:
     content = RecordDict({"site": ConfigRecord({"name": site})})
     if refused:
         content["status"] = ConfigRecord({"refused": refused})
