@@ -11,6 +11,8 @@ import pytest
 
 from fedseek.wire import codec as C
 from fedseek.wire.codec import CodecError, CodecSpec, ErrorFeedback, decode, encode, payload_bytes
+from fedseek.wire.codec.decoder import _varint_decode
+from fedseek.wire.codec.encoder import _varint_encode
 
 
 def _update(seed: int = 0) -> dict[str, np.ndarray]:
@@ -174,9 +176,9 @@ def test_torch_tensors_accepted() -> None:
 
 def test_varint_roundtrip_large_values() -> None:
     vals = np.array([0, 1, 127, 128, 16383, 16384, 2**21, 2**28 - 1, 2**28, 2**32 - 1], dtype=np.uint64)
-    raw = C._varint_encode(vals)
+    raw = _varint_encode(vals)
     assert raw.size == 1 + 1 + 1 + 2 + 2 + 3 + 4 + 4 + 5 + 5
-    np.testing.assert_array_equal(C._varint_decode("t", raw), vals)
+    np.testing.assert_array_equal(_varint_decode("t", raw), vals)
 
 
 @pytest.mark.parametrize("coding", C.INDEX_CODINGS)
@@ -498,7 +500,7 @@ def test_packed_blob_roundtrip_and_wire_size(spec: CodecSpec) -> None:
 
 
 def test_packed_blob_rejects_malformed_bytes() -> None:
-    from fedseek.wire.transfer import pack_blob, unpack_blob
+    from fedseek.wire.blob import pack_blob, unpack_blob
 
     enc = encode(_cnn_update(), CodecSpec(kind="topk", quantize="int8", seed=0))
     blob = pack_blob(enc.arrays, enc.meta)

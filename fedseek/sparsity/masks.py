@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from fedseek.naming import canonical_name
 import torch
 from torch import nn
 
@@ -42,16 +44,8 @@ __all__ = [
 ]
 
 Mask = dict[str, np.ndarray]
-_WRAP_PREFIX = "_module."
 _SCOPES = ("weights", "all")
 _DISTRIBUTIONS = ("erk", "uniform")
-
-
-def canonical_name(name: str) -> str:
-    """Strip Opacus' ``_module.`` wrapper prefixes so wrapped and plain parameter names match."""
-    while name.startswith(_WRAP_PREFIX):
-        name = name[len(_WRAP_PREFIX) :]
-    return name
 
 
 def _np(t: Any) -> np.ndarray:

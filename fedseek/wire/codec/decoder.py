@@ -1,0 +1,301 @@
+"""Coordinator side: decode a site's encoded update under validation.
+
+A trust boundary: every length, dtype, index and meta value is checked; anything inconsistent is a CodecError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedseek.wire.codec.spec import (
+    _MAX_NDIM,
+    _VALUE_DTYPES,
+    CODECS,
+    DEFAULT_MAX_ELEMENTS,
+    INDEX_CODINGS,
+    QUANTIZERS,
+    WIRE_VERSION,
+    CodecError,
+    _find,
+    mask_digest,
+)
+
+
+def decode(
+    encoded_arrays: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    *,
+    mask: Mapping[str, np.ndarray] | None = None,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> dict[str, np.ndarray]:
+    """Decode to {name: float32 array of the original shape}; raises CodecError on anything inconsistent.
+
+    Pass `expected_shapes` (the global model's {name: shape}) at the coordinator so a site
+    cannot claim other tensors or sizes; without it, the total element count is capped by
+    `max_elements`. `mask` must be the mask the site encoded with ("sparse_mask" only).
+    """
+    if not isinstance(meta, Mapping):
+        raise CodecError(f"meta must be a mapping, got {type(meta).__name__}")
+    if not isinstance(encoded_arrays, Mapping):
+        raise CodecError(f"encoded arrays must be a mapping, got {type(encoded_arrays).__name__}")
+    kind, vf, coding = _codec_header(meta)
+    names = _parse_names(_meta_str(meta, "codec.tensors"))
+    if expected_shapes is not None and set(names) != set(expected_shapes):
+        missing = sorted(set(expected_shapes) - set(names))
+        extra = sorted(set(names) - set(expected_shapes))
+        raise CodecError(f"tensor set mismatch: missing {_short(missing)}, unexpected {_short(extra)}")
+    if kind == "sparse_mask":
+        if mask is None:
+            raise CodecError("codec 'sparse_mask' needs the coordinator's mask to decode")
+        if _meta_str(meta, "codec.mask_sha256") != mask_digest(mask):
+            raise CodecError("mask digest mismatch: the site encoded with a different mask than this one")
+    shapes = _shapes(meta, names, expected_shapes, max_elements)
+    _check_array_set(encoded_arrays, names, kind, vf)
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        shape = shapes[name]
+        n = math.prod(shape)
+        count = _meta_int(meta, f"{name}.count")
+        sel = _selection(encoded_arrays, name, kind, coding, mask, shape, count)
+        values = _dequantize(name, encoded_arrays, vf, count)
+        if sel is None:
+            out[name] = values.reshape(shape)
+        else:
+            full = np.zeros(n, dtype=np.float32)
+            full[sel] = values
+            out[name] = full.reshape(shape)
+    return out
+
+
+def _codec_header(meta: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(codec kind, value format, index coding), each checked against the others."""
+    kind = _meta_str(meta, "codec")
+    if kind not in CODECS:
+        raise CodecError(f"unknown codec {kind!r}; allowed: {', '.join(CODECS)}")
+    version = _meta_int(meta, "codec.version")
+    if version != WIRE_VERSION:
+        raise CodecError(f"unsupported codec wire version {version} (this build reads {WIRE_VERSION})")
+    vf = _meta_str(meta, "codec.quantize")
+    if vf not in QUANTIZERS:
+        raise CodecError(f"unknown value format {vf!r}; allowed: {', '.join(QUANTIZERS)}")
+    if kind in ("none", "fp16", "int8") and vf != kind:
+        raise CodecError(f"codec {kind!r} with value format {vf!r} is inconsistent")
+    coding = _meta_str(meta, "codec.index")
+    if kind == "topk" and coding not in INDEX_CODINGS:
+        raise CodecError(f"unknown index coding {coding!r}; allowed: {', '.join(INDEX_CODINGS)}")
+    if kind != "topk" and coding != "none":
+        raise CodecError(f"codec {kind!r} carries no indices but meta says index coding {coding!r}")
+    return kind, vf, coding
+
+
+def _shapes(
+    meta: Mapping[str, Any], names: list[str], expected: Mapping[str, tuple[int, ...]] | None, max_elements: int
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor's claimed shape, checked against the expected shapes or the element cap."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    total = 0
+    for name in names:
+        shape = _parse_shape(name, _meta_str(meta, f"{name}.shape"))
+        if expected is not None and tuple(int(d) for d in expected[name]) != shape:
+            raise CodecError(f"tensor {name!r}: shape {shape} differs from the expected {tuple(expected[name])}")
+        shapes[name] = shape
+        total += math.prod(shape)
+        if expected is None and total > max_elements:
+            raise CodecError(f"update claims more than max_elements={max_elements} elements")
+        _meta_str(meta, f"{name}.dtype")
+    return shapes
+
+
+def _check_array_set(encoded_arrays: Mapping[str, Any], names: list[str], kind: str, vf: str) -> None:
+    expected_keys: set[str] = set()
+    for name in names:
+        expected_keys.add(f"{name}.val")
+        if vf == "int8":
+            expected_keys.add(f"{name}.scale")
+        if kind == "topk":
+            expected_keys.add(f"{name}.idx")
+    got = set(encoded_arrays)
+    if got != expected_keys:
+        missing, unexpected = _short(sorted(expected_keys - got)), _short(sorted(map(str, got - expected_keys)))
+        raise CodecError(f"array set mismatch: missing {missing}, unexpected {unexpected}")
+
+
+def _selection(
+    encoded_arrays: Mapping[str, Any], name: str, kind: str, coding: str, mask: Mapping[str, np.ndarray] | None,
+    shape: tuple[int, ...], count: int,
+) -> np.ndarray | None:
+    """Flat indices the values go to (None: all of them, in order), checked against the claimed count."""
+    n = math.prod(shape)
+    if kind in ("none", "fp16", "int8"):
+        if count != n:
+            raise CodecError(f"tensor {name!r}: dense codec must send {n} values, meta says {count}")
+        return None
+    if kind == "sparse_mask":
+        assert mask is not None
+        m = _find(mask, name)
+        if m is None:
+            if count != n:
+                raise CodecError(f"tensor {name!r} is unmasked: must send {n} values, meta says {count}")
+            return None
+        m = np.asarray(m)
+        if m.dtype != np.bool_ or tuple(m.shape) != shape:
+            raise CodecError(f"tensor {name!r}: mask shape {tuple(m.shape)} does not match {shape}")
+        sel = np.flatnonzero(m.ravel())
+        if count != sel.size:
+            raise CodecError(f"tensor {name!r}: mask has {sel.size} active coordinates, meta says {count}")
+        return sel
+    if not 0 <= count <= n:
+        raise CodecError(f"tensor {name!r}: top-k count {count} outside [0, {n}]")
+    raw = _array(encoded_arrays, f"{name}.idx", np.dtype(np.uint32 if coding == "uint32" else np.uint8))
+    return _decode_index(name, raw, n, count, coding)
+
+
+def _short(items: list[str], limit: int = 5) -> str:
+    """Render a list for a one-line error message, truncated."""
+    if not items:
+        return "[]"
+    shown = ", ".join(repr(s) for s in items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
+
+
+def _meta_str(meta: Mapping[str, Any], key: str) -> str:
+    """A required string meta value."""
+    if key not in meta:
+        raise CodecError(f"meta lacks {key!r}")
+    v = meta[key]
+    if not isinstance(v, str):
+        raise CodecError(f"meta {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _meta_int(meta: Mapping[str, Any], key: str) -> int:
+    """A required integer meta value (bools rejected)."""
+    if key not in meta:
+        raise CodecError(f"meta lacks {key!r}")
+    v = meta[key]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise CodecError(f"meta {key!r} must be an int, got {type(v).__name__}")
+    return int(v)
+
+
+def _parse_names(raw: str) -> list[str]:
+    """Parse ``codec.tensors``: a JSON list of unique non-empty strings."""
+    try:
+        names = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise CodecError(f"meta 'codec.tensors' is not valid JSON: {exc}") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise CodecError("meta 'codec.tensors' must be a JSON list of non-empty strings")
+    if len(set(names)) != len(names):
+        raise CodecError("meta 'codec.tensors' lists a tensor twice")
+    return names
+
+
+def _parse_shape(name: str, raw: str) -> tuple[int, ...]:
+    """Parse ``<t>.shape``: a JSON list of non-negative ints."""
+    try:
+        shape = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CodecError(f"tensor {name!r}: shape {raw[:40]!r} is not valid JSON") from None
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+    ):
+        raise CodecError(f"tensor {name!r}: shape must be a list of at most {_MAX_NDIM} non-negative ints")
+    return tuple(shape)
+
+
+def _array(arrays: Mapping[str, Any], key: str, dtype: np.dtype) -> np.ndarray:
+    """Fetch a 1-D payload array of exactly `dtype` (Flower `Array` objects are converted)."""
+    a = arrays[key]
+    if not isinstance(a, np.ndarray) and callable(getattr(a, "numpy", None)):
+        a = a.numpy()
+    if not isinstance(a, np.ndarray):
+        raise CodecError(f"array {key!r} is a {type(a).__name__}, not a numpy array")
+    if a.dtype != dtype:
+        raise CodecError(f"array {key!r} has dtype {a.dtype}, expected {dtype}")
+    if a.ndim != 1:
+        raise CodecError(f"array {key!r} must be 1-D, got shape {a.shape}")
+    return a
+
+
+def _dequantize(name: str, arrays: Mapping[str, Any], fmt: str, count: int) -> np.ndarray:
+    """Check and decode `count` values of tensor `name` to float32."""
+    val = _array(arrays, f"{name}.val", _VALUE_DTYPES[fmt])
+    if val.size != count:
+        raise CodecError(f"tensor {name!r}: {val.size} values sent, meta says {count}")
+    if fmt == "int8":
+        scale = _array(arrays, f"{name}.scale", np.dtype(np.float32))
+        if scale.size != 1:
+            raise CodecError(f"tensor {name!r}: scale must hold exactly one value, got {scale.size}")
+        s = scale[0]
+        if not np.isfinite(s) or s < 0:
+            raise CodecError(f"tensor {name!r}: scale {float(s)!r} is not a finite non-negative number")
+        if val.size and int(val.min()) < -127:
+            raise CodecError(f"tensor {name!r}: int8 value -128 is outside the codec's range [-127, 127]")
+        out = val.astype(np.float32) * s
+    else:
+        out = val.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise CodecError(f"tensor {name!r}: non-finite values")
+    return out
+
+
+def _decode_index(name: str, raw: np.ndarray, n: int, count: int, coding: str) -> np.ndarray:
+    """Decode and validate top-k indices: exactly `count`, strictly increasing, all < n."""
+    if coding == "uint32":
+        if raw.size != count:
+            raise CodecError(f"tensor {name!r}: {raw.size} indices for {count} values")
+        idx = raw.astype(np.int64)
+        if count and np.any(np.diff(idx) <= 0):
+            raise CodecError(f"tensor {name!r}: indices are not strictly increasing")
+        if count and idx[-1] >= n:
+            raise CodecError(f"tensor {name!r}: index out of range [0, {n})")
+        return idx
+    if coding == "bitmap":
+        nbytes = (n + 7) // 8
+        if raw.size != nbytes:
+            raise CodecError(f"tensor {name!r}: bitmap has {raw.size} bytes, expected {nbytes}")
+        bits = np.unpackbits(raw, bitorder="little")
+        if np.any(bits[n:]):
+            raise CodecError(f"tensor {name!r}: bitmap padding bits are set")
+        idx = np.flatnonzero(bits[:n]).astype(np.int64)
+        if idx.size != count:
+            raise CodecError(f"tensor {name!r}: bitmap marks {idx.size} coordinates, meta says {count}")
+        return idx
+    gaps = _varint_decode(name, raw)
+    if gaps.size != count:
+        raise CodecError(f"tensor {name!r}: {gaps.size} delta-coded indices for {count} values")
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    if np.any(gaps >= n):
+        raise CodecError(f"tensor {name!r}: index out of range [0, {n})")
+    idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
+    if idx[-1] >= n:
+        raise CodecError(f"tensor {name!r}: index out of range [0, {n})")
+    return idx
+
+
+def _varint_decode(name: str, raw: np.ndarray) -> np.ndarray:
+    """Decode a LEB128 uint8 stream into uint64 values (each at most 5 bytes, < 2**35)."""
+    if raw.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    ends = (raw & 0x80) == 0
+    if not ends[-1]:
+        raise CodecError(f"tensor {name!r}: truncated varint index stream")
+    end_pos = np.flatnonzero(ends)
+    starts = np.concatenate(([0], end_pos[:-1] + 1))
+    lengths = end_pos - starts + 1
+    if lengths.max() > 5:
+        raise CodecError(f"tensor {name!r}: varint longer than 5 bytes")
+    group = np.repeat(np.arange(starts.size), lengths)
+    pos = np.arange(raw.size) - starts[group]
+    parts = (raw & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
+    return np.add.reduceat(parts, starts)
