@@ -414,9 +414,12 @@ def test_random_corruption_never_crashes() -> None:
         for q in C.QUANTIZERS
         for c in C.INDEX_CODINGS
     ] + [CodecSpec(kind=k, seed=0) for k in ("none", "fp16", "int8")]
+    decoded = rejected = 0
     for trial in range(300):
         spec = specs[trial % len(specs)]
         enc = encode(u, spec)
+        clean = decode(enc.arrays, enc.meta, expected_shapes=_shapes(u))  # the valid input decodes
+        assert all(clean[k].shape == u[k].shape for k in u)
         arrays = {k: v.copy() for k, v in enc.arrays.items()}
         meta = copy.deepcopy(enc.meta)
         key = sorted(arrays)[rng.integers(len(arrays))]
@@ -430,9 +433,12 @@ def test_random_corruption_never_crashes() -> None:
         try:
             out = decode(arrays, meta, expected_shapes=_shapes(u))
         except CodecError:
+            rejected += 1
             continue
+        decoded += 1
         for k, v in out.items():
             assert v.shape == u[k].shape and v.dtype == np.float32 and np.all(np.isfinite(v))
+    assert decoded + rejected == 300 and decoded >= 30 and rejected >= 30  # both outcomes exercised
 
 
 # ----------------------------------------------------------------------------- Flower records
@@ -534,12 +540,16 @@ def test_packed_blob_fuzz_never_crashes() -> None:
     """Flipped bytes anywhere in the blob either decode to finite, right-shaped tensors or raise CodecError."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    from fedseek.wire.transfer import PACKING, pack_update, unpack_update
+    from fedseek.wire.blob import PACKING
+    from fedseek.wire.transfer import pack_update, unpack_update
 
     rng = np.random.default_rng(5)
     u = _cnn_update(1)
     records, _, _ = pack_update(u, CodecSpec(kind="topk", topk_fraction=0.1, quantize="int8", index_coding="delta", seed=0), None, None, 1)
     blob = records["update"]["blob"].numpy()
+    clean = RecordDict({"update": ArrayRecord({"blob": Array(blob)}), "update-codec": ConfigRecord({"packing": PACKING})})
+    assert set(unpack_update(clean, _shapes(u), None)[0]) == set(u)  # the valid input decodes
+    decoded = rejected = 0
     for _ in range(200):
         b = blob.copy()
         for _ in range(rng.integers(1, 4)):
@@ -548,6 +558,9 @@ def test_packed_blob_fuzz_never_crashes() -> None:
         try:
             out, _ = unpack_update(content, _shapes(u), None)
         except CodecError:
+            rejected += 1
             continue
+        decoded += 1
         for k, v in out.items():
             assert v.shape == u[k].shape and v.dtype == np.float32 and np.all(np.isfinite(v))
+    assert decoded + rejected == 200 and decoded >= 20 and rejected >= 20  # both outcomes exercised
