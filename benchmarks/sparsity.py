@@ -167,7 +167,7 @@ def main() -> int:
         "setup": {
             "target": TARGET, "variants": VARIANTS,
             "progressive": "magnitude pruning of the global model after aggregation, Zhu & Gupta cubic ramp "
-                           "(fedseek.sparsity.masks.schedule_sparsity), target reached at end_fraction 0.75 of the rounds (default)",
+                           "(fedseek.sparsity.schedule_sparsity), target reached at end_fraction 0.75 of the rounds (default)",
             "fixed": "init_mask from the seed (data-independent), applied before round 1",
             "datasets": {ds: {"seeds": DATASETS[ds]["seeds"], "overrides": DATASETS[ds]["over"]} for ds in args.datasets.split(",")},
             "dp": args.dp, "privacy_if_dp": PRIVACY, "dp_seeds": args.dp_seeds if args.dp else None,

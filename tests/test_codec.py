@@ -484,7 +484,7 @@ def test_packed_blob_roundtrip_and_wire_size(spec: CodecSpec) -> None:
     """The packed update decodes to exactly what the codec produced; its wire size is payload + one small header."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedseek.sparsity.masks import init_mask
+    from fedseek.sparsity import init_mask
     from fedseek.wire.transfer import pack_update, to_record, unpack_update, update_wire_bytes
 
     u = _cnn_update()

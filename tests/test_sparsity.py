@@ -9,20 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from fedseek.sparsity.masks import (
+from fedseek.sparsity import (
     MaskEnforcer,
     apply_mask_,
     canonical_name,
     enforce_mask,
     init_mask,
     magnitude_mask,
-    pack_mask,
     prune_and_regrow,
     schedule_sparsity,
     sparsity_of,
-    unpack_mask,
 )
 from fedseek.train.models import build_model
+from fedseek.wire.mask_bits import pack_mask, unpack_mask
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import torch
 
 from fedseek.config import PrivacySpec
 from fedseek.privacy.ledger import BF16_NORM_SLACK, DPRound, PrivacyLedger, plan_round
-from fedseek.sparsity.masks import init_mask, sparsity_of
+from fedseek.sparsity import init_mask, sparsity_of
 from fedseek.train.local import check_precision, evaluate, train_local
 from fedseek.train.models import build_model
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from fedseek.config import FederationSpec
-from fedseek.sparsity.masks import canonical_name, init_mask, magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
+from fedseek.naming import canonical_name
+from fedseek.sparsity import init_mask, magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
 from fedseek.train.local import evaluate
 from fedseek.train.models import build_model
 from fedseek.wire.transfer import from_record, to_record

@@ -114,7 +114,7 @@ def train_local(
 
     enforcer = None
     if mask:
-        from fedseek.sparsity.masks import enforce_mask
+        from fedseek.sparsity import enforce_mask
 
         enforcer = enforce_mask(train_model, optimizer, mask)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None

@@ -480,7 +480,7 @@ def embed(
     )
     enforcer = None
     if mask:
-        from fedseek.sparsity.masks import enforce_mask
+        from fedseek.sparsity import enforce_mask
 
         enforcer = enforce_mask(model, opt, mask)
     steps, extra, kl_val, reached = 0, 0, 0.0, False

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedseek.sparsity.masks import pack_mask, unpack_mask
 from fedseek.wire.blob import PACKING, pack_blob, unpack_blob
 from fedseek.wire.codec import CodecError, CodecSpec, EncodedUpdate, ErrorFeedback, decode, encode, payload_bytes
+from fedseek.wire.mask_bits import pack_mask, unpack_mask
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
