@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedseek.config import PrivacySpec  # noqa: E402
 from fedseek.data import load_builtin  # noqa: E402
-from fedseek.privacy.ledger import DPRound, PrivacyLedger  # noqa: E402
+from fedseek.privacy import DPRound, PrivacyLedger  # noqa: E402
 from fedseek.train.local import train_local  # noqa: E402
 from fedseek.train.models import build_model  # noqa: E402
 

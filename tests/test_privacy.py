@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedseek.config import PrivacySpec
-from fedseek.privacy.ledger import (
+from fedseek.privacy import (
     BudgetExceeded,
     DPRound,
     PrivacyLedger,
@@ -136,7 +136,7 @@ import sys, time, numpy as np
 from fedseek.config import PrivacySpec
 from fedseek.train.models import build_model
 from fedseek.train.local import train_local
-from fedseek.privacy.ledger import DPRound, PrivacyLedger, plan_round
+from fedseek.privacy import DPRound, PrivacyLedger, plan_round
 state, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 x = rng.normal(size=(60, 30)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int64)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseek.privacy.ledger import PrivacyLedger, epsilon_for
+from fedseek.privacy import PrivacyLedger, epsilon_for
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedseek.config import PrivacySpec
-from fedseek.privacy.ledger import BF16_NORM_SLACK, DPRound, PrivacyLedger, plan_round
+from fedseek.privacy import BF16_NORM_SLACK, DPRound, PrivacyLedger, plan_round
 from fedseek.sparsity import init_mask, sparsity_of
 from fedseek.train.local import check_precision, evaluate, train_local
 from fedseek.train.models import build_model

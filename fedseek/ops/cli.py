@@ -103,7 +103,7 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from fedseek.privacy.ledger import LEDGER_FILE
+    from fedseek.privacy import LEDGER_FILE
 
     root = Path(args.state_dir)
     ledgers = [root / LEDGER_FILE] if (root / LEDGER_FILE).exists() else sorted(root.glob(f"*/{LEDGER_FILE}"))

@@ -9,54 +9,27 @@ the budget, so the budget is never exceeded, not even by one step.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import create_accountant
+from fedseek.files import atomic_write_bytes
+from fedseek.privacy.accounting import _calibrate, compress_history, epsilon_for
 
 log = logging.getLogger(__name__)
 
+
 LEDGER_FILE = "privacy_ledger.json"
+
+
 LEDGER_VERSION = 1
 
 
 class BudgetExceeded(RuntimeError):
     """The next round would push the site's epsilon past its budget: the site refuses it."""
-
-
-def compress_history(history: list[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
-    """Merge entries with the same (noise, sample rate): composing n1 then n2 steps is n1+n2 steps (exact)."""
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in history:
-        key = (float(s), float(q))
-        merged[key] = merged.get(key, 0) + int(n)
-    return tuple((s, q, n) for (s, q), n in merged.items() if n > 0)
-
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    import warnings
-
-    acc = create_accountant(accountant)
-    acc.history = list(history)
-    with warnings.catch_warnings():  # "optimal order is the largest alpha" at very high noise: bound still valid
-        warnings.simplefilter("ignore", UserWarning)
-        return float(acc.get_epsilon(delta=delta))
-
-
-def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Epsilon of a (noise, sample_rate, steps) history under the named Opacus accountant."""
-    merged = compress_history(history)
-    if not merged:
-        return 0.0
-    return _epsilon_cached(merged, float(delta), accountant)
 
 
 @dataclass
@@ -124,16 +97,7 @@ class PrivacyLedger:
             "refusals": self.refusals,
             "calibrated_noise": self.calibrated_noise,
         }
-        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".ledger-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
 
     # ------------------------------------------------------------------ accounting
     def epsilon(self) -> float:
@@ -198,148 +162,3 @@ class PrivacyLedger:
             "last_noise_multiplier": last[0],
             "last_sample_rate": last[1],
         }
-
-
-@functools.lru_cache(maxsize=256)
-def _calibrate(history: tuple, q: float, steps: int, budget: float, delta: float, accountant: str) -> float | None:
-    """Bisection on the noise multiplier (cached: sites with equal plans share the answer)."""
-    def eps(sigma: float) -> float:
-        return epsilon_for(list(history) + [(sigma, q, steps)], delta, accountant)
-
-    lo, hi = 0.3, 50.0
-    if eps(hi) > budget:
-        return None
-    if eps(lo) <= budget:
-        return lo
-    while hi - lo > 2e-3 * hi:
-        mid = (lo + hi) / 2
-        if eps(mid) > budget:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def noise_for_round(
-    policy: Any, ledger: PrivacyLedger, sample_rate: float, steps: int, remaining_rounds: int
-) -> float:
-    """Pick this round's noise from the site policy (fixed, per-round target, or fit-the-budget)."""
-    if policy.noise_multiplier is not None:
-        return float(policy.noise_multiplier)
-    if policy.target_epsilon_per_round is not None:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        return float(
-            get_noise_multiplier(
-                target_epsilon=policy.target_epsilon_per_round,
-                target_delta=policy.delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=policy.accountant,
-            )
-        )
-    # Fit the budget: calibrate once for the announced plan and keep it (constant noise keeps the
-    # ledger's history short and the guarantee easy to audit); recalibrate only if it no longer fits.
-    if ledger.calibrated_noise is not None:
-        if ledger.projected_epsilon(ledger.calibrated_noise, sample_rate, steps * remaining_rounds) <= ledger.epsilon_budget:
-            return float(ledger.calibrated_noise)
-    ledger.calibrated_noise = ledger.calibrate_noise(sample_rate, steps, remaining_rounds)
-    return float(ledger.calibrated_noise)
-
-
-def plan_round(num_records: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Opacus Poisson sampling plan: sample rate 1/ceil(n/B) and the steps `epochs` take."""
-    batches = max(1, -(-num_records // max(1, batch_size)))
-    return 1.0 / batches, epochs * batches
-
-
-# bf16 per-sample norms let clipped gradients reach ~1.0088 x C (measured): inject 1% more noise
-# than the ledger accounts for, so the accounted noise multiplier is a true lower bound.
-BF16_NORM_SLACK = 1.01
-
-
-class DPRound:
-    """One round of Opacus DP-SGD on a site, charged to the site's persistent ledger.
-
-    `noise_multiplier` is what the ledger accounts; `slack` >= 1 multiplies the noise actually
-    injected (bf16 autocast needs 1.01), which can only make the release more private.
-    """
-
-    def __init__(self, policy: Any, ledger: PrivacyLedger, noise_multiplier: float, *, run_id: str, server_round: int, slack: float = 1.0):
-        self.policy = policy
-        self.ledger = ledger
-        self.noise_multiplier = float(noise_multiplier)
-        self.slack = float(slack)
-        self.run_id = run_id
-        self.server_round = server_round
-        self.engine: Any = None
-        self.sample_rate = 0.0
-        self._module: Any = None
-
-    def wrap(self, model: Any, optimizer: Any, criterion: Any, loader: Any) -> tuple[Any, Any, Any, Any]:
-        """make_private with Poisson sampling; ghost mode returns the criterion that clips."""
-        import torch
-        from opacus import PrivacyEngine
-
-        mode = self.policy.grad_sample_mode
-        with _quiet_opacus():
-            self.engine = PrivacyEngine(accountant=self.policy.accountant)
-            out = self.engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=self.noise_multiplier * self.slack,
-                max_grad_norm=self.policy.max_grad_norm,
-                criterion=criterion,
-                grad_sample_mode=mode,
-                poisson_sampling=True,
-                # The DP noise must be unpredictable to the coordinator (which knows the run seed):
-                # draw it from a generator seeded by the OS CSPRNG, never from the seeded global RNG.
-                noise_generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")),
-            )
-        if mode == "ghost":
-            module, optimizer, criterion, loader = out  # backward MUST go through this criterion
-        else:
-            module, optimizer, loader = out
-        self._module = module
-        self.sample_rate = 1.0 / len(loader)
-        return module, optimizer, criterion, loader
-
-    def empty_step(self, module: Any, optimizer: Any, criterion: Any, xb: Any, yb: Any, device: Any) -> None:
-        """An empty Poisson batch still counts as a step: Opacus adds pure noise."""
-        xb, yb = xb.to(device), yb.to(device)
-        loss = criterion(module(xb), yb)
-        loss.backward()
-        optimizer.step()
-
-    def finish(self, steps: int) -> dict[str, float]:
-        """Charge exactly what Opacus accounted this round to the ledger; release hooks."""
-        hist = list(self.engine.accountant.history) if self.engine is not None else []
-        taken = sum(int(n) for _, _, n in hist)
-        q = float(hist[-1][1]) if hist else self.sample_rate
-        eps = self.ledger.record(self.noise_multiplier, q, taken, run_id=self.run_id, server_round=self.server_round)
-        if self._module is not None and hasattr(self._module, "_close"):
-            self._module._close()  # remove hooks: 300 unreleased wraps grew RSS 479 -> 1125 MiB
-        return {
-            "epsilon": eps,
-            "delta": self.ledger.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "injected_noise_multiplier": self.noise_multiplier * self.slack,
-            "sample_rate": q,
-            "dp_steps": float(taken),
-            "max_grad_norm": float(self.policy.max_grad_norm),
-        }
-
-
-class _quiet_opacus:
-    """Silence Opacus' secure-RNG and similar UserWarnings around make_private (logged once instead)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("ignore", UserWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._cm.__exit__(*exc)

@@ -24,7 +24,7 @@ from fedseek.wire.records import CONFIG, METRICS, SITE, ModelMeta, RefusalMetric
 from fedseek.wire.transfer import unpack_global, update_records
 
 if TYPE_CHECKING:  # the privacy layer imports Opacus (~2 s): only sites that train under DP pay for it
-    from fedseek.privacy.ledger import DPRound, PrivacyLedger
+    from fedseek.privacy import DPRound, PrivacyLedger
 
 log = logging.getLogger("fedseek.site")
 FEEDBACK_FILE = "error_feedback.npz"
@@ -66,7 +66,7 @@ def _dp_round(site: SiteRuntime, cfg: RoundConfig, msg: Message) -> tuple[DPRoun
     pol = site.privacy
     if pol is None:
         return None, None, None
-    from fedseek.privacy.ledger import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
+    from fedseek.privacy import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
 
     n = len(site.y)
     if pol.delta >= 1.0 / max(1, n):
