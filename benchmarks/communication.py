@@ -143,8 +143,7 @@ def main() -> int:
                           f"acc {r['final_accuracy']:.4f}  bytes_up {r['bytes_up']:,}  eps {fmt(r['max_epsilon'], '.3f')}" + (" (cached)" if r.get("cached") else f"  {r['wall_seconds']:.0f}s")))
 
     # ---- compare with dense fp32 of the same privacy setting and seed
-    rows = []
-    for tag, r in results.items():
+    for r in results.values():
         if "error" in r:
             continue
         ref = results.get(f"{'dp' if r['dp'] else 'nodp'}-dense_fp32-s{r['seed']}")

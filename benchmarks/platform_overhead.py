@@ -324,7 +324,7 @@ def _flwr_ls(run_id: int, env: dict[str, str]) -> dict[str, Any]:
 def _periods(stamps: list[tuple[int, float]]) -> dict[int, float]:
     """Round -> seconds since the previous round's end (round 0 = initial evaluation)."""
     stamps = sorted(stamps)
-    return {r: t - tp for (rp, tp), (r, t) in zip(stamps, stamps[1:]) if r == rp + 1}
+    return {r: t - tp for (rp, tp), (r, t) in zip(stamps, stamps[1:], strict=False) if r == rp + 1}
 
 
 def run_plain(app_dir: Path, name: str, w: dict[str, Any], rounds: int, work: Path) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def main() -> None:
     t_start = time.perf_counter()
     d = data()
     xtr, ytr, xte, yte = d
-    total_epochs = args.rounds * args.local_epochs
+    args.rounds * args.local_epochs
 
     # ---- clean reference run (same seeds, no watermark)
     clean = build_model("cnn", SHAPE, K, seed=0)

@@ -522,7 +522,7 @@ def test_packed_blob_rejects_malformed_bytes() -> None:
         "header-garbage": np.concatenate([blob[:8], np.full(hlen, 7, np.uint8), blob[8 + hlen:]]),
         "dtype": blob.view(np.int8),
     }
-    for why, b in bad.items():
+    for _why, b in bad.items():
         with pytest.raises(CodecError):
             unpack_blob(b)
     # a header that inflates past the limit is refused without inflating it all

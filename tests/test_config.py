@@ -67,6 +67,6 @@ def test_cli_malformed_scenario_exits_2_with_one_line(write_yaml):
     res = subprocess.run([sys.executable, "-m", "fedseek.ops.cli", "simulate", str(bad), "--out", str(bad.parent / "o")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
     assert "strategy.name" in lines[0] and "fedavg" in lines[0]

@@ -199,8 +199,8 @@ def test_partitions_seeded(labels: np.ndarray, scheme: str) -> None:
     a = partition_indices(labels, 6, scheme, seed=11)
     b = partition_indices(labels, 6, scheme, seed=11)
     c = partition_indices(labels, 6, scheme, seed=12)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=False))
 
 
 def test_partition_results_are_copies(labels: np.ndarray) -> None:

@@ -302,7 +302,7 @@ def test_restart_with_same_database_sites_reconnect_and_new_run_works(fed):
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
-    for n, pf in site_pids.items():  # the same SuperNode processes reconnected by themselves (no restart)
+    for _n, pf in site_pids.items():  # the same SuperNode processes reconnected by themselves (no restart)
         assert pf is not None and pf.running()
         # (Flower's "Connection successful after" log line is not always written: the same pid, the
         # same node id above and the completed run are the evidence that the site reconnected.)

@@ -43,7 +43,7 @@ def test_nan_and_wrong_shape_sites_are_rejected_and_counted(tmp_path):
     assert "non-finite" in reasons and "shape" in reasons
     assert len({r["site"] for r in s["rejections"]}) == 2
     assert s["final_accuracy"] > 0.85  # aggregated from the 4 good sites only
-    audit = [json.loads(l) for l in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
+    audit = [json.loads(ln) for ln in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
     assert sum(a["event"] == "update_rejected" for a in audit) == 4
 
 
@@ -98,12 +98,12 @@ def test_kill_9_after_round_3_then_resume_matches_uninterrupted_run(tmp_path):
     assert 3 <= crashed_round < 6
 
     s = _simulate(scen, out, "--resume")
-    rounds = [json.loads(l)["round"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(ln)["round"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4, 5, 6][: len(rounds)] and rounds[-1] == 6  # nothing repeated, nothing lost
     assert s["rounds_completed"] == 6
     a, b = _model(tmp_path / "straight"), _model(out)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
-    audit = [json.loads(l)["event"] for l in (out / "audit.jsonl").read_text().splitlines()]
+    audit = [json.loads(ln)["event"] for ln in (out / "audit.jsonl").read_text().splitlines()]
     assert "resumed" in audit
 

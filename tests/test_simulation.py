@@ -45,7 +45,7 @@ def test_short_simulation_writes_the_output_contract(tmp_path):
     out = tmp_path / "out"
     res = _fedseek("simulate", str(scen), "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["sampled"] == 4 and r["accepted"] == 4 for r in rows)  # all sites registered before round 1
     summary = json.loads((out / "summary.json").read_text())
@@ -86,7 +86,7 @@ def test_dp_budget_refusal_and_restart_continue_epsilon(tmp_path):
     for name, site in summary["privacy"]["sites"].items():
         assert site["epsilon"] <= 2.3, name
     assert all(PrivacyLedger(d, accountant="rdp", delta=1e-5, epsilon_budget=2.3).epsilon() <= 2.3 for d in state.iterdir())
-    rows = [json.loads(l) for l in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["refused"] for r in rows)
 
 
@@ -116,7 +116,7 @@ def test_compressed_sparse_watermarked_bf16_dp_run(tmp_path):
     mask = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["mask"]
     for name, m in mask.items():
         assert torch.all(model[name][~torch.from_numpy(m)] == 0), name
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["watermark"]["p_value"] < 1e-6 for r in rows)
 
     ok = _fedseek("watermark", "verify", "--key", str(out / "watermark.key"), "--model", str(out / "model.pt"))

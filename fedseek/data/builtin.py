@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from fedseek.data.arrays import ArrayDataset
+from fedseek.names import DATASETS
 
-BUILTIN_NAMES: tuple[str, ...] = ("breast_cancer", "digits", "bank_fraud")
+BUILTIN_NAMES = DATASETS
 
 #: Column names of the bank_fraud feature matrix, in order (merchant categories are one-hot).
 MERCHANT_CATEGORIES: tuple[str, ...] = (

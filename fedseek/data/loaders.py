@@ -148,7 +148,7 @@ def load_table(
     nonfinite = ~np.isfinite(x)
     if nonfinite.any():
         counts = nonfinite.sum(axis=0)
-        bad = [f"{c} ({int(n)})" for c, n in zip(feature_columns, counts) if n > 0]
+        bad = [f"{c} ({int(n)})" for c, n in zip(feature_columns, counts, strict=False) if n > 0]
         raise DataError(f"{path}: infinite values in columns: {', '.join(bad)}")
 
     y, names = _class_mapping(path, df[label_column].to_numpy(), classes)

@@ -13,8 +13,9 @@ from functools import lru_cache
 import numpy as np
 
 from fedseek.data.arrays import ArrayDataset
+from fedseek.names import PARTITION_SCHEMES
 
-SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural")
+SCHEMES = PARTITION_SCHEMES
 
 
 class _ArrayKey:

@@ -290,10 +290,10 @@ def _plot_epsilon(rows, budget: float | None) -> Any:
         cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
         for i, name in enumerate(names):
             ys = _carry_forward(tracks[name], rounds)
-            xs = [x for x, y in zip(rounds, ys) if y is not None]
+            xs = [x for x, y in zip(rounds, ys, strict=False) if y is not None]
             ys = [y for y in ys if y is not None]
             ax.step(xs + [xs[-1] + 0.4], ys + [ys[-1]], where="post", color=cmap(i % cmap.N), lw=1.4, label=_mpl(name))
-            ax.plot(*zip(*tracks[name]), ls="none", marker="o", ms=3, color=cmap(i % cmap.N))
+            ax.plot(*zip(*tracks[name], strict=False), ls="none", marker="o", ms=3, color=cmap(i % cmap.N))
         title = "epsilon spent per site (step = unchanged between rounds it trained)"
     else:
         import numpy as np
@@ -314,7 +314,7 @@ def _plot_epsilon(rows, budget: float | None) -> Any:
         ax.step(xs, hi, where="post", color="#0d47a1", lw=1.0, ls=":", label="max site")
         title = f"epsilon spent per site ({len(names)} sites: spread shown instead of one line each)"
     if refusals:
-        rx, ry, _ = zip(*refusals)
+        rx, ry, _ = zip(*refusals, strict=False)
         ax.plot(rx, ry, ls="none", marker="x", ms=7, mew=2, color=COLORS["refused"], label="refused round (epsilon it would reach)")
     if budget is not None:
         ax.axhline(budget, color="#b71c1c", ls="--", lw=1.5, label=f"budget ε = {budget:g}")

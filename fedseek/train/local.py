@@ -68,7 +68,7 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
 def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], lr: float, mu: float) -> None:
     """FedProx as a decoupled proximal step w -= lr*mu*(w - w_global): data-independent, so DP-safe."""
     with torch.no_grad():
-        for p, g in zip((p for p in model.parameters() if p.requires_grad), global_params):
+        for p, g in zip((p for p in model.parameters() if p.requires_grad), global_params, strict=False):
             p.sub_(lr * mu * (p - g))
 
 

@@ -506,11 +506,11 @@ def embed(
                 kl_val = float(kl.detach())
             loss.backward()
             with torch.no_grad():
-                for p, e in zip(params, noise):
+                for p, e in zip(params, noise, strict=False):
                     p.sub_(e)
             if anchor_weight > 0:
                 with torch.no_grad():
-                    for p, s in zip(params, start):  # gradient of anchor_weight * ||p - s||^2
+                    for p, s in zip(params, start, strict=False):  # gradient of anchor_weight * ||p - s||^2
                         if p.grad is not None:
                             p.grad.add_(p - s, alpha=2.0 * anchor_weight)
             if clip_norm > 0:
@@ -523,7 +523,7 @@ def embed(
         reached = _accuracy(model, x_t, y_t) >= target_accuracy
     acc_after = _accuracy(model, x_t, y_t)
     with torch.no_grad():
-        num = math.sqrt(sum(float(((p - s) ** 2).sum()) for p, s in zip(params, start)))
+        num = math.sqrt(sum(float(((p - s) ** 2).sum()) for p, s in zip(params, start, strict=False)))
         den = math.sqrt(sum(float((s**2).sum()) for s in start)) or 1.0
         if distill_inputs is not None and distill_weight > 0:
             kl_val = float(F.kl_div(F.log_softmax(model(distill_inputs), dim=1), teacher_logp, log_target=True, reduction="batchmean"))

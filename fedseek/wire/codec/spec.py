@@ -11,19 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from fedseek.names import CODECS, INDEX_CODINGS, QUANTIZERS, TOPK_SCOPES
 from fedseek.naming import canonical_name
-
-CODECS = ("none", "fp16", "int8", "topk", "sparse_mask")
-
-
-QUANTIZERS = ("none", "fp16", "int8")
-
-
-INDEX_CODINGS = ("uint32", "delta", "bitmap")
-
-
-TOPK_SCOPES = ("layer", "global")
-
 
 WIRE_VERSION = 1
 

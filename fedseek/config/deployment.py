@@ -1,0 +1,219 @@
+"""A deployment: the coordinator service (task, SuperLink, gateway, allowed sites) and each site daemon (data, privacy policy, device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fedseek.config.federation import FederationSpec, PrivacySpec
+from fedseek.config.loading import _address, _resolve_path, _site_name, _Strict, load_yaml, parse
+from fedseek.names import (
+    DatasetName,
+    PartitionScheme,
+)
+
+BuiltinName = DatasetName
+
+
+class TaskSpec(_Strict):
+    """The coordinator's view of the task: a built-in dataset, a held-out test table, or only shapes.
+
+    `dataset`: the built-in split's test part is the central test set (sites use the same
+    `seed` and `test_fraction` for their partitions, so train and test never overlap).
+    `test_file` + `label_column`: a CSV/Parquet test table. `input_shape` + `num_classes`:
+    no central evaluation at all.
+    """
+
+    dataset: BuiltinName | None = None
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    options: dict[str, Any] = Field(default_factory=dict, description="extra builtin args")
+    test_file: str | None = None
+    label_column: str | None = None
+    feature_columns: list[str] | None = None
+    standardize: bool = True
+    classes: list[str] | None = Field(None, description="fixes the label order every site must use")
+    input_shape: list[int] | None = None
+    num_classes: int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        given = [k for k, v in (("dataset", self.dataset), ("test_file", self.test_file), ("input_shape", self.input_shape)) if v]
+        if len(given) != 1:
+            raise ValueError("give exactly one of dataset, test_file (+ label_column) or input_shape (+ num_classes)"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.test_file and not self.label_column:
+            raise ValueError("test_file needs label_column")
+        if self.input_shape is not None:
+            if self.num_classes is None:
+                raise ValueError("input_shape needs num_classes")
+            if not self.input_shape or any(d < 1 for d in self.input_shape):
+                raise ValueError(f"input_shape must be positive sizes, got {self.input_shape}")
+        return self
+
+
+class SuperLinkSpec(_Strict):
+    """The coordinator's Flower SuperLink: address, TLS material, persistent state.
+
+    `host` 127.0.0.1 keeps every API (Fleet for sites AND the unauthenticated Control API)
+    on loopback; see docs/deployment.md before exposing it.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(9092, ge=1, le=65535)
+    state_dir: str = Field("state", description="pidfile, CLI home, default database and log")
+    database: str | None = Field(None, description="sqlite file; default STATE_DIR/superlink.db")
+    certs_dir: str = Field("certs", description="ca.crt, coordinator.crt, coordinator.key (fedseek certs init)")
+    log_file: str | None = Field(None, description="default STATE_DIR/superlink.log")
+
+
+class GatewaySpec(_Strict):
+    """The Fleet-only TLS gateway (fedseek.ops.gateway): the sites' entry point, so the SuperLink and its
+    unauthenticated Control API stay on loopback."""
+
+    host: str = Field("0.0.0.0", description="public interface the sites reach")
+    port: int = Field(9092, ge=1, le=65535)
+    max_body_mb: int = Field(512, ge=1, description="largest request (a site's update) forwarded")
+
+
+class AllowedSite(_Strict):
+    """A site allowed to join: its name and OpenSSH public key (registered at coordinator start)."""
+
+    name: str
+    public_key: str
+
+    _name = field_validator("name")(_site_name)
+
+
+class CoordinatorConfig(FederationSpec):
+    """A deployed coordinator: the federation plus the task, the SuperLink and the allowed sites."""
+
+    task: TaskSpec
+    superlink: SuperLinkSpec = Field(default_factory=SuperLinkSpec)
+    gateway: GatewaySpec | None = Field(None, description="expose only the Fleet API (recommended beyond one host)")
+    sites: list[AllowedSite] = Field(default_factory=list)
+    expected_sites: int | None = Field(None, ge=1, description="sites awaited before round 1; default strategy.min_sites")
+    node_wait_s: float = Field(300.0, gt=0.0)
+    out_dir: str = "runs/deploy"
+    privacy: PrivacySpec | None = Field(None, description="the sites' announced policy (summary only; each site enforces its own)")
+
+    @model_validator(mode="after")
+    def _fit(self) -> CoordinatorConfig:
+        if self.expected_sites is None:
+            self.expected_sites = self.strategy.min_sites
+        names = [s.name for s in self.sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique; repeated: {', '.join(dup)}")
+        if self.sites and self.expected_sites > len(self.sites):
+            raise ValueError(f"expected_sites ({self.expected_sites}) exceeds the {len(self.sites)} allowed sites")
+        if self.gateway is not None:
+            if self.superlink.host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(f"with a gateway, superlink.host must be loopback (127.0.0.1), not {self.superlink.host!r}: "
+                                 "the gateway is the only public entry")
+            if self.gateway.port == self.superlink.port:
+                raise ValueError(f"gateway.port and superlink.port are both {self.gateway.port}: give the SuperLink another port")
+        if self.sites and self.strategy.min_sites > len(self.sites):
+            raise ValueError(f"strategy.min_sites ({self.strategy.min_sites}) exceeds the {len(self.sites)} allowed sites")
+        return self
+
+    def resolve_paths(self, base: Path) -> CoordinatorConfig:
+        """Make every path absolute against `base` and fill the state-dir defaults."""
+        sl = self.superlink
+        sl.state_dir = str(_resolve_path(base, sl.state_dir))
+        sl.certs_dir = str(_resolve_path(base, sl.certs_dir))
+        sl.database = _resolve_path(base, sl.database) or str(Path(sl.state_dir) / "superlink.db")
+        sl.log_file = _resolve_path(base, sl.log_file) or str(Path(sl.state_dir) / "superlink.log")
+        self.out_dir = str(_resolve_path(base, self.out_dir))
+        self.task.test_file = _resolve_path(base, self.task.test_file)
+        for s in self.sites:
+            s.public_key = str(_resolve_path(base, s.public_key))
+        if self.watermark.key_file:
+            self.watermark.key_file = _resolve_path(base, self.watermark.key_file)
+        return self
+
+
+class SiteDataSpec(_Strict):
+    """A site's training data: its own table or image folder (`path`), or a built-in partition (demos).
+
+    Table: `path` (.csv/.parquet) + `label_column` (+ `feature_columns`, `standardize`).
+    Images: `path` (root/CLASS/*.png) + `image_size`. Built-in: `builtin` + `partition` of
+    `num_partitions`, split like a simulation (`scheme`, `alpha`, `seed` = the coordinator's seed).
+    """
+
+    path: str | None = None
+    label_column: str | None = None
+    feature_columns: list[str] | None = None
+    standardize: bool = True
+    classes: list[str] | None = Field(None, description="label order shared by the federation")
+    image_size: int | None = Field(None, ge=1)
+    grayscale: bool = True
+    builtin: BuiltinName | None = None
+    partition: int | None = Field(None, ge=0)
+    num_partitions: int | None = Field(None, ge=1)
+    scheme: PartitionScheme = "iid"
+    alpha: float = Field(0.5, gt=0.0)
+    seed: int = 0
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    min_partition_size: int = Field(2, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="extra builtin args")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SiteDataSpec:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of path (a table or image folder) and builtin (a demo partition)")
+        if self.path is not None and self.image_size is None and not self.label_column:
+            raise ValueError("a table needs label_column (or give image_size for an image folder)")
+        if self.builtin is not None:
+            if self.partition is None or self.num_partitions is None:
+                raise ValueError("builtin needs partition and num_partitions")
+            if self.partition >= self.num_partitions:
+                raise ValueError(f"partition {self.partition} is not below num_partitions {self.num_partitions}")
+        return self
+
+
+class SiteConfig(_Strict):
+    """A site daemon (hospital, bank): identity, how to reach and trust the coordinator, its data and DP policy."""
+
+    name: str
+    coordinator: str = Field(description="host:port of the coordinator, no scheme")
+    root_certificates: str = Field(description="the federation's CA certificate (verifies the coordinator)")
+    auth_private_key: str = Field(description="the site's OpenSSH ECDSA private key (fedseek certs add-site)")
+    data: SiteDataSpec
+    privacy: PrivacySpec | None = None
+    state_dir: str | None = Field(None, description="privacy ledger, Flower home, pidfile, log; default state/NAME")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    runtime_port: int = Field(9094, ge=1, le=65535, description="SuperNode's local API port: unique per site on one host")
+    max_retries: int | None = Field(None, ge=0, description="reconnect attempts after a lost connection; default unlimited")
+    max_wait_s: float | None = Field(None, gt=0.0, description="give up reconnecting after this long; default never")
+
+    _name = field_validator("name")(_site_name)
+    _coordinator = field_validator("coordinator")(_address)
+
+    def resolve_paths(self, base: Path) -> SiteConfig:
+        """Make every path absolute against `base` and fill the state-dir default."""
+        self.root_certificates = str(_resolve_path(base, self.root_certificates))
+        self.auth_private_key = str(_resolve_path(base, self.auth_private_key))
+        self.data.path = _resolve_path(base, self.data.path)
+        self.state_dir = _resolve_path(base, self.state_dir) or str((base / "state" / self.name).resolve())
+        return self
+
+
+def load_coordinator(path: str | Path) -> CoordinatorConfig:
+    """Load and validate a coordinator file; relative paths resolve against its directory."""
+    p = Path(path).resolve()
+    return parse(CoordinatorConfig, load_yaml(p), path).resolve_paths(p.parent)
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """Load and validate a site file (a `site:` mapping, as `fedseek certs add-site` writes, is merged in)."""
+    p = Path(path).resolve()
+    raw = load_yaml(p)
+    nested = raw.pop("site", None)
+    if isinstance(nested, dict):
+        raw = {**nested, **raw}
+    elif nested is not None:
+        raw["site"] = nested  # reported as an unknown key
+    return parse(SiteConfig, raw, path).resolve_paths(p.parent)

@@ -1,0 +1,162 @@
+"""What a federation runs, shared by simulated scenarios and the deployed coordinator.
+
+Model, strategy, local training, privacy policy, reply screening, sparsity, compression and watermark.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from fedseek.config.loading import _Strict
+from fedseek.names import (
+    AccountantName,
+    CodecName,
+    IndexCoding,
+    ModelKind,
+    QuantizerName,
+    StrategyName,
+)
+
+
+class ModelSpec(_Strict):
+    """Architecture of the shared model; the coordinator sends it to sites each round."""
+
+    kind: ModelKind = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [64])
+
+
+class StrategySpec(_Strict):
+    """Aggregation rule, built on Flower's strategies."""
+
+    name: StrategyName = "fedavg"
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    min_sites: int = Field(2, ge=1, description="sites needed before a round starts")
+    proximal_mu: float = Field(0.0, ge=0.0)
+    server_lr: float = Field(0.01, gt=0.0, description="FedAdam eta")
+    server_tau: float = Field(1e-3, gt=0.0, description="FedAdam tau")
+    trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="FedTrimmedAvg: share cut at each end")
+    num_malicious: int = Field(0, ge=0, description="Krum/MultiKrum: assumed Byzantine sites")
+    num_to_select: int = Field(1, ge=1, description="MultiKrum: updates averaged")
+
+
+class TrainSpec(_Strict):
+    """Local training recipe the coordinator sends to sites each round."""
+
+    local_epochs: int = Field(1, ge=1, le=1000)
+    lr: float = Field(0.1, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weighting: Literal["none", "balanced"] = "none"
+
+
+class PrivacySpec(_Strict):
+    """A site's record-level DP policy (Opacus DP-SGD), owned by the site.
+
+    Noise: a fixed `noise_multiplier`, or `target_epsilon_per_round`, or neither, in which
+    case the site calibrates the noise so the coordinator's announced rounds fit its budget.
+    """
+
+    enabled: bool = True
+    epsilon_budget: float = Field(3.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    target_epsilon_per_round: float | None = Field(None, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    accountant: AccountantName = "rdp"
+    grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = "ghost"
+
+    @model_validator(mode="after")
+    def _one_noise_rule(self) -> PrivacySpec:
+        if self.noise_multiplier is not None and self.target_epsilon_per_round is not None:
+            raise ValueError("set at most one of noise_multiplier and target_epsilon_per_round")
+        return self
+
+
+class ValidationSpec(_Strict):
+    """Bounds the coordinator enforces on every site reply before aggregation."""
+
+    max_update_norm: float | None = Field(None, gt=0.0, description="L2 norm bound on a site's model delta")
+    max_payload_bytes: int | None = Field(None, gt=0, description="default: 2x the dense fp32 model")
+
+
+class MetricsSpec(_Strict):
+    """Prometheus endpoint of the coordinator (off unless a port is given)."""
+
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="0 = pick a free port")
+    prometheus_host: str = "127.0.0.1"
+
+
+class SparsitySpec(_Strict):
+    """A global sparsity mask held by the coordinator (from the seed or the DP global model only)."""
+
+    enabled: bool = False
+    target: float = Field(0.8, ge=0.0, lt=1.0, description="final fraction of weights pruned")
+    schedule: Literal["fixed", "progressive"] = "progressive"
+    start_round: int = Field(1, ge=1)
+    end_fraction: float = Field(0.75, gt=0.0, le=1.0, description="share of rounds by which target is reached")
+    regrow_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="prune-and-regrow share per round after the ramp")
+
+
+class CompressionSpec(_Strict):
+    """Update encoding on the wire (after DP, so post-processing)."""
+
+    codec: CodecName = "none"
+    topk_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    quantize: QuantizerName = "none"
+    error_feedback: bool = True
+    index_coding: IndexCoding = "delta"
+    downlink: Literal["none", "fp16"] = "none"
+
+    @model_validator(mode="after")
+    def _valid_codec(self) -> CompressionSpec:
+        if self.quantize != "none" and self.codec not in ("topk", "sparse_mask"):
+            raise ValueError(f"quantize applies to codec topk or sparse_mask only (codec is {self.codec!r})")
+        self.codec_spec(0)  # raises ValueError with the allowed combinations
+        return self
+
+    def codec_spec(self, seed: int) -> Any:
+        """The fedseek.wire.codec.CodecSpec for site uplinks."""
+        from fedseek.wire.codec import CodecSpec
+
+        return CodecSpec(
+            kind=self.codec,
+            topk_fraction=self.topk_fraction,
+            quantize=self.quantize if self.codec in ("topk", "sparse_mask") else "none",
+            error_feedback=self.error_feedback and self.codec != "none",
+            seed=seed,
+            index_coding=self.index_coding,
+        )
+
+
+class WatermarkSpec(_Strict):
+    """Coordinator-side ownership watermark (trigger set), embedded after every aggregation."""
+
+    enabled: bool = False
+    key_file: str | None = Field(None, description="secret key (fedseek watermark keygen); default OUT/watermark.key")
+    triggers: int | None = Field(None, ge=10)
+    target_trigger_accuracy: float = Field(0.98, gt=0.0, le=1.0)
+    max_steps: int = Field(600, ge=1, description="embedding steps per round at most (the first rounds need the most)")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="embedding optimizer (adam: the v1 default, costlier in accuracy)")
+    lr: float | None = Field(None, gt=0.0, description="embedding learning rate; default 0.05 for sgd, 5e-3 for adam")
+    margin_steps: int = Field(0, ge=0, description="extra embedding steps once the target is reached (v1: 5)")
+    distill_weight: float | None = Field(None, ge=0.0, description="weight of the distillation term; default fedseek.watermark.embed's (10; v1: 5)")
+    alpha: float = Field(1e-6, gt=0.0, lt=1.0)
+
+
+class FederationSpec(_Strict):
+    """What the coordinator runs: shared by scenarios and the deployed coordinator."""
+
+    name: str = "fedseek"
+    seed: int = 0
+    rounds: int = Field(5, ge=1, le=100000)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    round_timeout_s: float = Field(600.0, gt=0.0)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
