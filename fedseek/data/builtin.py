@@ -6,6 +6,7 @@ so the same seed gives byte-identical data in every process of a simulation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -220,6 +221,32 @@ def _simulate_bank(
     return x, score
 
 
+def _bank_params(seed: int, num_banks: int, fraud_rate: float, drift: float) -> list[dict[str, Any]]:
+    """Each bank's drifted parameters, from their own stream (so they do not change with rows_per_bank)."""
+    prng = np.random.default_rng([seed, 0])
+    base_weights = np.array([1.6, 1.2, 1.3, 1.0, 1.2, 1.0, 0.6, 0.45, 0.5])
+    rate_mult = np.exp(drift * prng.normal(0.0, 0.5, num_banks))
+    bank_rates = np.clip(fraud_rate * rate_mult / rate_mult.mean(), 1e-4, 0.45)
+    banks = []
+    for b in range(num_banks):
+        mix = _BASE_CATEGORY_MIX * np.exp(drift * prng.normal(0.0, 0.6, len(_BASE_CATEGORY_MIX)))
+        banks.append(
+            {
+                "amount_mu": np.log(40.0) + drift * prng.normal(0.0, 0.6),
+                "foreign_share": float(np.clip(0.05 * np.exp(drift * prng.normal(0, 0.8)), 0.003, 0.3)),
+                "card_present_scale": float(np.clip(1.0 + drift * prng.normal(0, 0.2), 0.5, 1.2)),
+                "category_mix": mix / mix.sum(),
+                "distance_mu": np.log(6.0) + drift * prng.normal(0.0, 0.5),
+                "velocity": 2.5 * float(np.exp(drift * prng.normal(0.0, 0.4))),
+                "account_age_days": 1200.0 * float(np.exp(drift * prng.normal(0.0, 0.5))),
+                "weights": base_weights * np.exp(drift * prng.normal(0.0, 0.25, base_weights.size)),
+                "rate": float(bank_rates[b]),
+            }
+        )
+
+    return banks
+
+
 def bank_fraud(
     seed: int,
     num_banks: int = 10,
@@ -249,28 +276,7 @@ def bank_fraud(
     if drift < 0:
         raise ValueError(f"drift must be >= 0, got {drift}")
 
-    # Bank parameters come from their own stream, so they do not change with rows_per_bank.
-    prng = np.random.default_rng([seed, 0])
-    base_weights = np.array([1.6, 1.2, 1.3, 1.0, 1.2, 1.0, 0.6, 0.45, 0.5])
-    rate_mult = np.exp(drift * prng.normal(0.0, 0.5, num_banks))
-    bank_rates = np.clip(fraud_rate * rate_mult / rate_mult.mean(), 1e-4, 0.45)
-    banks = []
-    for b in range(num_banks):
-        mix = _BASE_CATEGORY_MIX * np.exp(drift * prng.normal(0.0, 0.6, len(_BASE_CATEGORY_MIX)))
-        banks.append(
-            {
-                "amount_mu": np.log(40.0) + drift * prng.normal(0.0, 0.6),
-                "foreign_share": float(np.clip(0.05 * np.exp(drift * prng.normal(0, 0.8)), 0.003, 0.3)),
-                "card_present_scale": float(np.clip(1.0 + drift * prng.normal(0, 0.2), 0.5, 1.2)),
-                "category_mix": mix / mix.sum(),
-                "distance_mu": np.log(6.0) + drift * prng.normal(0.0, 0.5),
-                "velocity": 2.5 * float(np.exp(drift * prng.normal(0.0, 0.4))),
-                "account_age_days": 1200.0 * float(np.exp(drift * prng.normal(0.0, 0.5))),
-                "weights": base_weights * np.exp(drift * prng.normal(0.0, 0.25, base_weights.size)),
-                "rate": float(bank_rates[b]),
-            }
-        )
-
+    banks = _bank_params(seed, num_banks, fraud_rate, drift)
     xs, ys, gs = [], [], []
     for b, params in enumerate(banks):
         rng = np.random.default_rng([seed, 1, b])
@@ -294,7 +300,8 @@ def bank_fraud(
 
 def load_builtin(name: str, seed: int, **kwargs: Any) -> tuple[ArrayDataset, ArrayDataset]:
     """Built-in task by name ("breast_cancer" | "digits" | "bank_fraud"), kwargs passed through."""
-    loaders = {"breast_cancer": breast_cancer, "digits": digits, "bank_fraud": bank_fraud}
+    loaders: dict[str, Callable[..., tuple[ArrayDataset, ArrayDataset]]] = {
+        "breast_cancer": breast_cancer, "digits": digits, "bank_fraud": bank_fraud}
     if name not in loaders:
         raise ValueError(
             f"unknown built-in dataset {name!r}; allowed: {', '.join(BUILTIN_NAMES)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _read_table(path: Path):  # -> pandas.DataFrame
+def _read_table(path: Path) -> Any:  # pandas.DataFrame (imported lazily)
     """Read a .csv/.parquet file into a DataFrame, turning every failure into a DataError."""
     import pandas as pd
 
@@ -78,6 +79,53 @@ def _class_mapping(
     return np.array([lookup[s] for s in as_str], dtype=np.int64), names
 
 
+def _feature_columns(path: Path, columns: list[str], label_column: str, feature_columns: list[str] | None) -> list[str]:
+    """The configured feature columns (or every column but the label), checked against the table."""
+    if feature_columns is None:
+        feature_columns = [c for c in columns if c != label_column]
+    else:
+        feature_columns = [str(c) for c in feature_columns]
+        missing = [c for c in feature_columns if c not in columns]
+        if missing:
+            raise DataError(
+                f"{path}: feature columns {missing} not found (available: {', '.join(columns)})"
+            )
+        if label_column in feature_columns:
+            raise DataError(f"{path}: label column {label_column!r} is also listed as a feature")
+    if not feature_columns:
+        raise DataError(f"{path}: no feature columns (only the label column {label_column!r})")
+    return feature_columns
+
+
+def _feature_matrix(path: Path, df: Any, label_column: str, feature_columns: list[str]) -> np.ndarray:
+    """The features as float64, refusing missing, non-numeric and infinite values (each named with its count)."""
+    import pandas as pd
+
+    used = [label_column, *feature_columns]
+    na_counts = df[used].isna().sum()
+    with_na = [f"{c} ({int(n)})" for c, n in na_counts.items() if n > 0]
+    if with_na:
+        raise DataError(f"{path}: missing values in columns: {', '.join(with_na)}")
+    feats = df[feature_columns]
+    non_numeric = [
+        c
+        for c in feature_columns
+        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
+    ]
+    if non_numeric:
+        raise DataError(
+            f"{path}: non-numeric feature columns {non_numeric} "
+            f"(encode them upstream with a vocabulary shared by all sites, or leave them out)"
+        )
+    x = feats.to_numpy(dtype=np.float64)
+    nonfinite = ~np.isfinite(x)
+    if nonfinite.any():
+        counts = nonfinite.sum(axis=0)
+        bad = [f"{c} ({int(n)})" for c, n in zip(feature_columns, counts, strict=True) if n > 0]
+        raise DataError(f"{path}: infinite values in columns: {', '.join(bad)}")
+    return np.asarray(x)
+
+
 def load_table(
     path: str | Path,
     label_column: str,
@@ -100,8 +148,6 @@ def load_table(
       constant columns are left centred). Use False when the federation agrees on shared
       public statistics and the table is already scaled.
     """
-    import pandas as pd
-
     path = Path(path)
     df = _read_table(path)
     columns = [str(c) for c in df.columns]
@@ -112,45 +158,8 @@ def load_table(
         )
     if len(df) == 0:
         raise DataError(f"{path}: empty table (no rows)")
-
-    if feature_columns is None:
-        feature_columns = [c for c in columns if c != label_column]
-    else:
-        feature_columns = [str(c) for c in feature_columns]
-        missing = [c for c in feature_columns if c not in columns]
-        if missing:
-            raise DataError(
-                f"{path}: feature columns {missing} not found (available: {', '.join(columns)})"
-            )
-        if label_column in feature_columns:
-            raise DataError(f"{path}: label column {label_column!r} is also listed as a feature")
-    if not feature_columns:
-        raise DataError(f"{path}: no feature columns (only the label column {label_column!r})")
-
-    used = [label_column, *feature_columns]
-    na_counts = df[used].isna().sum()
-    with_na = [f"{c} ({int(n)})" for c, n in na_counts.items() if n > 0]
-    if with_na:
-        raise DataError(f"{path}: missing values in columns: {', '.join(with_na)}")
-
-    feats = df[feature_columns]
-    non_numeric = [
-        c
-        for c in feature_columns
-        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
-    ]
-    if non_numeric:
-        raise DataError(
-            f"{path}: non-numeric feature columns {non_numeric} "
-            f"(encode them upstream with a vocabulary shared by all sites, or leave them out)"
-        )
-    x = feats.to_numpy(dtype=np.float64)
-    nonfinite = ~np.isfinite(x)
-    if nonfinite.any():
-        counts = nonfinite.sum(axis=0)
-        bad = [f"{c} ({int(n)})" for c, n in zip(feature_columns, counts, strict=False) if n > 0]
-        raise DataError(f"{path}: infinite values in columns: {', '.join(bad)}")
-
+    feature_columns = _feature_columns(path, columns, label_column, feature_columns)
+    x = _feature_matrix(path, df, label_column, feature_columns)
     y, names = _class_mapping(path, df[label_column].to_numpy(), classes)
     if classes is None and len(names) < 2:
         raise DataError(
@@ -210,9 +219,9 @@ def load_image_folder(
         )
         for f in files:
             try:
-                with Image.open(f) as im:
-                    im = im.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
+                with Image.open(f) as img:
+                    small = img.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+                    arr = np.asarray(small, dtype=np.float32) / 255.0
             except Exception as exc:  # noqa: BLE001 - any decode failure names the file
                 raise DataError(f"{f}: unreadable image: {_first_line(exc)}") from None
             images.append(arr[None, :, :] if grayscale else arr.transpose(2, 0, 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class _ArrayKey:
         return isinstance(other, _ArrayKey) and other.digest == self.digest
 
 
-def _hf_dataset(labels: np.ndarray, order: np.ndarray):  # -> datasets.Dataset
+def _hf_dataset(labels: np.ndarray, order: np.ndarray) -> Any:  # datasets.Dataset (imported lazily)
     """A Hugging Face Dataset of just {"idx", "label"}, rows in the given (seeded) order."""
     import datasets
 
@@ -60,7 +61,7 @@ def _hf_dataset(labels: np.ndarray, order: np.ndarray):  # -> datasets.Dataset
     )
 
 
-def _read_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
+def _read_indices(partitioner: Any, num_partitions: int) -> list[np.ndarray]:
     """Original row indices of every partition, read back from the partitioner's "idx" column."""
     out = []
     for pid in range(num_partitions):

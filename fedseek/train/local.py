@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-
-# Opacus' ghost clipping fires full backward hooks on modules whose inputs need no grad: harmless.
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+# Opacus' ghost clipping fires full backward hooks on modules whose inputs need no grad: harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 log = logging.getLogger(__name__)
 
 
@@ -107,16 +106,7 @@ def train_local(
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(_tensors(x, y), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
-
-    train_model: nn.Module = model
-    if privacy is not None:
-        train_model, optimizer, criterion, loader = privacy.wrap(model, optimizer, criterion, loader)
-
-    enforcer = None
-    if mask:
-        from fedseek.sparsity import enforce_mask
-
-        enforcer = enforce_mask(train_model, optimizer, mask)
+    train_model, optimizer, criterion, loader, enforcer = _wrap(model, optimizer, criterion, loader, privacy, mask)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     total_loss, total_n, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -127,22 +117,11 @@ def train_local(
                     privacy.empty_step(train_model, optimizer, criterion, xb, yb, device)
                     steps += 1
                 continue
-            xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = train_model(xb)
-            loss = criterion(out.float(), yb)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss = _step(train_model, optimizer, criterion, scaler, xb.to(device), yb.to(device), amp_dtype)
             steps += 1
             if proximal_mu > 0:
                 _proximal_step(model, global_params, lr, proximal_mu)
-            total_loss += float(loss.detach()) * len(yb)
+            total_loss += loss * len(yb)
             total_n += len(yb)
 
     if enforcer is not None:
@@ -157,6 +136,37 @@ def train_local(
         seconds=time.perf_counter() - start,
         dp=dp_info,
     )
+
+
+def _wrap(model: nn.Module, optimizer: Any, criterion: nn.Module, loader: Any, privacy: Any,
+          mask: dict[str, np.ndarray] | None) -> tuple[nn.Module, Any, nn.Module, Any, Any]:
+    """Opacus' wrappers when training under DP (a DPRound), then the sparsity mask's enforcer when there is a mask."""
+    train_model: nn.Module = model
+    if privacy is not None:
+        train_model, optimizer, criterion, loader = privacy.wrap(model, optimizer, criterion, loader)
+    enforcer = None
+    if mask:
+        from fedseek.sparsity import enforce_mask
+
+        enforcer = enforce_mask(train_model, optimizer, mask)
+    return train_model, optimizer, criterion, loader, enforcer
+
+
+def _step(model: nn.Module, optimizer: Any, criterion: nn.Module, scaler: Any, xb: torch.Tensor, yb: torch.Tensor,
+          amp_dtype: torch.dtype | None) -> float:
+    """One optimizer step (autocast forward when mixed precision, loss scaling for fp16); returns the batch loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=xb.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(xb)
+    loss = criterion(out.float(), yb)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
 
 
 @torch.no_grad()

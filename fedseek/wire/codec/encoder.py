@@ -147,7 +147,7 @@ def _select(u: Mapping[str, np.ndarray], spec: CodecSpec, masks_flat: Mapping[st
     if spec.kind in ("none", "fp16", "int8"):
         return dict.fromkeys(u)
     if spec.kind == "sparse_mask":
-        return {k: (None if masks_flat.get(k) is None else np.flatnonzero(masks_flat[k])) for k in u}
+        return {k: (None if (m := masks_flat.get(k)) is None else np.flatnonzero(m)) for k in u}
     out: dict[str, np.ndarray | None] = {}
     if spec.topk_scope == "layer":
         for name, vec in u.items():

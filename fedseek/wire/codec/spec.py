@@ -23,7 +23,7 @@ DEFAULT_MAX_ELEMENTS = 1 << 27  # decode refuses claims above this unless told t
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-_VALUE_DTYPES = {"none": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+_VALUE_DTYPES: dict[str, np.dtype] = {"none": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
 
 
 _MAX_NDIM = 32
