@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context
 
 from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenario, load_site
+from fedseek.data.site_data import load_site_data
 
 
 @dataclass
@@ -56,21 +57,6 @@ def _partitions(path: str, mtime: float) -> tuple[Any, list[np.ndarray]]:
         groups=getattr(train, "groups", None),
     )
     return train, parts
-
-
-def load_site_data(cfg: SiteConfig) -> Any:
-    """A deployed site's training data (fedseek.data.ArrayDataset) as its config says; DataError/ValueError in one line."""
-    from fedseek.data import load_builtin, load_image_folder, load_table, partition_indices
-
-    d = cfg.data
-    if d.builtin is not None:
-        train, _ = load_builtin(d.builtin, d.seed, test_fraction=d.test_fraction, **d.options)
-        parts = partition_indices(train.y, int(d.num_partitions or 1), d.scheme, alpha=d.alpha, seed=d.seed,
-                                  min_partition_size=d.min_partition_size, groups=getattr(train, "groups", None))
-        return train.subset(parts[int(d.partition or 0)])
-    if d.image_size is not None:
-        return load_image_folder(str(d.path), d.image_size, grayscale=d.grayscale, classes=d.classes)
-    return load_table(str(d.path), str(d.label_column), d.feature_columns, standardize=d.standardize, classes=d.classes)
 
 
 @functools.lru_cache(maxsize=4)
