@@ -152,6 +152,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch + Opacus, one killed with SIGKILL
 def test_site_killed_between_rounds_continues_epsilon(tmp_path):
     """kill -9 a site process after 2 rounds; a new process continues from the ledger, not from zero."""
     state = tmp_path / "state"
