@@ -211,7 +211,10 @@ def read_rows(path: str | Path) -> list[MetricsRow]:
     if not p.exists():
         return []
     rows = []
-    lines = p.read_text().splitlines()
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"{p}: unreadable ({exc})") from None
     for i, line in enumerate(lines):
         try:
             data = json.loads(line)
@@ -228,7 +231,7 @@ def read_summary(path: str | Path) -> RunSummary:
     p = Path(path)
     try:
         data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SchemaError(f"{p}: unreadable ({exc})") from None
     _check_version(data, str(p))
     try:
