@@ -274,6 +274,7 @@ def test_embed_verify_breast_cancer_mlp(cancer):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # a CNN trained and marked over several rounds
 def test_embed_verify_digits_cnn_per_round(digits, tmp_path):
     """WAFFLE protocol: the coordinator re-embeds after every aggregation (rounds simulated centrally)."""
     xtr, ytr, xte, yte = digits
@@ -330,6 +331,7 @@ def test_no_false_positives_on_independent_models(digits):
     assert max(matches) < 28 and 3 <= np.mean(matches) <= 20
 
 
+@pytest.mark.slow  # trains a CNN on digits first
 def test_embed_leaves_a_marked_model_untouched_and_checks_options(digits):
     """Re-embedding a model already at the target takes no step and changes no weight (no per-round drift)."""
     xtr, ytr, _, _ = digits
@@ -342,24 +344,24 @@ def test_embed_leaves_a_marked_model_untouched_and_checks_options(digits):
     again = wm.embed(model, key)
     assert again.steps == 0 and again.reached_target and again.weight_shift == 0.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    v1 = wm.embed(model, key, optimizer="adam", lr=5e-3, margin_steps=5, distill_weight=5.0)  # v1 kept stepping
-    assert v1.steps >= 5 and v1.weight_shift > 0.05
-    with pytest.raises(ValueError, match="optimizer"):
-        wm.embed(model, key, optimizer="rmsprop")
+    forced = wm.embed(model, key, min_steps=3)  # min_steps still steps a marked model, and the mark stays
+    assert forced.steps >= 3 and forced.weight_shift > 0 and forced.reached_target
     with pytest.raises(ValueError, match="lr"):
         wm.embed(model, key, lr=0.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        wm.embed(model, key, clip_norm=-1.0)
 
     from fedseek.config import WatermarkSpec
 
-    assert WatermarkSpec().optimizer == "sgd" and WatermarkSpec().margin_steps == 0 and WatermarkSpec().lr is None
+    assert WatermarkSpec().lr == 0.05 and WatermarkSpec().distill_weight == 10.0
     with pytest.raises(ValueError):
-        WatermarkSpec(optimizer="rmsprop")
+        WatermarkSpec(optimizer="adam")  # the Adam settings were removed (they cost ~1.8 points on digits)
 
 
-def test_reembedding_damage_is_small_and_below_v1(digits):
-    """One re-embedding of a half-eroded mark changes the task function less than the v1 settings (Adam lr 5e-3 +
-    5 margin steps) did: measured on all 1797 real digits (which the embedding never sees), a low-noise stand-in
-    for the federated accuracy cost (benchmarks/watermark_federated.py)."""
+@pytest.mark.slow  # trains a CNN over four rounds; the federated cost itself is measured in benchmarks/watermark_federated.py
+def test_reembedding_damage_is_small(digits):
+    """One re-embedding of a half-eroded mark barely changes the task function: measured on all 1797 real digits
+    (which the embedding never sees), a low-noise stand-in for the federated accuracy cost."""
     xtr, ytr, xte, yte = digits
     xall = torch.cat([xtr, xte])
     key = fixed_key("damage", (1, 8, 8), 10)
@@ -381,7 +383,6 @@ def test_reembedding_damage_is_small_and_below_v1(digits):
             return float((m(xall).argmax(1) != ref).float().mean()), rep
 
     new, rep_new = changed()
-    old, rep_old = changed(optimizer="adam", lr=5e-3, margin_steps=5, max_steps=200, distill_weight=5.0)
-    assert new <= 0.03, new  # <= 3% of real digits change their predicted class (v1 here: 3.2%)
-    assert new < old, (new, old)
-    assert rep_new.weight_shift < 0.6 * rep_old.weight_shift
+    assert new <= 0.03, new  # <= 3% of real digits change their predicted class (the removed Adam settings: 3.2%)
+    assert rep_new.reached_target and rep_new.steps > 0
+    assert wm.verify_model(model, key).matches == eroded  # the copy was re-embedded, not the original

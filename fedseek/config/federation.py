@@ -138,10 +138,8 @@ class WatermarkSpec(_Strict):
     triggers: int | None = Field(None, ge=10)
     target_trigger_accuracy: float = Field(0.98, gt=0.0, le=1.0)
     max_steps: int = Field(600, ge=1, description="embedding steps per round at most (the first rounds need the most)")
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="embedding optimizer (adam: the v1 default, costlier in accuracy)")
-    lr: float | None = Field(None, gt=0.0, description="embedding learning rate; default 0.05 for sgd, 5e-3 for adam")
-    margin_steps: int = Field(0, ge=0, description="extra embedding steps once the target is reached (v1: 5)")
-    distill_weight: float | None = Field(None, ge=0.0, description="weight of the distillation term; default fedseek.watermark.embed's (10; v1: 5)")
+    lr: float = Field(0.05, gt=0.0, description="embedding SGD learning rate (steps are clipped to gradient norm 0.5)")
+    distill_weight: float = Field(10.0, ge=0.0, description="weight of the distillation term that holds the task function in place")
     alpha: float = Field(1e-6, gt=0.0, lt=1.0)
 
 

@@ -37,9 +37,8 @@ class WatermarkStage:
     def embed(self, rnd: int, model: GlobalModel) -> WatermarkRound:
         """Fine-tune the aggregate on the trigger set, re-apply the mask, and measure detection."""
         spec = self.spec
-        extra: dict[str, Any] = {"distill_weight": spec.distill_weight} if spec.distill_weight is not None else {}
         rep = wm.embed(model.load_module(), self.key, target_accuracy=spec.target_trigger_accuracy, max_steps=spec.max_steps,
-                       seed=self.seed + rnd, optimizer=spec.optimizer, lr=spec.lr, margin_steps=spec.margin_steps, mask=model.mask, **extra)
+                       seed=self.seed + rnd, lr=spec.lr, distill_weight=spec.distill_weight, mask=model.mask)
         model.take_module()
         res = wm.verify_model(model.load_module(), self.key, alpha=spec.alpha)
         row = WatermarkRound(steps=rep.steps, trigger_accuracy_before=rep.trigger_accuracy_before, trigger_accuracy=res.matches / res.n,
