@@ -126,6 +126,32 @@ def test_unknown_key_type_rejected(tmp_path: Path) -> None:
         pki.init_ca(tmp_path, ["a"], [], key_type="dsa")
 
 
+def test_writes_replace_a_symlink_instead_of_following_it(certs: pki.CertPaths, tmp_path: Path) -> None:
+    """Files are written through the atomic writer: a symlink at the target is replaced, its target untouched."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    certs.ca_crt.unlink()
+    certs.ca_crt.symlink_to(victim)
+    pki.init_ca(certs.out_dir, ["coord.example.org"], [], force=True)
+    assert victim.read_bytes() == b"keep me"
+    assert not certs.ca_crt.is_symlink() and certs.ca_crt.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    assert sorted(p.name for p in certs.out_dir.iterdir()) == ["ca.crt", "ca.key", "coordinator.crt", "coordinator.key"]
+
+
+def test_public_files_follow_a_strict_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o077)
+    try:
+        paths = pki.init_ca(tmp_path / "certs", ["a.example"], [])
+        bundle = pki.add_site(paths.out_dir, "site1", "a.example:9092")
+    finally:
+        os.umask(old)
+    for public in (paths.ca_crt, paths.coordinator_crt, bundle.public_key, bundle.ca_crt, bundle.site_yaml, bundle.bundle_json):
+        assert _mode(public) == 0o600, public
+    assert _mode(bundle.private_key) == 0o600
+
+
 # --------------------------------------------------------------------------- chain
 
 
@@ -179,6 +205,7 @@ def test_site_key_is_openssh_p384_0600_and_bundle_complete(certs: pki.CertPaths)
     key = load_ssh_private_key(b.private_key.read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1)
     pub = load_ssh_public_key(b.public_key.read_bytes())
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
     assert pub.public_numbers() == key.public_key().public_numbers()
     assert b.ca_crt.read_bytes() == certs.ca_crt.read_bytes()
     facts = json.loads(b.bundle_json.read_text())
@@ -253,7 +280,7 @@ def test_show_lists_days_left_sans_and_site_fingerprints(certs: pki.CertPaths) -
     infos = pki.show(certs.out_dir)
     by_path = {i.path: i for i in infos}
     coord = by_path[certs.coordinator_crt]
-    assert coord.kind == "server" and not coord.expired and 364 <= coord.days_left <= 365
+    assert coord.kind == "server" and not coord.expired and coord.days_left is not None and 364 <= coord.days_left <= 365
     assert "IP:127.0.0.1" in coord.sans and coord.key_type == "EC P-256"
     assert coord.problems == ()
     assert by_path[certs.ca_crt].kind == "ca"

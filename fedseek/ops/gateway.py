@@ -83,6 +83,7 @@ def check_request(method: str, target: str, version: str, headers: list[tuple[st
 
 
 def _keep_alive(headers: list[tuple[str, str]]) -> bool:
+    """Whether the peer lets the connection be reused (no `Connection: close`)."""
     return not any(n == "connection" and "close" in v.lower() for n, v in headers)
 
 
@@ -156,6 +157,7 @@ class Gateway:
         self.forwarded = 0
 
     async def _forward_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        """Screen and forward the site's requests one by one over one upstream connection; 403 and close on a refusal."""
         up_reader: asyncio.StreamReader | None = None
         up_writer: asyncio.StreamWriter | None = None
         try:
@@ -200,7 +202,9 @@ class Gateway:
                     w.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = "%s:%s" % (writer.get_extra_info("peername") or ("?", "?"))[:2]
+        """One site connection."""
+        host, port = (writer.get_extra_info("peername") or ("?", "?"))[:2]
+        peer = f"{host}:{port}"
         try:
             await self._forward_loop(reader, writer, peer)
         except asyncio.CancelledError:  # shutdown: open keep-alive connections are dropped quietly
@@ -218,6 +222,7 @@ class Gateway:
 
 
 def _address(text: str) -> tuple[str, int]:
+    """host:port (IPv6 as [addr]:port) as (host, port)."""
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
 

@@ -1,4 +1,12 @@
-"""Embedding the mark: short, clipped SGD steps on the trigger set only (no site data: zero privacy cost)."""
+"""Embedding the mark: short, clipped SGD steps on the trigger set only (no site data: zero privacy cost).
+
+Why these defaults (benchmarks/watermark_federated.py: digits CNN on 20 sites, breast-cancer MLP on 10):
+the damage of one re-embedding grows with the step length (the distillation term can only hold the task
+function in place between short steps) and shrinks with the distillation weight (breast cancer: cost
+0.46 -> 0.07 points from weight 5 to 10, 20 seeds); the price is more steps in the first rounds (a few
+hundred from an unmarked model). Adam steps (lr 5e-3) moved every weight by ~lr per step whatever its
+gradient and cost ~1.8 points of digits accuracy, so they are not offered.
+"""
 
 from __future__ import annotations
 
@@ -67,14 +75,7 @@ def embed(
     # caller's public `distill_inputs`) + anchor_weight * ||theta - theta_start||^2. Gradients are taken at
     # weights multiplicatively perturbed by N(0, perturb^2) (0 disables) and clipped to total norm
     # `clip_norm` (0 disables); SGD with momentum, i.e. short steps along the gradient, and no step once the
-    # target is met. Deterministic given the key and `seed` (default: from the key).
-    #
-    # Why these defaults (benchmarks/watermark_federated.py: digits CNN on 20 sites, breast-cancer MLP on 10):
-    # the damage of one re-embedding grows with the step length (the distillation term can only hold the task
-    # function in place between short steps) and shrinks with the distillation weight (breast cancer: cost
-    # 0.46 -> 0.07 points from weight 5 to 10, 20 seeds); the price is more steps in the first rounds (a few
-    # hundred from an unmarked model). Adam steps (lr 5e-3) moved every weight by ~lr per step whatever its
-    # gradient and cost ~1.8 points of digits accuracy, so they are not offered.
+    # target is met. Deterministic given the key and `seed` (default: from the key). Defaults: module docstring.
     t0 = time.perf_counter()
     if not 0.0 < target_accuracy <= 1.0:
         raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy}")

@@ -20,21 +20,11 @@ from fedseek.files import atomic_write_bytes
 from fedseek.watermark.triggers import DOMAIN, trigger_set
 
 SCHEME_VERSION = "fedseek-wm-v1"
-
-
-
-
 _SEED_BYTES = 32
-
-
 # Default trigger count: smallest multiple of 100 at which a model that still matches this fraction
 # of triggers (a mark partly eroded by fine-tuning) gives p <= _DEFAULT_N_P.
 _DEFAULT_N_RETENTION = 0.75
-
-
 _DEFAULT_N_P = 1e-9
-
-
 
 
 @dataclass(frozen=True)
