@@ -11,8 +11,7 @@ import pytest
 
 from fedseek.wire import codec as C
 from fedseek.wire.codec import CodecError, CodecSpec, ErrorFeedback, decode, encode, payload_bytes
-from fedseek.wire.codec.decoder import _varint_decode
-from fedseek.wire.codec.encoder import _varint_encode
+from fedseek.wire.codec.indices import varint_decode, varint_encode
 
 
 def _update(seed: int = 0) -> dict[str, np.ndarray]:
@@ -176,9 +175,9 @@ def test_torch_tensors_accepted() -> None:
 
 def test_varint_roundtrip_large_values() -> None:
     vals = np.array([0, 1, 127, 128, 16383, 16384, 2**21, 2**28 - 1, 2**28, 2**32 - 1], dtype=np.uint64)
-    raw = _varint_encode(vals)
+    raw = varint_encode(vals)
     assert raw.size == 1 + 1 + 1 + 2 + 2 + 3 + 4 + 4 + 5 + 5
-    np.testing.assert_array_equal(_varint_decode("t", raw), vals)
+    np.testing.assert_array_equal(varint_decode("t", raw), vals)
 
 
 @pytest.mark.parametrize("coding", C.INDEX_CODINGS)
@@ -429,7 +428,8 @@ def test_random_corruption_never_crashes() -> None:
                 raw[rng.integers(raw.size)] ^= np.uint8(1 << rng.integers(8))
         if trial % 5 == 0:
             mk = sorted(meta)[rng.integers(len(meta))]
-            meta[mk] = [0, -1, "x", json.dumps([3]), 10**12][rng.integers(5)]
+            junk: list[int | float | str] = [0, -1, "x", json.dumps([3]), 10**12]
+            meta[mk] = junk[rng.integers(5)]
         try:
             out = decode(arrays, meta, expected_shapes=_shapes(u))
         except CodecError:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from fedseek.config import ConfigError, PrivacySpec, ScenarioConfig, load_scenario, parse
 from tests.conftest import ROOT
 
+WriteYaml = Callable[..., Path]
+
 
 @pytest.mark.parametrize("name", ["hospitals", "digits", "banks", "hospitals_dp"])
-def test_shipped_scenarios_load(name):
+def test_shipped_scenarios_load(name: str) -> None:
     cfg = load_scenario(ROOT / "simulations" / f"{name}.yaml")
     assert isinstance(cfg, ScenarioConfig)
     assert cfg.num_sites >= cfg.strategy.min_sites
 
 
-def test_defaults_fill_in(write_yaml):
+def test_defaults_fill_in(write_yaml: WriteYaml) -> None:
     cfg = load_scenario(write_yaml("num_sites: 3\n"))
     assert cfg.rounds == 5 and cfg.strategy.name == "fedavg" and cfg.privacy is None
 
@@ -36,7 +40,7 @@ def test_defaults_fill_in(write_yaml):
         ("privacy: {accountant: gdp}\n", "privacy.accountant", ["rdp", "prv"]),
     ],
 )
-def test_bad_values_name_the_key(write_yaml, text, key, words):
+def test_bad_values_name_the_key(write_yaml: WriteYaml, text: str, key: str, words: list[str]) -> None:
     with pytest.raises(ConfigError) as exc:
         load_scenario(write_yaml(text))
     msg = str(exc.value)
@@ -46,7 +50,7 @@ def test_bad_values_name_the_key(write_yaml, text, key, words):
         assert w in msg
 
 
-def test_yaml_syntax_and_missing_file(write_yaml, tmp_path):
+def test_yaml_syntax_and_missing_file(write_yaml: WriteYaml, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid YAML at line"):
         load_scenario(write_yaml("rounds: [1, 2\n"))
     with pytest.raises(ConfigError, match="file not found"):
@@ -55,14 +59,14 @@ def test_yaml_syntax_and_missing_file(write_yaml, tmp_path):
         load_scenario(write_yaml("- a\n- b\n"))
 
 
-def test_privacy_spec_rules():
+def test_privacy_spec_rules() -> None:
     p = parse(PrivacySpec, {"epsilon_budget": 3, "delta": 1e-5})
     assert p.accountant == "rdp" and p.grad_sample_mode == "ghost"
     with pytest.raises(ConfigError, match="epsilon_budget"):
         parse(PrivacySpec, {"epsilon_budget": -1})
 
 
-def test_cli_malformed_scenario_exits_2_with_one_line(write_yaml):
+def test_cli_malformed_scenario_exits_2_with_one_line(write_yaml: WriteYaml) -> None:
     bad = write_yaml("num_sites: 4\nstrategy:\n  name: fedsgd\n")
     res = subprocess.run([sys.executable, "-m", "fedseek.ops.cli", "simulate", str(bad), "--out", str(bad.parent / "o")],
                          capture_output=True, text=True, timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ from torch import nn
 
 from fedseek.sparsity import (
     MaskEnforcer,
-    apply_mask_,
     canonical_name,
     enforce_mask,
     init_mask,
@@ -41,7 +41,7 @@ def big_state() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("distribution", ["erk", "uniform"])
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.9])
-def test_init_mask_hits_target_and_leaves_biases(big_state, distribution: str, target: float) -> None:
+def test_init_mask_hits_target_and_leaves_biases(big_state: dict[str, torch.Tensor], distribution: str, target: float) -> None:
     mask = init_mask(big_state, target, seed=1, distribution=distribution)
     assert set(mask) == {k for k, v in big_state.items() if v.dim() >= 2}
     assert not any(k.endswith("bias") for k in mask)
@@ -57,7 +57,7 @@ def test_init_mask_cnn_covers_conv_kernels_not_groupnorm() -> None:
     assert abs(_mask_sparsity(mask) - 0.7) < 0.01
 
 
-def test_init_mask_deterministic_by_seed(big_state) -> None:
+def test_init_mask_deterministic_by_seed(big_state: dict[str, torch.Tensor]) -> None:
     a = init_mask(big_state, 0.8, seed=7)
     b = init_mask(dict(reversed(list(big_state.items()))), 0.8, seed=7)  # order-independent
     c = init_mask(big_state, 0.8, seed=8)
@@ -65,13 +65,13 @@ def test_init_mask_deterministic_by_seed(big_state) -> None:
     assert not all(np.array_equal(a[k], c[k]) for k in a)
 
 
-def test_erk_gives_small_layers_higher_density(big_state) -> None:
+def test_erk_gives_small_layers_higher_density(big_state: dict[str, torch.Tensor]) -> None:
     mask = init_mask(big_state, 0.8, seed=0, distribution="erk")
     dens = {k: m.mean() for k, m in mask.items()}
     assert dens["net.4.weight"] > dens["net.2.weight"]  # 2x128 output layer vs 128x256 hidden
 
 
-def test_init_mask_on_wrapped_names_uses_canonical_names(big_state) -> None:
+def test_init_mask_on_wrapped_names_uses_canonical_names(big_state: dict[str, torch.Tensor]) -> None:
     wrapped = {f"_module.{k}": v for k, v in big_state.items()}
     a = init_mask(wrapped, 0.5, seed=3)
     b = init_mask(big_state, 0.5, seed=3)
@@ -79,7 +79,7 @@ def test_init_mask_on_wrapped_names_uses_canonical_names(big_state) -> None:
     assert canonical_name("_module._module.net.0.weight") == "net.0.weight"
 
 
-def test_mask_argument_validation(big_state) -> None:
+def test_mask_argument_validation(big_state: dict[str, torch.Tensor]) -> None:
     with pytest.raises(ValueError, match="sparsity"):
         init_mask(big_state, 1.0, seed=0)
     with pytest.raises(ValueError, match="allowed"):
@@ -94,7 +94,7 @@ def test_mask_argument_validation(big_state) -> None:
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_magnitude_mask_keeps_largest(big_state, scope: str) -> None:
+def test_magnitude_mask_keeps_largest(big_state: dict[str, torch.Tensor], scope: str) -> None:
     mask = magnitude_mask(big_state, 0.75, scope=scope)
     assert abs(_mask_sparsity(mask) - 0.75) < 0.01
     if scope == "layer":
@@ -114,10 +114,10 @@ def test_magnitude_mask_global_never_kills_a_layer() -> None:
     assert mask["b.weight"].sum() == 1 and "b.bias" not in mask
 
 
-def test_magnitude_mask_prunes_already_zero_weights_first(big_state) -> None:
+def test_magnitude_mask_prunes_already_zero_weights_first(big_state: dict[str, torch.Tensor]) -> None:
     model = build_model("mlp", (30,), 2, hidden=(256, 128), seed=0)
     first = magnitude_mask(model.state_dict(), 0.5)
-    apply_mask_(model, first)
+    MaskEnforcer(model, first).apply()
     second = magnitude_mask(model.state_dict(), 0.7)
     for k in first:
         assert not np.any(second[k] & ~first[k])  # monotone: nothing pruned comes back
@@ -144,10 +144,10 @@ def test_schedule_monotone_from_zero_to_final() -> None:
 
 
 @pytest.mark.parametrize("regrow", ["random", "magnitude"])
-def test_prune_and_regrow_keeps_density(big_state, regrow: str) -> None:
+def test_prune_and_regrow_keeps_density(big_state: dict[str, torch.Tensor], regrow: str) -> None:
     model = build_model("mlp", (30,), 2, hidden=(256, 128), seed=0)
     mask = init_mask(big_state, 0.8, seed=0)
-    apply_mask_(model, mask)
+    MaskEnforcer(model, mask).apply()
     state = model.state_dict()
     new = prune_and_regrow(state, mask, drop_fraction=0.3, seed=1, regrow=regrow)
     again = prune_and_regrow(state, mask, drop_fraction=0.3, seed=1, regrow=regrow)
@@ -167,17 +167,19 @@ def test_prune_and_regrow_keeps_density(big_state, regrow: str) -> None:
 # ----------------------------------------------------------------------------- apply / enforce (plain torch)
 
 
-def test_apply_mask_and_sparsity_of(big_state) -> None:
+def test_enforcer_apply_and_sparsity_of(big_state: dict[str, torch.Tensor]) -> None:
     model = build_model("mlp", (30,), 2, hidden=(256, 128), seed=0)
     mask = init_mask(big_state, 0.6, seed=0)
-    assert apply_mask_(model, mask) == 3
+    enforcer = MaskEnforcer(model, mask)
+    enforcer.apply()
+    assert enforcer.num_tensors == 3
     assert abs(sparsity_of(model) - 0.6) < 0.01
     assert sparsity_of(mask) == pytest.approx(_mask_sparsity(mask))
     assert all(p.abs().min() > 0 for n, p in model.named_parameters() if n.endswith("bias"))
     with pytest.raises(ValueError, match="matches no parameter"):
-        apply_mask_(model, {"nope.weight": np.ones((2, 2), bool)})
+        MaskEnforcer(model, {"nope.weight": np.ones((2, 2), bool)})
     with pytest.raises(ValueError, match="shape"):
-        apply_mask_(model, {"net.0.weight": np.ones((2, 2), bool)})
+        MaskEnforcer(model, {"net.0.weight": np.ones((2, 2), bool)})
 
 
 def test_enforcer_with_plain_sgd_momentum_and_weight_decay() -> None:
@@ -195,7 +197,7 @@ def test_enforcer_with_plain_sgd_momentum_and_weight_decay() -> None:
             for k, m in mask.items():
                 p = dict(model.named_parameters())[k]
                 assert torch.all(p[torch.from_numpy(~m)] == 0)
-                assert torch.all(p.grad[torch.from_numpy(~m)] == 0)
+                assert p.grad is not None and torch.all(p.grad[torch.from_numpy(~m)] == 0)
     assert "step" not in vars(opt)  # detached: the optimizer's own step is back
 
 
@@ -231,7 +233,7 @@ def test_enforcer_closure_path() -> None:
 # ----------------------------------------------------------------------------- real Opacus
 
 
-def _private(seed: int = 0, n: int = 256):
+def _private(seed: int = 0, n: int = 256) -> tuple[nn.Module, nn.Module, Any, Any, Any]:
     """A tiny MLP made private by Opacus 1.6 (RDP accountant, default hooks mode)."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -259,7 +261,7 @@ def test_opacus_pruned_weights_stay_exactly_zero_every_step() -> None:
     assert set(mask) == {"net.0.weight", "net.2.weight"}
     enforcer = MaskEnforcer(pmodel, mask)
     enforcer.apply()
-    params = {canonical_name(n): p for n, p in pmodel.named_parameters()}
+    params: dict[str, Any] = {canonical_name(n): p for n, p in pmodel.named_parameters()}
     pruned = {k: torch.from_numpy(~m) for k, m in mask.items()}
     before = {k: p.detach().clone() for k, p in params.items()}
     enforcer.attach(popt)
@@ -312,7 +314,7 @@ def test_opacus_ghost_clipping_mode() -> None:
         for k, m in mask.items():
             p = dict(model.named_parameters())[k]
             assert torch.count_nonzero(p[torch.from_numpy(~m)]) == 0
-            assert torch.count_nonzero(p.grad[torch.from_numpy(~m)]) == 0
+            assert p.grad is not None and torch.count_nonzero(p.grad[torch.from_numpy(~m)]) == 0
     assert abs(sparsity_of(model) - 0.7) < 0.01
 
 
@@ -321,7 +323,7 @@ def test_opacus_without_enforcer_noise_hits_pruned_weights() -> None:
     pytest.importorskip("opacus")
     model, pmodel, popt, loader, _ = _private(seed=1)
     mask = init_mask(model.state_dict(), 0.6, seed=0)
-    apply_mask_(pmodel, mask)
+    MaskEnforcer(pmodel, mask).apply()
     xb, yb = next(iter(loader))
     popt.zero_grad()
     nn.functional.cross_entropy(pmodel(xb), yb).backward()
@@ -359,7 +361,7 @@ def test_ghost_clipping_norms_count_active_weights_only(kind: str, precision: st
     x = torch.randn(48, *shape, generator=gen)
     y = torch.randint(0, 3, (48,), generator=gen)
     mask = init_mask(model.state_dict(), 0.8, seed=4)
-    apply_mask_(model, mask)
+    MaskEnforcer(model, mask).apply()
     expected = _reference_masked_norms(model, x, y, mask)
     dense = _reference_masked_norms(model, x, y, {})
     assert torch.all(dense > expected * 1.2), "the test needs pruned coordinates that carry gradient"
@@ -396,7 +398,7 @@ def test_hooks_mode_per_sample_grads_are_masked_at_backward() -> None:
     xb, yb = next(iter(loader))
     popt.zero_grad()
     nn.functional.cross_entropy(pmodel(xb), yb).backward()
-    params = {canonical_name(n): p for n, p in pmodel.named_parameters()}
+    params: dict[str, Any] = {canonical_name(n): p for n, p in pmodel.named_parameters()}
     for k, m in mask.items():
         gs = params[k].grad_sample
         assert gs.shape[0] == len(yb)
@@ -408,7 +410,7 @@ def test_hooks_mode_per_sample_grads_are_masked_at_backward() -> None:
 # ----------------------------------------------------------------------------- transport
 
 
-def test_pack_unpack_mask(big_state) -> None:
+def test_pack_unpack_mask(big_state: dict[str, torch.Tensor]) -> None:
     mask = init_mask(big_state, 0.7, seed=2)
     packed = pack_mask(mask)
     shapes = {k: m.shape for k, m in mask.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from fedseek.train.local import check_precision, evaluate, train_local
 from fedseek.train.models import build_model
 
 
-def _data(n=96, d=30, seed=0):
+def _data(n: int = 96, d: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
     y = (x[:, :3].sum(1) > 0).astype(np.int64)
@@ -22,7 +24,7 @@ def _data(n=96, d=30, seed=0):
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_masked_dp_training_keeps_pruned_weights_exactly_zero(tmp_path, mode, precision):
+def test_masked_dp_training_keeps_pruned_weights_exactly_zero(tmp_path: Path, mode: str, precision: str) -> None:
     x, y = _data()
     model = build_model("mlp", (30,), 2, hidden=[32], seed=0)
     mask = init_mask(model.state_dict(), 0.8, seed=3)
@@ -43,7 +45,7 @@ def test_masked_dp_training_keeps_pruned_weights_exactly_zero(tmp_path, mode, pr
     assert ledger.history[-1][0] == pytest.approx(1.0)
 
 
-def test_precision_policy_errors_are_clear():
+def test_precision_policy_errors_are_clear() -> None:
     cpu = torch.device("cpu")
     assert check_precision("fp32", cpu, private=True) is None
     assert check_precision("bf16", cpu, private=True) is torch.bfloat16
@@ -55,7 +57,7 @@ def test_precision_policy_errors_are_clear():
         check_precision("fp8", cpu, private=False)
 
 
-def test_bf16_autocast_trains_to_similar_accuracy():
+def test_bf16_autocast_trains_to_similar_accuracy() -> None:
     x, y = _data(n=400)
     accs = {}
     for precision in ("fp32", "bf16"):
@@ -68,7 +70,7 @@ def test_bf16_autocast_trains_to_similar_accuracy():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_precisions_train(precision):
+def test_cuda_precisions_train(precision: str) -> None:
     x, y = _data(n=400)
     model = build_model("mlp", (30,), 2, seed=1)
     train_local(model, x, y, num_classes=2, epochs=5, lr=0.1, batch_size=32, precision=precision, device="cuda", seed=1)
@@ -76,7 +78,7 @@ def test_cuda_precisions_train(precision):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_dp_sgd_with_bf16(tmp_path):
+def test_cuda_dp_sgd_with_bf16(tmp_path: Path) -> None:
     x, y = _data(n=400)
     model = build_model("mlp", (30,), 2, seed=1)
     ledger = PrivacyLedger(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=100)
@@ -85,12 +87,12 @@ def test_cuda_dp_sgd_with_bf16(tmp_path):
     assert res.dp["epsilon"] > 0 and evaluate(model.cpu(), x, y, 2)["accuracy"] > 0.7
 
 
-def test_fedprox_step_pulls_towards_global():
+def test_fedprox_step_pulls_towards_global() -> None:
     x, y = _data()
     base = build_model("mlp", (30,), 2, seed=2)
     dist = {}
     for mu in (0.0, 5.0):
         model = build_model("mlp", (30,), 2, seed=2)
         train_local(model, x, y, num_classes=2, epochs=3, lr=0.1, batch_size=16, proximal_mu=mu, seed=0)
-        dist[mu] = sum(float(((p - q) ** 2).sum()) for p, q in zip(model.parameters(), base.parameters(), strict=False))
+        dist[mu] = sum(float(((p - q) ** 2).sum().detach()) for p, q in zip(model.parameters(), base.parameters(), strict=True))
     assert dist[5.0] < dist[0.0] * 0.8

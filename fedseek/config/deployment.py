@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from fedseek.config.federation import FederationSpec, PrivacySpec
-from fedseek.config.loading import _address, _resolve_path, _site_name, _Strict, load_yaml, parse
-from fedseek.names import (
-    DatasetName,
-    PartitionScheme,
-)
-
-BuiltinName = DatasetName
+from fedseek.config.loading import StrictSpec, check_address, check_site_name, load_yaml, parse, resolve_path
+from fedseek.names import DatasetName, Device, PartitionScheme, SitePrecision
 
 
-class TaskSpec(_Strict):
+class TaskSpec(StrictSpec):
     """The coordinator's view of the task: a built-in dataset, a held-out test table, or only shapes.
 
     `dataset`: the built-in split's test part is the central test set (sites use the same
@@ -26,7 +21,7 @@ class TaskSpec(_Strict):
     no central evaluation at all.
     """
 
-    dataset: BuiltinName | None = None
+    dataset: DatasetName | None = None
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     options: dict[str, Any] = Field(default_factory=dict, description="extra builtin args")
     test_file: str | None = None
@@ -53,7 +48,7 @@ class TaskSpec(_Strict):
         return self
 
 
-class SuperLinkSpec(_Strict):
+class SuperLinkSpec(StrictSpec):
     """The coordinator's Flower SuperLink: address, TLS material, persistent state.
 
     `host` 127.0.0.1 keeps every API (Fleet for sites AND the unauthenticated Control API)
@@ -68,7 +63,7 @@ class SuperLinkSpec(_Strict):
     log_file: str | None = Field(None, description="default STATE_DIR/superlink.log")
 
 
-class GatewaySpec(_Strict):
+class GatewaySpec(StrictSpec):
     """The Fleet-only TLS gateway (fedseek.ops.gateway): the sites' entry point, so the SuperLink and its
     unauthenticated Control API stay on loopback."""
 
@@ -77,13 +72,13 @@ class GatewaySpec(_Strict):
     max_body_mb: int = Field(512, ge=1, description="largest request (a site's update) forwarded")
 
 
-class AllowedSite(_Strict):
+class AllowedSite(StrictSpec):
     """A site allowed to join: its name and OpenSSH public key (registered at coordinator start)."""
 
     name: str
     public_key: str
 
-    _name = field_validator("name")(_site_name)
+    _name = field_validator("name")(check_site_name)
 
 
 class CoordinatorConfig(FederationSpec):
@@ -121,20 +116,20 @@ class CoordinatorConfig(FederationSpec):
     def resolve_paths(self, base: Path) -> CoordinatorConfig:
         """Make every path absolute against `base` and fill the state-dir defaults."""
         sl = self.superlink
-        sl.state_dir = str(_resolve_path(base, sl.state_dir))
-        sl.certs_dir = str(_resolve_path(base, sl.certs_dir))
-        sl.database = _resolve_path(base, sl.database) or str(Path(sl.state_dir) / "superlink.db")
-        sl.log_file = _resolve_path(base, sl.log_file) or str(Path(sl.state_dir) / "superlink.log")
-        self.out_dir = str(_resolve_path(base, self.out_dir))
-        self.task.test_file = _resolve_path(base, self.task.test_file)
+        sl.state_dir = str(resolve_path(base, sl.state_dir))
+        sl.certs_dir = str(resolve_path(base, sl.certs_dir))
+        sl.database = resolve_path(base, sl.database) or str(Path(sl.state_dir) / "superlink.db")
+        sl.log_file = resolve_path(base, sl.log_file) or str(Path(sl.state_dir) / "superlink.log")
+        self.out_dir = str(resolve_path(base, self.out_dir))
+        self.task.test_file = resolve_path(base, self.task.test_file)
         for s in self.sites:
-            s.public_key = str(_resolve_path(base, s.public_key))
+            s.public_key = str(resolve_path(base, s.public_key))
         if self.watermark.key_file:
-            self.watermark.key_file = _resolve_path(base, self.watermark.key_file)
+            self.watermark.key_file = resolve_path(base, self.watermark.key_file)
         return self
 
 
-class SiteDataSpec(_Strict):
+class SiteDataSpec(StrictSpec):
     """A site's training data: its own table or image folder (`path`), or a built-in partition (demos).
 
     Table: `path` (.csv/.parquet) + `label_column` (+ `feature_columns`, `standardize`).
@@ -149,7 +144,7 @@ class SiteDataSpec(_Strict):
     classes: list[str] | None = Field(None, description="label order shared by the federation")
     image_size: int | None = Field(None, ge=1)
     grayscale: bool = True
-    builtin: BuiltinName | None = None
+    builtin: DatasetName | None = None
     partition: int | None = Field(None, ge=0)
     num_partitions: int | None = Field(None, ge=1)
     scheme: PartitionScheme = "iid"
@@ -173,7 +168,7 @@ class SiteDataSpec(_Strict):
         return self
 
 
-class SiteConfig(_Strict):
+class SiteConfig(StrictSpec):
     """A site daemon (hospital, bank): identity, how to reach and trust the coordinator, its data and DP policy."""
 
     name: str
@@ -183,21 +178,21 @@ class SiteConfig(_Strict):
     data: SiteDataSpec
     privacy: PrivacySpec | None = None
     state_dir: str | None = Field(None, description="privacy ledger, Flower home, pidfile, log; default state/NAME")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Device = "auto"
+    precision: SitePrecision = "fp32"
     runtime_port: int = Field(9094, ge=1, le=65535, description="SuperNode's local API port: unique per site on one host")
     max_retries: int | None = Field(None, ge=0, description="reconnect attempts after a lost connection; default unlimited")
     max_wait_s: float | None = Field(None, gt=0.0, description="give up reconnecting after this long; default never")
 
-    _name = field_validator("name")(_site_name)
-    _coordinator = field_validator("coordinator")(_address)
+    _name = field_validator("name")(check_site_name)
+    _coordinator = field_validator("coordinator")(check_address)
 
     def resolve_paths(self, base: Path) -> SiteConfig:
         """Make every path absolute against `base` and fill the state-dir default."""
-        self.root_certificates = str(_resolve_path(base, self.root_certificates))
-        self.auth_private_key = str(_resolve_path(base, self.auth_private_key))
-        self.data.path = _resolve_path(base, self.data.path)
-        self.state_dir = _resolve_path(base, self.state_dir) or str((base / "state" / self.name).resolve())
+        self.root_certificates = str(resolve_path(base, self.root_certificates))
+        self.auth_private_key = str(resolve_path(base, self.auth_private_key))
+        self.data.path = resolve_path(base, self.data.path)
+        self.state_dir = resolve_path(base, self.state_dir) or str((base / "state" / self.name).resolve())
         return self
 
 

@@ -9,25 +9,18 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fedseek.config.loading import _Strict
-from fedseek.names import (
-    AccountantName,
-    CodecName,
-    IndexCoding,
-    ModelKind,
-    QuantizerName,
-    StrategyName,
-)
+from fedseek.config.loading import StrictSpec
+from fedseek.names import SPARSE_CODECS, AccountantName, CodecName, IndexCoding, ModelKind, QuantizerName, StrategyName
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictSpec):
     """Architecture of the shared model; the coordinator sends it to sites each round."""
 
     kind: ModelKind = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [64])
 
 
-class StrategySpec(_Strict):
+class StrategySpec(StrictSpec):
     """Aggregation rule, built on Flower's strategies."""
 
     name: StrategyName = "fedavg"
@@ -41,7 +34,7 @@ class StrategySpec(_Strict):
     num_to_select: int = Field(1, ge=1, description="MultiKrum: updates averaged")
 
 
-class TrainSpec(_Strict):
+class TrainSpec(StrictSpec):
     """Local training recipe the coordinator sends to sites each round."""
 
     local_epochs: int = Field(1, ge=1, le=1000)
@@ -51,7 +44,7 @@ class TrainSpec(_Strict):
     class_weighting: Literal["none", "balanced"] = "none"
 
 
-class PrivacySpec(_Strict):
+class PrivacySpec(StrictSpec):
     """A site's record-level DP policy (Opacus DP-SGD), owned by the site.
 
     Noise: a fixed `noise_multiplier`, or `target_epsilon_per_round`, or neither, in which
@@ -74,21 +67,21 @@ class PrivacySpec(_Strict):
         return self
 
 
-class ValidationSpec(_Strict):
+class ValidationSpec(StrictSpec):
     """Bounds the coordinator enforces on every site reply before aggregation."""
 
     max_update_norm: float | None = Field(None, gt=0.0, description="L2 norm bound on a site's model delta")
     max_payload_bytes: int | None = Field(None, gt=0, description="default: 2x the dense fp32 model")
 
 
-class MetricsSpec(_Strict):
+class MetricsSpec(StrictSpec):
     """Prometheus endpoint of the coordinator (off unless a port is given)."""
 
     prometheus_port: int | None = Field(None, ge=0, le=65535, description="0 = pick a free port")
     prometheus_host: str = "127.0.0.1"
 
 
-class SparsitySpec(_Strict):
+class SparsitySpec(StrictSpec):
     """A global sparsity mask held by the coordinator (from the seed or the DP global model only)."""
 
     enabled: bool = False
@@ -99,7 +92,7 @@ class SparsitySpec(_Strict):
     regrow_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="prune-and-regrow share per round after the ramp")
 
 
-class CompressionSpec(_Strict):
+class CompressionSpec(StrictSpec):
     """Update encoding on the wire (after DP, so post-processing)."""
 
     codec: CodecName = "none"
@@ -111,7 +104,7 @@ class CompressionSpec(_Strict):
 
     @model_validator(mode="after")
     def _valid_codec(self) -> CompressionSpec:
-        if self.quantize != "none" and self.codec not in ("topk", "sparse_mask"):
+        if self.quantize != "none" and self.codec not in SPARSE_CODECS:
             raise ValueError(f"quantize applies to codec topk or sparse_mask only (codec is {self.codec!r})")
         self.codec_spec(0)  # raises ValueError with the allowed combinations
         return self
@@ -123,14 +116,14 @@ class CompressionSpec(_Strict):
         return CodecSpec(
             kind=self.codec,
             topk_fraction=self.topk_fraction,
-            quantize=self.quantize if self.codec in ("topk", "sparse_mask") else "none",
+            quantize=self.quantize if self.codec in SPARSE_CODECS else "none",
             error_feedback=self.error_feedback and self.codec != "none",
             seed=seed,
             index_coding=self.index_coding,
         )
 
 
-class WatermarkSpec(_Strict):
+class WatermarkSpec(StrictSpec):
     """Coordinator-side ownership watermark (trigger set), embedded after every aggregation."""
 
     enabled: bool = False
@@ -139,11 +132,13 @@ class WatermarkSpec(_Strict):
     target_trigger_accuracy: float = Field(0.98, gt=0.0, le=1.0)
     max_steps: int = Field(600, ge=1, description="embedding steps per round at most (the first rounds need the most)")
     lr: float = Field(0.05, gt=0.0, description="embedding SGD learning rate (steps are clipped to gradient norm 0.5)")
-    distill_weight: float = Field(10.0, ge=0.0, description="weight of the distillation term that holds the task function in place")
+    distill_weight: float = Field(
+        10.0, ge=0.0, description="weight of the distillation term that holds the task function in place"
+    )
     alpha: float = Field(1e-6, gt=0.0, lt=1.0)
 
 
-class FederationSpec(_Strict):
+class FederationSpec(StrictSpec):
     """What the coordinator runs: shared by scenarios and the deployed coordinator."""
 
     name: str = "fedseek"

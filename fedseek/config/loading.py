@@ -8,12 +8,16 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fedseek.names import SITE_NAME_PATTERN
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line (file, key, what is allowed)."""
 
 
-class _Strict(BaseModel):
+class StrictSpec(BaseModel):
+    """Base of every config model: an unknown key is an error (a typo must not be silently ignored)."""
+
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
@@ -21,6 +25,7 @@ T = TypeVar("T", bound=BaseModel)
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
+    """The first validation error as one line: file, dotted key, message, the value given, how many more."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
@@ -62,22 +67,19 @@ def parse(model: type[T], raw: dict[str, Any], source: str | Path = "<config>") 
         raise ConfigError(_format_error(Path(source), err)) from None
 
 
-_SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
-
-
 _ADDRESS = r"^(\[[0-9A-Fa-f:.]+\]|[^:\s/\[\]]+):\d{1,5}$"
 
 
-def _site_name(value: str) -> str:
+def check_site_name(value: str) -> str:
     """A site name usable as a file name and a Flower node name (what `fedseek certs add-site` accepts)."""
     import re
 
-    if not re.match(_SITE_NAME, value):
+    if not re.match(SITE_NAME_PATTERN, value):
         raise ValueError("use 1-63 letters, digits, '-' or '_', starting with a letter or digit")
     return value
 
 
-def _address(value: str) -> str:
+def check_address(value: str) -> str:
     """host:port without a scheme (Flower's --superlink form)."""
     import re
 
@@ -86,7 +88,7 @@ def _address(value: str) -> str:
     return value
 
 
-def _resolve_path(base: Path, value: str | None) -> str | None:
+def resolve_path(base: Path, value: str | None) -> str | None:
     """`value` made absolute against `base` (the YAML file's directory); `~` expanded; None stays None."""
     if value is None or value == "":
         return value

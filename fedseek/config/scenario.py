@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from fedseek.config.federation import FederationSpec, PrivacySpec
-from fedseek.config.loading import _Strict, load_yaml, parse
-from fedseek.names import (
-    Attack,
-    DatasetName,
-    PartitionScheme,
-)
+from fedseek.config.loading import StrictSpec, load_yaml, parse
+from fedseek.names import Attack, DatasetName, Device, PartitionScheme, Precision
 
 
-class PartitionSpec(_Strict):
+class PartitionSpec(StrictSpec):
     """How a simulation splits a dataset across virtual sites."""
 
     scheme: PartitionScheme = "iid"
@@ -24,7 +20,7 @@ class PartitionSpec(_Strict):
     min_partition_size: int = Field(2, ge=1)
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictSpec):
     """A built-in dataset (simulation and central test set)."""
 
     dataset: DatasetName = "breast_cancer"
@@ -32,7 +28,7 @@ class DataSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="extra builtin args")
 
 
-class SimulationSpec(_Strict):
+class SimulationSpec(StrictSpec):
     """Flower simulation engine (Ray) resources."""
 
     cpus_per_site: int = Field(1, ge=1)
@@ -40,7 +36,7 @@ class SimulationSpec(_Strict):
     node_wait_s: float = Field(120.0, gt=0.0)
 
 
-class ByzantineSpec(_Strict):
+class ByzantineSpec(StrictSpec):
     """Simulated misbehaving sites (chosen from the seed) and their attack."""
 
     fraction: float = Field(0.0, ge=0.0, le=1.0)
@@ -48,7 +44,7 @@ class ByzantineSpec(_Strict):
     scale: float = Field(4.0, gt=0.0, description="factor for 'scale' and 'sign_flip', std for 'noise'")
 
 
-class FaultSpec(_Strict):
+class FaultSpec(StrictSpec):
     """Fault injection for simulations: drop-outs and Byzantine sites."""
 
     dropout_rate: float = Field(0.0, ge=0.0, lt=1.0, description="chance a site fails a round")
@@ -62,8 +58,8 @@ class ScenarioConfig(FederationSpec):
     data: DataSpec = Field(default_factory=DataSpec)
     partition: PartitionSpec = Field(default_factory=PartitionSpec)
     privacy: PrivacySpec | None = None
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Device = "cpu"
+    precision: Precision = "fp32"
     faults: FaultSpec = Field(default_factory=FaultSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
 

@@ -3,21 +3,18 @@
 from fedseek.data.arrays import ArrayDataset, DataError
 from fedseek.data.builtin import (
     BANK_FRAUD_FEATURES,
-    BUILTIN_NAMES,
     bank_fraud,
     breast_cancer,
     digits,
     load_builtin,
 )
 from fedseek.data.loaders import load_image_folder, load_table
-from fedseek.data.partition import SCHEMES, partition_indices, site_split
+from fedseek.data.partition import partition_indices
 
 __all__ = [
     "ArrayDataset",
     "BANK_FRAUD_FEATURES",
-    "BUILTIN_NAMES",
     "DataError",
-    "SCHEMES",
     "bank_fraud",
     "breast_cancer",
     "digits",
@@ -25,5 +22,4 @@ __all__ = [
     "load_image_folder",
     "load_table",
     "partition_indices",
-    "site_split",
 ]

@@ -14,8 +14,6 @@ import numpy as np
 from fedseek.data.arrays import ArrayDataset
 from fedseek.names import DATASETS
 
-BUILTIN_NAMES = DATASETS
-
 #: Column names of the bank_fraud feature matrix, in order (merchant categories are one-hot).
 MERCHANT_CATEGORIES: tuple[str, ...] = (
     "grocery",
@@ -304,6 +302,6 @@ def load_builtin(name: str, seed: int, **kwargs: Any) -> tuple[ArrayDataset, Arr
         "breast_cancer": breast_cancer, "digits": digits, "bank_fraud": bank_fraud}
     if name not in loaders:
         raise ValueError(
-            f"unknown built-in dataset {name!r}; allowed: {', '.join(BUILTIN_NAMES)}"
+            f"unknown built-in dataset {name!r}; allowed: {', '.join(DATASETS)}"
         )
     return loaders[name](seed, **kwargs)

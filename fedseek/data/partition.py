@@ -13,10 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedseek.data.arrays import ArrayDataset
 from fedseek.names import PARTITION_SCHEMES
-
-SCHEMES = PARTITION_SCHEMES
 
 
 class _ArrayKey:
@@ -168,8 +165,8 @@ def partition_indices(
     same partitions (cached in-process); the returned arrays are copies the caller may modify.
     """
     labels = np.asarray(labels).reshape(-1)
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    if scheme not in PARTITION_SCHEMES:
+        raise ValueError(f"unknown partition scheme {scheme!r}; allowed: {', '.join(PARTITION_SCHEMES)}")
     n = labels.shape[0]
     if not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1:
         raise ValueError(f"num_partitions must be a positive integer, got {num_partitions!r}")
@@ -191,37 +188,3 @@ def partition_indices(
         int(min_partition_size),
     )
     return [p.copy() for p in parts]
-
-
-def site_split(
-    ds: ArrayDataset, val_fraction: float, seed: int
-) -> tuple[ArrayDataset, ArrayDataset]:
-    """Deterministic local (train, validation) split of a site's data, stratified by label.
-
-    Each class with at least 2 rows keeps at least one row on each side; singleton classes
-    stay in train. Same dataset and seed give the same split.
-    """
-    from fedseek.data.builtin import stratified_split
-
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if len(ds) < 2:
-        raise ValueError(f"cannot split {len(ds)} row(s) into train and validation")
-    rng = np.random.default_rng(seed)
-    train_parts, val_parts = [], []
-    for k in np.unique(ds.y):
-        members = rng.permutation(np.flatnonzero(ds.y == k))
-        if members.size < 2:
-            train_parts.append(members)
-            continue
-        n_val = min(max(int(round(members.size * val_fraction)), 1), members.size - 1)
-        val_parts.append(members[:n_val])
-        train_parts.append(members[n_val:])
-    if not val_parts:  # only singleton classes: fall back to a plain split
-        tr, va = stratified_split(len(ds), np.zeros(len(ds), np.int64), val_fraction, seed)
-        if va.size == 0:
-            va, tr = tr[:1], tr[1:]
-        return ds.subset(tr), ds.subset(va)
-    tr = np.sort(np.concatenate(train_parts))
-    va = np.sort(np.concatenate(val_parts))
-    return ds.subset(tr), ds.subset(va)

@@ -1,4 +1,4 @@
-"""Epsilon from a site's DP-SGD history (Opacus accountants, cached) and the noise that keeps a budget."""
+"""The analysis: epsilon of a DP-SGD history under an Opacus accountant (cached), and the noise that fits a budget."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def compress_history(history: list[tuple[float, float, int]]) -> tuple[tuple[flo
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """One accountant evaluation per distinct (history, delta, accountant): PRV takes ~1 s, sites ask often."""
     import warnings
 
     acc = create_accountant(accountant)
@@ -36,8 +37,13 @@ def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountan
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(history: tuple, q: float, steps: int, budget: float, delta: float, accountant: str) -> float | None:
-    """Bisection on the noise multiplier (cached: sites with equal plans share the answer)."""
+def fit_noise(
+    history: tuple[tuple[float, float, int], ...], q: float, steps: int, budget: float, delta: float, accountant: str
+) -> float | None:
+    """Smallest noise multiplier in [0.3, 50] keeping `steps` more steps within `budget` (bisection), or None if none does.
+
+    Cached on its arguments (pass `compress_history(...)`): sites with equal plans share the answer.
+    """
     def eps(sigma: float) -> float:
         return epsilon_for(list(history) + [(sigma, q, steps)], delta, accountant)
 

@@ -19,7 +19,10 @@ class DPRound:
     injected (bf16 autocast needs 1.01), which can only make the release more private.
     """
 
-    def __init__(self, policy: Any, ledger: PrivacyLedger, noise_multiplier: float, *, run_id: str, server_round: int, slack: float = 1.0):
+    def __init__(
+        self, policy: Any, ledger: PrivacyLedger, noise_multiplier: float, *, run_id: str, server_round: int, slack: float = 1.0
+    ) -> None:
+        """Prepare a round charged to `ledger`; `policy` is the site's PrivacySpec (clip norm, accountant, mode)."""
         self.policy = policy
         self.ledger = ledger
         self.noise_multiplier = float(noise_multiplier)

@@ -10,17 +10,13 @@ the budget, so the budget is never exceeded, not even by one step.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedseek.files import atomic_write_bytes
-from fedseek.privacy.accounting import _calibrate, compress_history, epsilon_for
-
-log = logging.getLogger(__name__)
-
+from fedseek.privacy.accounting import compress_history, epsilon_for, fit_noise
 
 LEDGER_FILE = "privacy_ledger.json"
 
@@ -48,7 +44,8 @@ class RoundEntry:
 class PrivacyLedger:
     """A site's privacy ledger in STATE_DIR/privacy_ledger.json (atomic writes, restored on start)."""
 
-    def __init__(self, state_dir: str | Path, *, accountant: str, delta: float, epsilon_budget: float, site: str = ""):
+    def __init__(self, state_dir: str | Path, *, accountant: str, delta: float, epsilon_budget: float, site: str = "") -> None:
+        """Open the site's ledger under `state_dir`, restoring what an earlier process spent (if any)."""
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / LEDGER_FILE
         self.accountant = accountant
@@ -64,6 +61,7 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ persistence
     def _load(self) -> None:
+        """Restore history, rounds, refusals and calibrated noise; refuse a corrupt or incomparable ledger."""
         try:
             raw = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -79,7 +77,7 @@ class PrivacyLedger:
         self.rounds = [RoundEntry(**r) for r in raw.get("rounds", [])]
         self.refusals = list(raw.get("refusals", []))
         self.calibrated_noise = raw.get("calibrated_noise")
-        # The budget may be lowered by the site, never silently raised above what is recorded.
+        # The budget is the site policy's current one (a site may lower it); the file's copy is informational.
         self.site = self.site or raw.get("site", "")
 
     def save(self) -> None:
@@ -105,6 +103,7 @@ class PrivacyLedger:
         return epsilon_for(self.history, self.delta, self.accountant)
 
     def steps(self) -> int:
+        """DP-SGD steps taken so far, over every recorded round."""
         return sum(n for _, _, n in self.history)
 
     def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -139,7 +138,7 @@ class PrivacyLedger:
     def calibrate_noise(self, sample_rate: float, steps_per_round: int, remaining_rounds: int) -> float:
         """Smallest noise (bisection) so the remaining announced rounds fit the remaining budget."""
         steps = max(1, steps_per_round * max(1, remaining_rounds))
-        noise = _calibrate(compress_history(self.history), float(sample_rate), steps, self.epsilon_budget, self.delta, self.accountant)
+        noise = fit_noise(compress_history(self.history), float(sample_rate), steps, self.epsilon_budget, self.delta, self.accountant)
         if noise is None:
             raise BudgetExceeded(
                 f"site {self.site or '?'}: even noise 50 cannot fit {remaining_rounds} more rounds in the "

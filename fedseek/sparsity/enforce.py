@@ -35,15 +35,6 @@ def _pairs(model: nn.Module, mask: Mapping[str, np.ndarray]) -> list[tuple[nn.Pa
     return out
 
 
-def apply_mask_(model: nn.Module, mask: Mapping[str, np.ndarray]) -> int:
-    """Zero the pruned weights of `model` in place (plain or Opacus-wrapped); returns tensors masked."""
-    pairs = _pairs(model, mask)
-    with torch.no_grad():
-        for p, pruned in pairs:
-            p.masked_fill_(pruned, 0.0)
-    return len(pairs)
-
-
 class MaskEnforcer:
     """Keeps pruned weights exactly 0 and gradients/noise on active weights only, with or without Opacus.
 

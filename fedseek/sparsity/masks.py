@@ -1,4 +1,4 @@
-"""Global sparsity masks held by the coordinator, and their enforcement under Opacus DP-SGD.
+"""Global sparsity masks held by the coordinator: drawn from a public seed or the DP global model.
 
 Privacy rule (anchors C.2): a mask must never depend on a site's private data. Masks here
 come only from a public seed (`init_mask`) or from the DP global model (`magnitude_mask`,
@@ -9,7 +9,8 @@ accountant and needs its own DP mechanism and budget, so it is deliberately not 
 A mask is ``{canonical tensor name: np.ndarray[bool]}`` (True = active) covering only the
 masked tensors (weight matrices / conv kernels); every other tensor (biases, norm params)
 is dense. Canonical names drop Opacus' ``_module.`` prefix, so wrapped and plain models share
-one mask.
+one mask. The schedule is in `fedseek.sparsity.schedule`, site-side enforcement in
+`fedseek.sparsity.enforce`, the bit packing for the wire in `fedseek.wire.mask_bits`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ from fedseek.naming import canonical_name
 Mask = dict[str, np.ndarray]
 
 
-_SCOPES = ("weights", "all")
+_SCOPES = ("weights", "all")  # which tensors a mask covers
 
 
-_DISTRIBUTIONS = ("erk", "uniform")
+_DISTRIBUTIONS = ("erk", "uniform")  # how `init_mask` spreads the density over layers
+
+
+_MAGNITUDE_SCOPES = ("global", "layer")  # how `magnitude_mask` ranks weights
+
+
+_REGROW_RULES = ("random", "magnitude")  # where `prune_and_regrow` grows
 
 
 def _np(t: Any) -> np.ndarray:
@@ -56,8 +63,8 @@ def maskable(name: str, tensor: Any, scope: str = "weights") -> bool:
     return floating and (ndim >= 2 if scope == "weights" else ndim >= 1)
 
 
-def _check_sparsity(sparsity: float) -> float:
-    """Validate a target sparsity in [0, 1)."""
+def check_sparsity(sparsity: float) -> float:
+    """Validate a target sparsity in [0, 1) (bools and non-numbers refused); returns it as a float."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return float(sparsity)
@@ -113,7 +120,7 @@ def init_mask(
     Only maskable tensors (see `maskable`) appear in the mask; each keeps at least one weight.
     Overall sparsity over the masked tensors equals `sparsity` up to per-layer rounding.
     """
-    s = _check_sparsity(sparsity)
+    s = check_sparsity(sparsity)
     if distribution not in _DISTRIBUTIONS:
         raise ValueError(f"unknown mask distribution {distribution!r}; allowed: {', '.join(_DISTRIBUTIONS)}")
     items = _maskable_items(state_dict, scope)
@@ -138,9 +145,9 @@ def magnitude_mask(state_dict: Mapping[str, torch.Tensor | np.ndarray], sparsity
     "global" ranks all weight tensors together (each layer still keeps at least its largest
     weight, so no layer dies); "layer" prunes `sparsity` of every layer.
     """
-    s = _check_sparsity(sparsity)
-    if scope not in ("global", "layer"):
-        raise ValueError(f"unknown magnitude scope {scope!r}; allowed: global, layer")
+    s = check_sparsity(sparsity)
+    if scope not in _MAGNITUDE_SCOPES:
+        raise ValueError(f"unknown magnitude scope {scope!r}; allowed: {', '.join(_MAGNITUDE_SCOPES)}")
     items = _maskable_items(state_dict, "weights")
     mask: Mask = {}
     if scope == "layer":
@@ -193,37 +200,39 @@ def prune_and_regrow(
     """
     if not 0.0 <= drop_fraction <= 1.0:
         raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}")
-    if regrow not in ("random", "magnitude"):
-        raise ValueError(f"unknown regrow rule {regrow!r}; allowed: random, magnitude")
+    if regrow not in _REGROW_RULES:
+        raise ValueError(f"unknown regrow rule {regrow!r}; allowed: {', '.join(_REGROW_RULES)}")
     weights = {canonical_name(k): v for k, v in state_dict.items()}
     new: Mask = {}
     for key, m in mask.items():
         name = canonical_name(key)
         if name not in weights:
             raise ValueError(f"mask tensor {name!r} is not in the state_dict")
-        w = _np(weights[name])
-        m = np.asarray(m, dtype=bool)
-        if w.shape != m.shape:
-            raise ValueError(f"mask for {name!r} has shape {m.shape}, weights have {w.shape}")
-        flat_m = m.ravel().copy()
-        absw = np.abs(w.astype(np.float32).ravel())
-        active = np.flatnonzero(flat_m)
-        inactive = np.flatnonzero(~flat_m)
-        n_move = min(int(round(drop_fraction * active.size)), inactive.size)
-        if n_move == 0:
-            new[name] = m.copy()
-            continue
-        rng = _rng(seed, name, salt=1)
-        tie = rng.random(flat_m.size)
-        drop = active[np.lexsort((tie[active], absw[active]))[:n_move]]  # smallest |w|, random ties
-        if regrow == "random":
-            grow = rng.choice(inactive, size=n_move, replace=False)
-        else:
-            grow = inactive[np.lexsort((tie[inactive], -absw[inactive]))[:n_move]]
-        flat_m[drop] = False
-        flat_m[grow] = True
-        new[name] = flat_m.reshape(m.shape)
+        new[name] = _move_weights(name, _np(weights[name]), np.asarray(m, dtype=bool), drop_fraction, seed, regrow)
     return new
+
+
+def _move_weights(name: str, w: np.ndarray, m: np.ndarray, drop_fraction: float, seed: int, regrow: str) -> np.ndarray:
+    """One tensor's new mask: drop the smallest active |w|, grow as many inactive coordinates (same density)."""
+    if w.shape != m.shape:
+        raise ValueError(f"mask for {name!r} has shape {m.shape}, weights have {w.shape}")
+    flat_m = m.ravel().copy()
+    absw = np.abs(w.astype(np.float32).ravel())
+    active = np.flatnonzero(flat_m)
+    inactive = np.flatnonzero(~flat_m)
+    n_move = min(int(round(drop_fraction * active.size)), inactive.size)
+    if n_move == 0:
+        return m.copy()
+    rng = _rng(seed, name, salt=1)
+    tie = rng.random(flat_m.size)
+    drop = active[np.lexsort((tie[active], absw[active]))[:n_move]]  # smallest |w|, random ties
+    if regrow == "random":
+        grow = rng.choice(inactive, size=n_move, replace=False)
+    else:
+        grow = inactive[np.lexsort((tie[inactive], -absw[inactive]))[:n_move]]
+    flat_m[drop] = False
+    flat_m[grow] = True
+    return flat_m.reshape(m.shape)
 
 
 def sparsity_of(model_or_state: nn.Module | Mapping[str, Any], scope: str = "weights") -> float:

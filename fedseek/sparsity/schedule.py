@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fedseek.sparsity.masks import _check_sparsity
+from fedseek.sparsity.masks import check_sparsity
 
 
 def schedule_sparsity(
@@ -24,8 +24,8 @@ def schedule_sparsity(
         raise ValueError(f"need total_rounds >= 1 and non-negative rounds, got round={round}, total={total_rounds}, start={start_round}")
     if not 0.0 < end_fraction <= 1.0:
         raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction!r}")
-    sf = _check_sparsity(final_sparsity)
-    si = _check_sparsity(initial_sparsity)
+    sf = check_sparsity(final_sparsity)
+    si = check_sparsity(initial_sparsity)
     end_round = max(start_round, math.ceil(end_fraction * total_rounds))
     if round <= start_round:
         return si if end_round > start_round or round < start_round else sf

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -13,9 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedseek.names import PRECISIONS
+
 # Opacus' ghost clipping fires full backward hooks on modules whose inputs need no grad: harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,7 +46,7 @@ def check_precision(precision: str, device: torch.device, *, private: bool) -> t
         if private:
             raise ValueError("precision fp16 is not supported with DP-SGD: GradScaler breaks per-sample clipping; use bf16")
         return torch.float16
-    raise ValueError(f"unknown precision {precision!r}; allowed: fp32, bf16, fp16")
+    raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -100,22 +100,15 @@ def train_local(
     model.to(device)
     model.train()
     start = time.perf_counter()
-    weights = class_weights(y, num_classes).to(device) if weighting == "balanced" else None
-    criterion: nn.Module = nn.CrossEntropyLoss(weight=weights)
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(_tensors(x, y), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
+    criterion, optimizer, loader = _sgd_setup(model, x, y, num_classes, lr, batch_size, momentum, seed, weighting, device)
     train_model, optimizer, criterion, loader, enforcer = _wrap(model, optimizer, criterion, loader, privacy, mask)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     total_loss, total_n, steps = 0.0, 0, 0
     for _ in range(epochs):
         for xb, yb in loader:
             if len(yb) == 0:  # Poisson sampling can draw an empty batch; Opacus still steps (noise only)
-                if privacy is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                    privacy.empty_step(train_model, optimizer, criterion, xb, yb, device)
-                    steps += 1
+                steps += _empty_batch(privacy, train_model, optimizer, criterion, xb, yb, device)
                 continue
             loss = _step(train_model, optimizer, criterion, scaler, xb.to(device), yb.to(device), amp_dtype)
             steps += 1
@@ -136,6 +129,28 @@ def train_local(
         seconds=time.perf_counter() - start,
         dp=dp_info,
     )
+
+
+def _sgd_setup(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int, lr: float, batch_size: int, momentum: float,
+    seed: int, weighting: str, device: torch.device,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+    """The (class-weighted) loss, plain SGD over the trainable parameters, and a seeded shuffling loader."""
+    weights = class_weights(y, num_classes).to(device) if weighting == "balanced" else None
+    criterion: nn.Module = nn.CrossEntropyLoss(weight=weights)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(_tensors(x, y), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
+    return criterion, optimizer, loader
+
+
+def _empty_batch(privacy: Any, model: nn.Module, optimizer: Any, criterion: nn.Module, xb: Any, yb: Any, device: torch.device) -> int:
+    """An empty Poisson batch: under DP it is still a (noise-only) step; without DP nothing happens. Returns steps taken."""
+    if privacy is None:
+        return 0
+    optimizer.zero_grad(set_to_none=True)
+    privacy.empty_step(model, optimizer, criterion, xb, yb, device)
+    return 1
 
 
 def _wrap(model: nn.Module, optimizer: Any, criterion: nn.Module, loader: Any, privacy: Any,

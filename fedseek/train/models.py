@@ -7,11 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fedseek.names import MODEL_KINDS
+
 
 class TabularMLP(nn.Module):
     """MLP for tabular records; tanh activations keep DP-SGD gradients well-scaled."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64,)) -> None:
+        """Linear + tanh per `hidden` width, then a linear head to `num_classes` logits."""
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features
@@ -22,6 +25,7 @@ class TabularMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of records (any trailing shape is flattened)."""
         return self.net(x.flatten(1))
 
 
@@ -29,6 +33,7 @@ class SmallCNN(nn.Module):
     """Two conv blocks with GroupNorm for small images (8x8 digits up to 32x32)."""
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 16) -> None:
+        """Two conv + GroupNorm blocks, adaptive pooling, a linear head (sized for `image_size`)."""
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
@@ -43,6 +48,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(2 * width * side * side, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images (N, C, H, W), or (N, H, W) read as one channel."""
         if x.dim() == 3:  # (N, H, W) -> (N, 1, H, W)
             x = x.unsqueeze(1)
         return self.head(self.features(x).flatten(1))
@@ -67,4 +73,4 @@ def build_model(
         else:
             raise ValueError(f"cnn needs image inputs (H, W) or (C, H, W), got shape {tuple(input_shape)}")
         return SmallCNN(channels, size, num_classes)
-    raise ValueError(f"unknown model kind {kind!r}; allowed: 'mlp', 'cnn'")
+    raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(map(repr, MODEL_KINDS))}")

@@ -1,7 +1,9 @@
-"""The sparsity mask on the wire: 1 bit per coordinate, checked against the expected shapes on arrival."""
+"""The sparsity mask on the wire: 1 bit per coordinate, its digest, and lookup by canonical tensor name."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 
@@ -33,3 +35,24 @@ def unpack_mask(packed: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int
             raise ValueError(f"packed mask {name!r}: padding bits set")
         out[name] = bits[:n].astype(bool).reshape(shape)
     return out
+
+
+def mask_digest(mask: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of a mask (canonical names, shapes, bits) so both sides can prove they hold the same one."""
+    h = hashlib.sha256(b"fedseek-mask-v1")
+    for name in sorted(canonical_name(k) for k in mask):
+        arr = np.asarray(find_mask(mask, name))
+        h.update(name.encode() + b"\0" + json.dumps(list(arr.shape)).encode() + b"\0")
+        h.update(np.packbits(arr.astype(bool).ravel(), bitorder="little").tobytes())
+    return h.hexdigest()
+
+
+def find_mask(mask: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
+    """Look up a mask entry by canonical name, tolerating ``_module.`` prefixes on either side (None: unmasked)."""
+    if name in mask:
+        return mask[name]
+    canon = canonical_name(name)
+    for k, v in mask.items():
+        if canonical_name(k) == canon:
+            return v
+    return None

@@ -25,24 +25,18 @@ Meta keys: ``codec`` (kind), ``codec.version`` (1), ``codec.quantize`` (value fo
 
 Decoding is a trust boundary (data from a site): every length, dtype, index range and meta
 value is checked and any inconsistency raises `CodecError` with a one-line reason.
+
+Modules: `spec` (CodecSpec, CodecError, EncodedUpdate), `sparse` (which coordinates are sent),
+`values` (fp32/fp16/int8 value formats), `indices` (top-k index codings), `encoder` / `decoder`
+(the meta and the per-tensor loop), `feedback` (error feedback); the mask digest is in `fedseek.wire.mask_bits`.
 """
 
+from fedseek.names import CODECS, INDEX_CODINGS, QUANTIZERS, TOPK_SCOPES
 from fedseek.wire.codec.decoder import decode
 from fedseek.wire.codec.encoder import encode
 from fedseek.wire.codec.feedback import ErrorFeedback
-from fedseek.wire.codec.spec import (
-    CODECS,
-    DEFAULT_MAX_ELEMENTS,
-    INDEX_CODINGS,
-    QUANTIZERS,
-    TOPK_SCOPES,
-    WIRE_VERSION,
-    CodecError,
-    CodecSpec,
-    EncodedUpdate,
-    mask_digest,
-    payload_bytes,
-)
+from fedseek.wire.codec.spec import DEFAULT_MAX_ELEMENTS, WIRE_VERSION, CodecError, CodecSpec, EncodedUpdate, payload_bytes
+from fedseek.wire.mask_bits import mask_digest
 
 __all__ = [
     "CODECS",

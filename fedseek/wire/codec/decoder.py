@@ -12,18 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from fedseek.wire.codec.spec import (
-    _MAX_NDIM,
-    _VALUE_DTYPES,
-    CODECS,
-    DEFAULT_MAX_ELEMENTS,
-    INDEX_CODINGS,
-    QUANTIZERS,
-    WIRE_VERSION,
-    CodecError,
-    _find,
-    mask_digest,
-)
+from fedseek.names import CODECS, DENSE_CODECS, INDEX_CODINGS, QUANTIZERS
+from fedseek.wire.codec.indices import decode_index
+from fedseek.wire.codec.spec import DEFAULT_MAX_ELEMENTS, WIRE_VERSION, CodecError, payload_array
+from fedseek.wire.codec.values import dequantize
+from fedseek.wire.mask_bits import find_mask, mask_digest
+
+_MAX_NDIM = 32  # a claimed tensor shape has at most this many dimensions
 
 
 def decode(
@@ -63,7 +58,7 @@ def decode(
         n = math.prod(shape)
         count = _meta_int(meta, f"{name}.count")
         sel = _selection(encoded_arrays, name, kind, coding, mask, shape, count)
-        values = _dequantize(name, encoded_arrays, vf, count)
+        values = dequantize(name, encoded_arrays, vf, count)
         if sel is None:
             out[name] = values.reshape(shape)
         else:
@@ -84,7 +79,7 @@ def _codec_header(meta: Mapping[str, Any]) -> tuple[str, str, str]:
     vf = _meta_str(meta, "codec.quantize")
     if vf not in QUANTIZERS:
         raise CodecError(f"unknown value format {vf!r}; allowed: {', '.join(QUANTIZERS)}")
-    if kind in ("none", "fp16", "int8") and vf != kind:
+    if kind in DENSE_CODECS and vf != kind:
         raise CodecError(f"codec {kind!r} with value format {vf!r} is inconsistent")
     coding = _meta_str(meta, "codec.index")
     if kind == "topk" and coding not in INDEX_CODINGS:
@@ -113,6 +108,7 @@ def _shapes(
 
 
 def _check_array_set(encoded_arrays: Mapping[str, Any], names: list[str], kind: str, vf: str) -> None:
+    """The payload holds exactly the arrays the meta implies: values, int8 scales, top-k indices."""
     expected_keys: set[str] = set()
     for name in names:
         expected_keys.add(f"{name}.val")
@@ -132,13 +128,13 @@ def _selection(
 ) -> np.ndarray | None:
     """Flat indices the values go to (None: all of them, in order), checked against the claimed count."""
     n = math.prod(shape)
-    if kind in ("none", "fp16", "int8"):
+    if kind in DENSE_CODECS:
         if count != n:
             raise CodecError(f"tensor {name!r}: dense codec must send {n} values, meta says {count}")
         return None
     if kind == "sparse_mask":
         assert mask is not None
-        m = _find(mask, name)
+        m = find_mask(mask, name)
         if m is None:
             if count != n:
                 raise CodecError(f"tensor {name!r} is unmasked: must send {n} values, meta says {count}")
@@ -152,8 +148,8 @@ def _selection(
         return sel
     if not 0 <= count <= n:
         raise CodecError(f"tensor {name!r}: top-k count {count} outside [0, {n}]")
-    raw = _array(encoded_arrays, f"{name}.idx", np.dtype(np.uint32 if coding == "uint32" else np.uint8))
-    return _decode_index(name, raw, n, count, coding)
+    raw = payload_array(encoded_arrays, f"{name}.idx", np.dtype(np.uint32 if coding == "uint32" else np.uint8))
+    return decode_index(name, raw, n, count, coding)
 
 
 def _short(items: list[str], limit: int = 5) -> str:
@@ -210,92 +206,3 @@ def _parse_shape(name: str, raw: str) -> tuple[int, ...]:
     ):
         raise CodecError(f"tensor {name!r}: shape must be a list of at most {_MAX_NDIM} non-negative ints")
     return tuple(shape)
-
-
-def _array(arrays: Mapping[str, Any], key: str, dtype: np.dtype) -> np.ndarray:
-    """Fetch a 1-D payload array of exactly `dtype` (Flower `Array` objects are converted)."""
-    a = arrays[key]
-    if not isinstance(a, np.ndarray) and callable(getattr(a, "numpy", None)):
-        a = a.numpy()
-    if not isinstance(a, np.ndarray):
-        raise CodecError(f"array {key!r} is a {type(a).__name__}, not a numpy array")
-    if a.dtype != dtype:
-        raise CodecError(f"array {key!r} has dtype {a.dtype}, expected {dtype}")
-    if a.ndim != 1:
-        raise CodecError(f"array {key!r} must be 1-D, got shape {a.shape}")
-    return a
-
-
-def _dequantize(name: str, arrays: Mapping[str, Any], fmt: str, count: int) -> np.ndarray:
-    """Check and decode `count` values of tensor `name` to float32."""
-    val = _array(arrays, f"{name}.val", _VALUE_DTYPES[fmt])
-    if val.size != count:
-        raise CodecError(f"tensor {name!r}: {val.size} values sent, meta says {count}")
-    if fmt == "int8":
-        scale = _array(arrays, f"{name}.scale", np.dtype(np.float32))
-        if scale.size != 1:
-            raise CodecError(f"tensor {name!r}: scale must hold exactly one value, got {scale.size}")
-        s = scale[0]
-        if not np.isfinite(s) or s < 0:
-            raise CodecError(f"tensor {name!r}: scale {float(s)!r} is not a finite non-negative number")
-        if val.size and int(val.min()) < -127:
-            raise CodecError(f"tensor {name!r}: int8 value -128 is outside the codec's range [-127, 127]")
-        out = val.astype(np.float32) * s
-    else:
-        out = val.astype(np.float32)
-    if not np.all(np.isfinite(out)):
-        raise CodecError(f"tensor {name!r}: non-finite values")
-    return out
-
-
-def _decode_index(name: str, raw: np.ndarray, n: int, count: int, coding: str) -> np.ndarray:
-    """Decode and validate top-k indices: exactly `count`, strictly increasing, all < n."""
-    if coding == "uint32":
-        if raw.size != count:
-            raise CodecError(f"tensor {name!r}: {raw.size} indices for {count} values")
-        idx = raw.astype(np.int64)
-        if count and np.any(np.diff(idx) <= 0):
-            raise CodecError(f"tensor {name!r}: indices are not strictly increasing")
-        if count and idx[-1] >= n:
-            raise CodecError(f"tensor {name!r}: index out of range [0, {n})")
-        return idx
-    if coding == "bitmap":
-        nbytes = (n + 7) // 8
-        if raw.size != nbytes:
-            raise CodecError(f"tensor {name!r}: bitmap has {raw.size} bytes, expected {nbytes}")
-        bits = np.unpackbits(raw, bitorder="little")
-        if np.any(bits[n:]):
-            raise CodecError(f"tensor {name!r}: bitmap padding bits are set")
-        idx = np.flatnonzero(bits[:n]).astype(np.int64)
-        if idx.size != count:
-            raise CodecError(f"tensor {name!r}: bitmap marks {idx.size} coordinates, meta says {count}")
-        return idx
-    gaps = _varint_decode(name, raw)
-    if gaps.size != count:
-        raise CodecError(f"tensor {name!r}: {gaps.size} delta-coded indices for {count} values")
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    if np.any(gaps >= n):
-        raise CodecError(f"tensor {name!r}: index out of range [0, {n})")
-    idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
-    if idx[-1] >= n:
-        raise CodecError(f"tensor {name!r}: index out of range [0, {n})")
-    return idx
-
-
-def _varint_decode(name: str, raw: np.ndarray) -> np.ndarray:
-    """Decode a LEB128 uint8 stream into uint64 values (each at most 5 bytes, < 2**35)."""
-    if raw.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    ends = (raw & 0x80) == 0
-    if not ends[-1]:
-        raise CodecError(f"tensor {name!r}: truncated varint index stream")
-    end_pos = np.flatnonzero(ends)
-    starts = np.concatenate(([0], end_pos[:-1] + 1))
-    lengths = end_pos - starts + 1
-    if lengths.max() > 5:
-        raise CodecError(f"tensor {name!r}: varint longer than 5 bytes")
-    group = np.repeat(np.arange(starts.size), lengths)
-    pos = np.arange(raw.size) - starts[group]
-    parts = (raw & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
-    return np.add.reduceat(parts, starts)

@@ -36,10 +36,6 @@ class ErrorFeedback:
         """Store the new residual for one tensor (float32 copy)."""
         self.residual[name] = np.array(value, dtype=np.float32, copy=True)
 
-    def reset(self) -> None:
-        """Forget all residuals (e.g. when the model architecture changes)."""
-        self.residual.clear()
-
     def norm(self) -> float:
         """L2 norm of the whole memory: telemetry for how much update is still pending."""
         return float(math.sqrt(sum(float(np.dot(r.ravel(), r.ravel())) for r in self.residual.values())))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,21 +10,11 @@ from typing import Any
 import numpy as np
 
 from fedseek.names import CODECS, INDEX_CODINGS, QUANTIZERS, TOPK_SCOPES
-from fedseek.naming import canonical_name
 
 WIRE_VERSION = 1
 
 
 DEFAULT_MAX_ELEMENTS = 1 << 27  # decode refuses claims above this unless told the shapes
-
-
-_FP16_MAX = float(np.finfo(np.float16).max)
-
-
-_VALUE_DTYPES: dict[str, np.dtype] = {"none": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
-
-
-_MAX_NDIM = 32
 
 
 class CodecError(ValueError):
@@ -113,23 +101,15 @@ def payload_bytes(arrays: Mapping[str, Any]) -> int:
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
-def mask_digest(mask: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 of a mask (canonical names, shapes, bits) so both sides can prove they hold the same one."""
-    h = hashlib.sha256(b"fedseek-mask-v1")
-    for name in sorted(canonical_name(k) for k in mask):
-        m = _find(mask, name)
-        arr = np.asarray(m)
-        h.update(name.encode() + b"\0" + json.dumps(list(arr.shape)).encode() + b"\0")
-        h.update(np.packbits(arr.astype(bool).ravel(), bitorder="little").tobytes())
-    return h.hexdigest()
-
-
-def _find(mask: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
-    """Look up a mask entry by canonical name, tolerating ``_module.`` prefixes on either side."""
-    if name in mask:
-        return mask[name]
-    canon = canonical_name(name)
-    for k, v in mask.items():
-        if canonical_name(k) == canon:
-            return v
-    return None
+def payload_array(arrays: Mapping[str, Any], key: str, dtype: np.dtype) -> np.ndarray:
+    """Fetch a received 1-D payload array of exactly `dtype` (Flower `Array` objects are converted)."""
+    a = arrays[key]
+    if not isinstance(a, np.ndarray) and callable(getattr(a, "numpy", None)):
+        a = a.numpy()
+    if not isinstance(a, np.ndarray):
+        raise CodecError(f"array {key!r} is a {type(a).__name__}, not a numpy array")
+    if a.dtype != dtype:
+        raise CodecError(f"array {key!r} has dtype {a.dtype}, expected {dtype}")
+    if a.ndim != 1:
+        raise CodecError(f"array {key!r} must be 1-D, got shape {a.shape}")
+    return a
