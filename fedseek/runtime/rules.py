@@ -7,6 +7,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
 from fedseek.config import StrategySpec
+from fedseek.names import STRATEGIES
 
 
 def build_rule(spec: StrategySpec) -> FedAvg:
@@ -21,4 +22,5 @@ def build_rule(spec: StrategySpec) -> FedAvg:
         "krum": lambda: Krum(num_malicious_nodes=spec.num_malicious, **common),
         "multikrum": lambda: MultiKrum(num_malicious_nodes=spec.num_malicious, num_nodes_to_select=spec.num_to_select, **common),
     }
+    assert set(rules) == set(STRATEGIES), "every strategy name in fedseek.names has a rule"
     return rules[spec.name]()
