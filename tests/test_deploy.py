@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from fedseek.config import load_coordinator, load_site
-from fedseek.ops import deploy, pki
+from fedseek.ops import coordinator, daemons, pki
+from fedseek.ops.flower_control import flower_env, flwr_bin, write_connection
 from fedseek.ops.processes import free_port
 from tests.conftest import ROOT
 
@@ -31,7 +32,7 @@ SITES = ("site-a", "site-b", "site-c")
 
 def fedseek(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the fedseek CLI as an operator would."""
-    return subprocess.run([sys.executable, "-m", "fedseek.ops.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "fedseek", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def lines(text: str) -> list[str]:
@@ -143,8 +144,8 @@ def fed(tmp_path_factory):
         for cfg in site_cfgs:
             fedseek("site", "stop", "--config", str(cfg))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for path in [root / "coord" / deploy.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{deploy.SUPERNODE_PIDFILE}")]:
-            pf = deploy.Pidfile.read(path)  # belt and braces: nothing may outlive the module
+        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}")]:
+            pf = daemons.Pidfile.read(path)  # belt and braces: nothing may outlive the module
             if pf is not None and pf.running():
                 from fedseek.ops.processes import stop_detached
 
@@ -153,7 +154,7 @@ def fed(tmp_path_factory):
 
 def test_tls_site_auth_two_rounds_with_dp(fed):
     cfg = load_coordinator(fed["coord"])
-    pf = deploy.Pidfile.read(Path(cfg.superlink.state_dir) / deploy.SUPERLINK_PIDFILE)
+    pf = daemons.Pidfile.read(Path(cfg.superlink.state_dir) / daemons.SUPERLINK_PIDFILE)
     assert pf is not None and pf.running()
     for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth", "--database"):
         assert flag in pf.cmd
@@ -210,8 +211,8 @@ def test_gateway_forwards_fleet_only(fed, tmp_path):
     assert _https(fed["port"], "POST", "/v1/control/list-runs", ca) != 403  # the open Control API: loopback only
     # the operator CLI pointed at the gateway cannot list runs
     home = tmp_path / "home"
-    deploy.write_connection(home, "viagw", f"127.0.0.1:{gw}", root_certificates=ca)
-    res = subprocess.run([deploy.flwr_bin("flwr"), "ls", "viagw", "--format", "json"], env=deploy.flower_env(home),
+    write_connection(home, "viagw", f"127.0.0.1:{gw}", root_certificates=ca)
+    res = subprocess.run([flwr_bin("flwr"), "ls", "viagw", "--format", "json"], env=flower_env(home),
                          capture_output=True, text=True, timeout=60)
     assert '"success": false' in res.stdout or res.returncode != 0, res.stdout
     assert "is not a Fleet RPC" in (fed["root"] / "coord" / "gateway.log").read_text()
@@ -221,9 +222,9 @@ def test_plaintext_client_is_refused(fed):
     """A SuperNode without TLS gets no answer from the TLS gateway and gives up."""
     log = fed["root"] / "insecure.log"
     home = fed["root"] / "insecure-home"
-    env = deploy.flower_env(home)
+    env = flower_env(home)
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([deploy.flwr_bin("flower-supernode"), "--superlink", f"127.0.0.1:{fed['gw_port']}", "--insecure",
+        proc = subprocess.Popen([flwr_bin("flower-supernode"), "--superlink", f"127.0.0.1:{fed['gw_port']}", "--insecure",
                                  "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "15"],
                                 env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -245,7 +246,7 @@ def test_client_trusting_another_ca_is_refused(fed, tmp_path):
     res = fedseek("site", "start", "--config", str(cfg), "--wait", "90")
     assert res.returncode == 1, res.stderr
     assert "refused" in res.stderr and "CERTIFICATE_VERIFY_FAILED" in res.stderr, res.stderr
-    assert deploy.Pidfile.read(tmp_path / "st" / "site-a" / deploy.SUPERNODE_PIDFILE) is None
+    assert daemons.Pidfile.read(tmp_path / "st" / "site-a" / daemons.SUPERNODE_PIDFILE) is None
 
 
 def test_unregistered_site_key_is_refused(fed, tmp_path):
@@ -275,19 +276,19 @@ def test_expired_coordinator_certificate_is_refused(fed, tmp_path):
 
     cfg = load_coordinator(coord)
     try:
-        deploy.launch_superlink(cfg)
+        coordinator.launch_superlink(cfg)
         site = site_yaml(tmp_path / "s.yaml", "site-a", port, fed["certs"], fed["data"][0], tmp_path / "st", retries=1)
         res = fedseek("site", "start", "--config", str(site), "--wait", "90")
         assert res.returncode == 1, res.stderr
         assert "certificate has expired" in res.stderr, res.stderr
     finally:
-        deploy.stop_coordinator(cfg)
-    assert deploy.Pidfile.read(tmp_path / "coord" / deploy.SUPERLINK_PIDFILE) is None
+        coordinator.stop_coordinator(cfg)
+    assert daemons.Pidfile.read(tmp_path / "coord" / daemons.SUPERLINK_PIDFILE) is None
 
 
 def test_restart_with_same_database_sites_reconnect_and_new_run_works(fed):
     before = {s["name"]: s["node_id"] for s in status(fed["coord"])["sites"]}
-    site_pids = {n: deploy.Pidfile.read(fed["root"] / "sites" / n / deploy.SUPERNODE_PIDFILE) for n in SITES}
+    site_pids = {n: daemons.Pidfile.read(fed["root"] / "sites" / n / daemons.SUPERNODE_PIDFILE) for n in SITES}
     res = fedseek("coordinator", "stop", "--config", str(fed["coord"]))
     assert res.returncode == 0 and "stopped" in res.stdout
     assert status(fed["coord"])["running"] is False
@@ -355,7 +356,7 @@ def test_bad_site_config_wrong_label_column(tmp_path, site_material):
     res = _bad(tmp_path, material=site_material, label="outcome")
     assert res.returncode == 2 and len(lines(res.stderr)) == 1, res.stderr
     assert "label column 'outcome' not found" in res.stderr and "diagnosis" in res.stderr
-    assert not (tmp_path / "st" / "site-a" / deploy.SUPERNODE_PIDFILE).exists()  # nothing was started
+    assert not (tmp_path / "st" / "site-a" / daemons.SUPERNODE_PIDFILE).exists()  # nothing was started
 
 
 def test_example_configs_validate():

@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from fedseek.ops.processes import ProcessTree
+from fedseek.ops.processes import ProcessTree, is_running
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ def _scenario(tmp: Path, name: str, body: str) -> Path:
 
 
 def _simulate(scen: Path, out: Path, *extra: str) -> dict:
-    res = subprocess.run([sys.executable, "-m", "fedseek.ops.cli", "simulate", str(scen), "--out", str(out), *extra],
+    res = subprocess.run([sys.executable, "-m", "fedseek", "simulate", str(scen), "--out", str(out), *extra],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -71,7 +72,7 @@ def test_kill_9_after_round_3_then_resume_matches_uninterrupted_run(tmp_path):
     _simulate(scen, tmp_path / "straight")
 
     out = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedseek.ops.cli", "simulate", str(scen), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "fedseek", "simulate", str(scen), "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     tree = ProcessTree(proc, "simulate")
     state = out / "checkpoint" / "state.json"
@@ -107,3 +108,50 @@ def test_kill_9_after_round_3_then_resume_matches_uninterrupted_run(tmp_path):
     audit = [json.loads(ln)["event"] for ln in (out / "audit.jsonl").read_text().splitlines()]
     assert "resumed" in audit
 
+
+
+def _children(pid: int) -> dict[int, float]:
+    """Every live descendant of `pid` now, pid -> start time (psutil; by parentage, never by name)."""
+    try:
+        return {c.pid: c.create_time() for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return {}
+
+
+def test_sigterm_stops_every_started_process_and_exits_143(tmp_path):
+    """SIGTERM to `fedseek simulate` once round 1 started: exit 143, and nothing it started (SuperLink, SuperExec, Ray) survives."""
+    scen = _scenario(tmp_path, "term", "seed: 12\nnum_sites: 4\nrounds: 200\ndata: {dataset: breast_cancer}\n"
+                     "strategy: {min_sites: 4}\ntrain: {local_epochs: 1, lr: 0.05, batch_size: 16}\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedseek", "simulate", str(scen), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started: dict[int, float] = {}
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # round 1 has started once the sites are discovered (the query precedes it)
+            started.update(_children(proc.pid))
+            audit = out / "audit.jsonl"
+            if audit.exists() and "site_joined" in audit.read_text():
+                break
+            assert proc.poll() is None, "simulation ended before round 1"
+            time.sleep(0.1)
+        else:
+            pytest.fail("round 1 did not start within 300 s")
+        started.update(_children(proc.pid))
+        assert len(started) >= 3, started  # at least the SuperLink, the SuperExec and the simulation process
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            ProcessTree(proc).stop(timeout_s=5)
+    assert proc.returncode == 143, err[-3000:]
+    assert "terminated; stopped all processes" in err and "Traceback" not in err, err[-3000:]
+    survivors = [p for p, t in started.items() if is_running(p, t)]
+    for pid in survivors:  # leave nothing behind even when the assertion below fails
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert survivors == [], survivors
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    assert len(rows) < 200 and not (out / "summary.json").exists()  # it really was stopped mid-run

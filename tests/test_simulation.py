@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedseek.privacy import PrivacyLedger, epsilon_for
@@ -17,21 +17,16 @@ pytestmark = pytest.mark.slow
 
 
 def _fedseek(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedseek.ops.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "fedseek", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def _descendant_free(out: Path) -> list[str]:
     """Processes still running whose command line mentions this run's directory (none expected)."""
     left = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
         if str(out) in cmd and "pytest" not in cmd:
-            left.append(f"{pid}: {cmd[:120]}")
+            left.append(f"{proc.pid}: {cmd[:120]}")
     return left
 
 
@@ -55,6 +50,8 @@ def test_short_simulation_writes_the_output_contract(tmp_path):
     assert (out / "model.pt").exists() and json.loads((out / "model.json").read_text())["kind"] == "mlp"
     assert (out / "checkpoint" / "state.json").exists()
     assert "round   2/2" in res.stderr
+    assert (out / "report.html").stat().st_size > 0
+    assert "[fedseek] done: final accuracy" in (out / "run.log").read_text()  # the ServerApp's log, streamed by the launcher
     assert _descendant_free(out) == []
 
 
@@ -113,7 +110,7 @@ def test_compressed_sparse_watermarked_bf16_dp_run(tmp_path):
     assert s["watermark"]["detected"] and s["watermark"]["p_value"] < 1e-6
     assert s["privacy"]["max_epsilon"] <= 8.0
     model = torch.load(out / "model.pt", weights_only=True)
-    mask = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["mask"]
+    mask = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["parts"]["model"]["mask"]  # checkpoint layout 2
     for name, m in mask.items():
         assert torch.all(model[name][~torch.from_numpy(m)] == 0), name
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

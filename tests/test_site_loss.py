@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
-from fedseek.ops import deploy, pki
+from fedseek.ops import daemons, pki, processes
 from fedseek.ops.processes import ProcessTree, free_port, is_running, stop_detached
 from tests.conftest import ROOT
 from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, wait_online
@@ -38,19 +39,17 @@ NODE_WAIT_S = 90.0  # what a round would stall for if the coordinator kept waiti
 SLACK_S = 15.0  # after the timeout: Flower's 3 s reply polling, aggregation, evaluation, checkpoint (on a busy 2-core box)
 
 
-def _session_members(sid: int, not_before: int) -> dict[int, int]:
+def _session_members(sid: int, not_before: float) -> dict[int, float]:
     """Live members of session `sid` (not its leader) started at or after `not_before`, pid -> start time: what a killed leader left."""
-    out: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    out: dict[int, float] = {}
+    for proc in psutil.process_iter(["create_time", "status"]):
         try:
-            raw = Path(f"/proc/{name}/stat").read_text()
+            in_session = os.getsid(proc.pid) == sid
         except OSError:
             continue
-        rest = raw[raw.rfind(")") + 2:].split()
-        if int(name) != sid and int(rest[3]) == sid and int(rest[19]) >= not_before and rest[0] not in ("Z", "X"):
-            out[int(name)] = int(rest[19])
+        if (proc.pid != sid and in_session and proc.info["create_time"] >= not_before - processes.START_TOLERANCE_S
+                and proc.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)):
+            out[proc.pid] = proc.info["create_time"]
     return out
 
 
@@ -81,7 +80,7 @@ def small_fed(tmp_path_factory):
     try:
         res = fedseek("coordinator", "start", "--config", str(coord))
         assert res.returncode == 0, res.stderr
-        starts = [subprocess.Popen([sys.executable, "-m", "fedseek.ops.cli", "site", "start", "--config", str(c), "--wait", "60"],
+        starts = [subprocess.Popen([sys.executable, "-m", "fedseek", "site", "start", "--config", str(c), "--wait", "60"],
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in site_cfgs.values()]
         for p in starts:  # the three operators start their sites at the same time (each CLI returns within its --wait)
             _, err = p.communicate(timeout=120)
@@ -91,8 +90,8 @@ def small_fed(tmp_path_factory):
         for cfg_path in site_cfgs.values():
             fedseek("site", "stop", "--config", str(cfg_path))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for path in [root / "coord" / deploy.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{deploy.SUPERNODE_PIDFILE}")]:
-            pf = deploy.Pidfile.read(path)
+        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}")]:
+            pf = daemons.Pidfile.read(path)
             if pf is not None and pf.running():
                 stop_detached(pf.pid, pf.started)
         if "victim" in ctx:  # the killed SuperNode's orphans (its SuperExec, flwr-clientapp), also any started after the kill
@@ -105,14 +104,14 @@ def small_fed(tmp_path_factory):
 
 def test_site_killed_mid_round_round_ends_at_timeout_and_run_finishes(small_fed):
     wait_online(small_fed["coord"], SITES, 60)
-    victim_pf = deploy.Pidfile.read(small_fed["root"] / "sites" / VICTIM / deploy.SUPERNODE_PIDFILE)
+    victim_pf = daemons.Pidfile.read(small_fed["root"] / "sites" / VICTIM / daemons.SUPERNODE_PIDFILE)
     assert victim_pf is not None and victim_pf.running()
     victim_log = small_fed["root"] / "sites" / VICTIM / "supernode.log"
     offset = victim_log.stat().st_size
     out = small_fed["root"] / "run"
     t0 = time.monotonic()
     with open(small_fed["root"] / "fedseek-run.log", "wb") as run_out:
-        proc = subprocess.Popen([sys.executable, "-m", "fedseek.ops.cli", "run", "--config", str(small_fed["coord"]), "--out", str(out)],
+        proc = subprocess.Popen([sys.executable, "-m", "fedseek", "run", "--config", str(small_fed["coord"]), "--out", str(out)],
                                 cwd=ROOT, stdout=run_out, stderr=subprocess.STDOUT, start_new_session=True)
     run_tree = ProcessTree(proc, "fedseek-run")
     try:

@@ -1,23 +1,30 @@
 """Following a submitted run to its real end status, with one progress line per round.
 
-Shared by `fedseek simulate` and `fedseek run` (deployment): both read OUT/metrics.jsonl as
-the ServerApp appends it and poll the run status through Flower's Control API, because
-`flwr run --stream` exits 0 even when the ServerApp fails.
+Shared by `fedseek simulate` and `fedseek run` (through fedseek.ops.launcher): OUT/metrics.jsonl
+is read through the run schema (fedseek.outputs.schema) as the ServerApp appends it, and the
+run status is polled through Flower's Control API, because `flwr run --stream` exits 0 even
+when the ServerApp fails.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedseek.ops.flower_control import ControlClient, RunStatus
-from fedseek.outputs.store import read_metrics
+from fedseek.outputs.schema import MetricsRow, RunSummary, SchemaError, read_rows
+
+#: Seconds between two status polls. The end of a run is seen sooner: the launcher's log stream ends with the
+#: run and wakes the loop (`wake`); polling faster would only cost CPU on the cores the run needs.
+POLL_S = 0.5
+#: Poll interval once `wake` is set (the run's log ended: its status changes any moment).
+WOKEN_POLL_S = 0.05
 
 
 class RunError(RuntimeError):
@@ -32,17 +39,52 @@ def tail(path: Path, n: int = 25) -> str:
         return ""
 
 
-def round_line(row: dict[str, Any], rounds: int) -> str:
+def _num(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def round_line(row: MetricsRow, rounds: int) -> str:
     """One progress line for a metrics.jsonl row."""
-    c = row.get("central", {})
-    extra = ""
-    eps = [s.get("epsilon") for s in row.get("sites", {}).values() if s.get("epsilon") is not None]
-    if eps:
-        extra = f" max eps {max(eps):.3f}"
-    bad = row.get("rejected", 0) + row.get("refused", 0) + row.get("failed", 0) + row.get("timed_out", 0)
-    return (f"round {row['round']:>3}/{rounds}  accuracy {c.get('accuracy', float('nan')):.4f}  "
-            f"loss {c.get('loss', float('nan')):.4f}  sites {row.get('accepted', 0)}/{row.get('sampled', 0)}"
-            f"{'  excluded/failed ' + str(bad) if bad else ''}{extra}  {row.get('round_seconds', 0):.1f}s")
+    c = row.central
+    eps = [s.epsilon for s in row.sites.values() if s.epsilon is not None]
+    extra = f" max eps {max(eps):.3f}" if eps else ""
+    bad = row.rejected + row.refused + row.failed + row.timed_out
+    return (f"round {row.round:>3}/{rounds}  accuracy {_num(c.get('accuracy')):.4f}  "
+            f"loss {_num(c.get('loss')):.4f}  sites {row.accepted}/{row.sampled}"
+            f"{'  excluded/failed ' + str(bad) if bad else ''}{extra}  {row.round_seconds:.1f}s")
+
+
+class MetricsTail:
+    """New rows of a growing metrics.jsonl, re-read only when the file changed."""
+
+    def __init__(self, path: Path) -> None:
+        """Rows already in the file (an earlier, resumed run) are not news."""
+        self.path = path
+        self._stamp = self._stat()
+        self.seen = len(self._read())
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _read(self) -> list[MetricsRow]:
+        try:
+            return read_rows(self.path)
+        except SchemaError as exc:
+            raise RunError(str(exc)) from None
+
+    def new_rows(self) -> list[MetricsRow]:
+        """Rows appended since the last call."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return []
+        self._stamp = stamp
+        rows = self._read()
+        fresh, self.seen = rows[self.seen:], len(rows)
+        return fresh
 
 
 def follow_run(
@@ -54,31 +96,33 @@ def follow_run(
     sites: int,
     console: Console,
     timeout_s: float,
-    on_round: Callable[[dict], None] | None = None,
+    on_round: Callable[[MetricsRow], None] | None = None,
     check_alive: Callable[[], str | None] | None = None,
     site_word: str = "sites",
+    on_poll: Callable[[], None] | None = None,
+    wake: threading.Event | None = None,
 ) -> RunStatus:
     """Poll the run status, print one progress line per round, return the final status.
 
     `check_alive` is called every poll; a non-None return (e.g. "the SuperLink exited") aborts
-    with RunError. On timeout the run is stopped and RunError raised.
+    with RunError. On timeout the run is stopped and RunError raised. `on_poll` runs after each
+    poll's new rows; `wake`, once set, makes the polls short.
     """
     deadline = time.monotonic() + timeout_s
-    seen = len(read_metrics(out / "metrics.jsonl"))  # rows of an earlier, resumed run are not news
+    metrics = MetricsTail(out / "metrics.jsonl")
     status = client.status(run_id)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(f"starting {sites} {site_word}", total=rounds)
         while True:
             dead = check_alive() if check_alive is not None else None
-            rows = read_metrics(out / "metrics.jsonl")
-            for row in rows[seen:]:
+            for row in metrics.new_rows():
                 console.print(round_line(row, rounds))
-                c = row.get("central", {})
-                progress.update(task, completed=row["round"], description=f"accuracy {c.get('accuracy', float('nan')):.4f}")
+                progress.update(task, completed=row.round, description=f"accuracy {_num(row.central.get('accuracy')):.4f}")
                 if on_round:
                     on_round(row)
-            seen = len(rows)
+            if on_poll is not None:
+                on_poll()
             if status.finished:
                 return status
             if dead is not None:
@@ -86,44 +130,71 @@ def follow_run(
             if time.monotonic() > deadline:
                 client.stop(run_id)
                 raise RunError(f"run {run_id} did not finish within {timeout_s:.0f}s (stopped)")
-            if status.status == "running" and seen == 0:
+            if status.status == "running" and metrics.seen == 0:
                 progress.update(task, description=f"round 1 ({sites} sites)")
-            time.sleep(1.0)
+            _pause(wake)
             status = client.status(run_id)
 
 
-def print_summary(console: Console, s: dict, out: Path, wall: float) -> None:
-    """The end-of-run table (accuracy, rounds, epsilon, rejections, bytes, wall time, outputs)."""
-    t = Table(title=f"fedseek run {s.get('name')}", show_header=False)
-    final = s.get("final", {})
-    t.add_row("final accuracy", f"{final.get('accuracy', float('nan')):.4f}")
-    if "auc" in final:
-        t.add_row("final ROC AUC", f"{final['auc']:.4f}")
-    t.add_row("rounds", f"{s.get('rounds_completed')}/{s.get('rounds')}")
-    priv = s.get("privacy") or {}
-    if priv.get("enabled"):
-        t.add_row("max epsilon (per site)", f"{priv.get('max_epsilon') or 0:.4f} of {priv.get('epsilon_budget')} (delta {priv.get('delta')}, {priv.get('accountant')})")
-    elif priv.get("max_epsilon") is not None:
-        t.add_row("max epsilon (per site)", f"{priv['max_epsilon']:.4f} (as reported by the sites)")
-    t.add_row("rejected updates", str(s.get("rejected_updates", 0)))
-    t.add_row("refused rounds", str(s.get("refused_rounds", 0)))
-    t.add_row("bytes up / down", f"{s.get('bytes_up', 0):,} / {s.get('bytes_down', 0):,}")
-    comp = s.get("compression") or {}
-    if comp.get("codec") not in (None, "none") and comp.get("ratio_up"):
-        t.add_row("uplink compression", f"{comp['codec']}: {comp['ratio_up']:.1f}x fewer bytes than dense fp32")
-    if s.get("sparsity"):
-        t.add_row("model sparsity", f"{s['sparsity']:.1%}")
-    wm = s.get("watermark") or {}
-    if wm:
-        t.add_row("watermark", f"{wm.get('matches')}/{wm.get('n')} triggers, p = {wm.get('p_value', 1.0):.3g}")
-    if s.get("stop_reason"):
-        t.add_row("stopped early", str(s["stop_reason"]))
-    t.add_row("wall time", f"{wall:.1f}s")
-    t.add_row("outputs", str(out))
+def _pause(wake: threading.Event | None) -> None:
+    if wake is None:
+        time.sleep(POLL_S)
+    elif wake.is_set():
+        time.sleep(WOKEN_POLL_S)
+    else:
+        wake.wait(POLL_S)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return format(_num(x), spec)
+
+
+def _summary_rows(s: RunSummary) -> list[tuple[str, str]]:
+    """The run's outcome as (label, value) lines: accuracy, rounds, privacy, rejections, bytes, compression, watermark."""
+    rows = [("final accuracy", _fmt(s.final.get("accuracy"), ".4f"))]
+    if "auc" in s.final:
+        rows.append(("final ROC AUC", _fmt(s.final["auc"], ".4f")))
+    rows.append(("rounds", f"{s.rounds_completed}/{s.rounds}"))
+    priv = s.privacy
+    if priv.enabled:
+        rows.append(("max epsilon (per site)",
+                     f"{priv.max_epsilon or 0:.4f} of {priv.epsilon_budget} (delta {priv.delta}, {priv.accountant})"))
+    elif priv.max_epsilon is not None:
+        rows.append(("max epsilon (per site)", f"{priv.max_epsilon:.4f} (as reported by the sites)"))
+    rows += [("rejected updates", str(s.rejected_updates)), ("refused rounds", str(s.refused_rounds)),
+             ("bytes up / down", f"{s.bytes_up:,} / {s.bytes_down:,}")]
+    comp = s.compression
+    if comp.codec not in (None, "none") and comp.ratio_up:
+        rows.append(("uplink compression", f"{comp.codec}: {comp.ratio_up:.1f}x fewer bytes than dense fp32"))
+    if s.sparsity:
+        rows.append(("model sparsity", f"{s.sparsity:.1%}"))
+    if s.watermark is not None:
+        wm = s.watermark
+        rows.append(("watermark", f"{wm.matches}/{wm.n} triggers, p = {wm.p_value:.3g}"))
+    if s.stop_reason:
+        rows.append(("stopped early", str(s.stop_reason)))
+    return rows
+
+
+def report_row(out: Path) -> str:
+    """Write OUT/report.html; the table's "report" cell (the path, or why it was not written)."""
     try:
         from fedseek.outputs.report import write_report
 
-        t.add_row("report", str(write_report(out)))
+        return str(write_report(out))
     except Exception as exc:  # noqa: BLE001 - a plotting problem must not fail a finished run
-        t.add_row("report", f"not written ({type(exc).__name__}: {exc})")
+        return f"not written ({type(exc).__name__}: {exc})"
+
+
+def print_summary(console: Console, s: RunSummary, out: Path, wall: float, report: str | None = None) -> None:
+    """The end-of-run table (accuracy, rounds, epsilon, rejections, bytes, wall time, outputs) and report.html.
+
+    `report` is the report cell when report.html was already written (see fedseek.ops.launcher.ReportAhead).
+    """
+    t = Table(title=f"fedseek run {s.name}", show_header=False)
+    for label, value in _summary_rows(s):
+        t.add_row(label, value)
+    t.add_row("wall time", f"{wall:.1f}s")
+    t.add_row("outputs", str(out))
+    t.add_row("report", report if report is not None else report_row(out))
     console.print(t)

@@ -1,0 +1,72 @@
+"""`fedseek run --config server/coordinator.yaml`: a federation run on the deployed coordinator and its sites.
+
+The coordinator (fedseek.ops.coordinator) must be running; the run is submitted with the
+coordinator config through the shared launcher (as `fedseek simulate` submits its scenario)
+and fails unless it ends `finished:completed`. On Ctrl-C or SIGTERM the run is stopped on the
+coordinator; the coordinator and the sites, long-lived daemons, keep running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedseek.config import CoordinatorConfig, load_coordinator
+from fedseek.ops.coordinator import admin_address, admin_host, coordinator_paths, write_admin_connection
+from fedseek.ops.daemons import DeployError, running_pidfile
+from fedseek.ops.launcher import Launcher, RunRequest, prepare_out, report
+from fedseek.ops.processes import port_open
+from fedseek.ops.registration import CONNECTION
+from fedseek.outputs.schema import MetricsRow
+
+
+def _watch(cfg: CoordinatorConfig) -> Callable[[], str | None]:
+    """A liveness check on the coordinator this command found running (one started by other means is not watched)."""
+    tracked = running_pidfile(coordinator_paths(cfg).pidfile)
+
+    def alive() -> str | None:
+        if tracked is not None and not tracked.running():
+            return f"the coordinator (pid {tracked.pid}) exited; see {cfg.superlink.log_file}"
+        return None
+
+    return alive
+
+
+def run_federation(
+    config_path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    console: Console | None = None,
+    timeout_s: float | None = None,
+    on_round: Callable[[MetricsRow], None] | None = None,
+) -> dict[str, Any]:
+    """Submit the fedseek app to the running coordinator and follow it to its end; returns summary.json's content.
+
+    Raises DeployError when no coordinator runs, RunError unless the run ends finished:completed with a summary written.
+    """
+    console = console or Console(stderr=True)
+    config_path = Path(config_path).resolve()
+    cfg = load_coordinator(config_path)
+    paths = coordinator_paths(cfg)
+    if running_pidfile(paths.pidfile) is None and not port_open(admin_host(cfg), cfg.superlink.port):
+        raise DeployError(f"the coordinator is not running on {admin_address(cfg)}: fedseek coordinator start --config {config_path}")
+    out = prepare_out(Path(out_dir).resolve() if out_dir else Path(cfg.out_dir))
+    write_admin_connection(cfg, paths)
+    req = RunRequest(flwr_home=paths.flwr_home, connection=CONNECTION, out=out,
+                     run_config={"config-path": str(config_path), "out-dir": str(out), "config-kind": "coordinator"},
+                     rounds=cfg.rounds, sites=int(cfg.expected_sites or 1),
+                     timeout_s=timeout_s or (cfg.node_wait_s + cfg.round_timeout_s * cfg.rounds + 300),
+                     quiet=True, announce=True, check_alive=_watch(cfg))
+    t0 = time.time()
+    console.print(f"[bold]fedseek[/] run [cyan]{cfg.name}[/] on {admin_address(cfg)}: {cfg.expected_sites} sites expected, "
+                  f"{cfg.rounds} rounds, {cfg.strategy.name}")
+    launcher = Launcher(req, console)
+    try:
+        outcome = launcher.follow(on_round)
+    finally:
+        launcher.close()
+    return report(console, outcome, out, t0)

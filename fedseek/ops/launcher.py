@@ -1,0 +1,183 @@
+"""One launcher for `fedseek simulate` and `fedseek run`: submit the fedseek app to a SuperLink and follow it to its end.
+
+Both commands hand a `RunRequest` (which SuperLink, which run config, what to expect) to a
+`Launcher`: it stages the Flower App (fedseek.ops.app_stage), submits it through the Control
+API, streams the ServerApp log to OUT/run.log, follows OUT/metrics.jsonl and the run status
+(fedseek.ops.follow), and fails unless the run ends `finished:completed` with a summary
+written. On Ctrl-C or SIGTERM it stops the run it submitted; the processes a command started
+(the simulation's SuperLink) are stopped by that command, around the launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedseek.ops import signals
+from fedseek.ops.app_stage import staged_app_dir
+from fedseek.ops.flower_control import ControlClient, RunConfigValue, RunLog, RunStatus
+from fedseek.ops.follow import RunError, follow_run, print_summary, report_row, tail
+from fedseek.outputs.schema import MetricsRow, RunSummary, SchemaError, read_summary
+
+
+@dataclass
+class RunRequest:
+    """What to run where: the SuperLink connection, the run config, and what the run should produce."""
+
+    flwr_home: Path
+    connection: str
+    out: Path
+    run_config: dict[str, RunConfigValue]
+    rounds: int
+    sites: int
+    timeout_s: float
+    federation_config: dict[str, int | float] | None = None
+    site_word: str = "sites"
+    quiet: bool = False  # hide Flower's "Using SuperLink: ..." line
+    announce: bool = False  # print "run N submitted; ServerApp log: ..."
+    check_alive: Callable[[], str | None] | None = None
+    error: type[RunError] = RunError
+
+
+@dataclass
+class Outcome:
+    """A completed run: its summary (typed, and summary.json's content as written) and its report in the making."""
+
+    summary: RunSummary
+    data: dict[str, Any]
+    ahead: ReportAhead | None = None
+
+
+class ReportAhead:
+    """Writes report.html as soon as the ServerApp has written summary.json (its last output), in a thread.
+
+    Flower then still tears the run down (the simulation engine stops Ray) for seconds; the report
+    is drawn meanwhile instead of after, on cores that are idle by then.
+    """
+
+    def __init__(self, out: Path) -> None:
+        """Watch OUT/summary.json (removed before the run was submitted)."""
+        self.out = out
+        self._thread: threading.Thread | None = None
+        self._result: str | None = None
+
+    def poll(self) -> None:
+        """Start the report once summary.json exists (called on every follow poll)."""
+        if self._thread is None and (self.out / "summary.json").exists():
+            self._thread = threading.Thread(target=self._write, name="fedseek-report", daemon=True)
+            self._thread.start()
+
+    def _write(self) -> None:
+        self._result = report_row(self.out)
+
+    def result(self, timeout_s: float = 600.0) -> str | None:
+        """The report cell once written (None if it was never started)."""
+        if self._thread is None:
+            return None
+        self._thread.join(timeout_s)
+        return self._result
+
+
+def prepare_out(out: Path, *, resume: bool = False) -> Path:
+    """Create OUT and remove the previous run's end-of-run files (metrics and audit too, unless resuming)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    if not resume:
+        for stale in ("metrics.jsonl", "audit.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+    return out
+
+
+class Launcher:
+    """Submits one run and follows it; construct it early (it stages the app and imports Flower's client)."""
+
+    def __init__(self, req: RunRequest, console: Console) -> None:
+        """Stage the app and open the Control API client (no request is sent yet)."""
+        self.req, self.console = req, console
+        self.run_log = req.out / "run.log"
+        self.run_id: int | None = None
+        try:
+            self.app_dir = staged_app_dir()
+        except RuntimeError as exc:
+            raise req.error(str(exc)) from None
+        self.client = ControlClient(req.flwr_home, req.connection, quiet=req.quiet)
+
+    def submit(self) -> int:
+        """Start the run (signals held back meanwhile, so a started run always has a known id to stop)."""
+        with signals.deferred():
+            try:
+                self.run_id = self.client.start_run(self.app_dir, self.req.run_config, self.req.federation_config)
+            except RuntimeError as exc:
+                raise self.req.error(str(exc)) from None
+        return self.run_id
+
+    def follow(self, on_round: Callable[[MetricsRow], None] | None = None) -> Outcome:
+        """Submit, stream the log, follow the run to its end; the Outcome, or the request's error type."""
+        req = self.req
+        run_id = self.submit()
+        if req.announce:
+            self.console.print(f"run {run_id} submitted; ServerApp log: {self.run_log}")
+        log = RunLog(req.flwr_home, req.connection, run_id, self.run_log)
+        ahead = ReportAhead(req.out)
+        try:
+            status = self._follow(run_id, on_round, ahead, log.ended)
+            outcome = self._outcome(run_id, status)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                self._stop_run()
+            ahead.result(timeout_s=30)  # never leave a report half-written behind an error
+            raise
+        finally:
+            log.stop()
+        outcome.ahead = ahead
+        return outcome
+
+    def _follow(self, run_id: int, on_round: Callable[[MetricsRow], None] | None, ahead: ReportAhead,
+                wake: threading.Event) -> RunStatus:
+        req = self.req
+        try:
+            return follow_run(req.out, self.client, run_id, rounds=req.rounds, sites=req.sites, console=self.console,
+                              timeout_s=req.timeout_s, on_round=on_round, check_alive=req.check_alive, site_word=req.site_word,
+                              on_poll=ahead.poll, wake=wake)
+        except RunError as exc:
+            if isinstance(exc, req.error):
+                raise
+            raise req.error(str(exc)) from None
+
+    def _outcome(self, run_id: int, status: RunStatus) -> Outcome:
+        if not status.ok:
+            raise self.req.error(f"run {run_id} ended {status}" + (f": {status.details}" if status.details else "")
+                                 + f"\n--- last lines of {self.run_log} ---\n{tail(self.run_log)}")
+        path = self.req.out / "summary.json"
+        if not path.exists():
+            raise self.req.error(f"run {run_id} completed but wrote no summary.json; see {self.run_log}")
+        try:
+            return Outcome(read_summary(path), json.loads(path.read_text()))
+        except (SchemaError, ValueError) as exc:
+            raise self.req.error(f"run {run_id} completed but its summary is unreadable: {exc}") from None
+
+    def _stop_run(self) -> None:
+        if self.run_id is not None:
+            try:
+                self.client.stop(self.run_id)
+            except Exception:  # noqa: BLE001 - the SuperLink may be gone already
+                pass
+
+    def close(self) -> None:
+        """Close the Control API client."""
+        self.client.close()
+
+
+def report(console: Console, outcome: Outcome, out: Path, started_at: float) -> dict[str, Any]:
+    """Print the end-of-run table (report.html: waited for if started ahead, else written now); returns summary.json's content."""
+    wall = time.time() - started_at  # as before: the run's wall time, not counting the report
+    cell = outcome.ahead.result() if outcome.ahead is not None else None
+    print_summary(console, outcome.summary, out, wall, cell)
+    return outcome.data
