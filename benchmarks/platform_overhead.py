@@ -120,30 +120,42 @@ def scenario_yaml(name: str, w: dict[str, Any], rounds: int) -> str:
 
 
 class ChildCPU:
-    """CPU seconds (user + system) of every process a run started, a figure drifting load on shared cores hardly moves.
+    """CPU seconds (user + system) of every process a run started (diagnostic: the work done, whatever the wall time).
 
     The benchmark is their subreaper (become_subreaper), so processes orphaned during the run are
-    re-parented to it and reaped here: their CPU time is counted too.
+    re-parented to it; on exit every one is waited for (so its time is counted here, not in the
+    next run), and any still running after `wait_s` is killed and counted in `leftovers`.
     """
 
     cpu_s = 0.0
+    leftovers = 0
+
+    def __init__(self, wait_s: float = 30.0) -> None:
+        self.wait_s = wait_s
 
     def __enter__(self) -> ChildCPU:
         self._before = self._used()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        deadline = time.monotonic() + 5
-        while True:  # reap what the run left (orphans re-parented to us), so their time is counted
+        deadline = time.monotonic() + self.wait_s
+        while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            except ChildProcessError:  # no child left
                 break
-            if pid == 0:
-                if time.monotonic() > deadline:
-                    break
+            if pid == 0 and time.monotonic() > deadline:
+                self._kill_adopted()
+            elif pid == 0:
                 time.sleep(0.05)
         self.cpu_s = round(self._used() - self._before, 1)
+
+    def _kill_adopted(self) -> None:
+        import psutil
+
+        for child in psutil.Process().children():
+            self.leftovers += 1
+            child.kill()
 
     @staticmethod
     def _used() -> float:
@@ -207,10 +219,11 @@ def run_plain_app(app_dir: Path, run_config: dict[str, Any], num_sites: int, wor
                 client.close()
             if superlink is not None:
                 superlink.stop()
-    end = time.time()
+        end = time.time()  # before ChildCPU waits for stragglers
     ok = error is None and status is not None and status.ok
     return {"ok": ok, "status": str(status) if status else None, "error": error, "t0": t0, "wall_s": end - t0,
-            "finished_s": (finished - t0) if finished else None, "cpu_s": cpu.cpu_s, **mem.result()}
+            "finished_s": (finished - t0) if finished else None, "cpu_s": cpu.cpu_s, "leftover_processes": cpu.leftovers,
+            **mem.result()}
 
 
 def run_fedseek_cli(scenario: Path, out: Path, work: Path, root: Path = ROOT, timeout_s: float = 1800) -> dict[str, Any]:
@@ -230,10 +243,11 @@ def run_fedseek_cli(scenario: Path, out: Path, work: Path, root: Path = ROOT, ti
             proc.terminate()
             rc = proc.wait(timeout=60)
             error = "timed out"
-    end = time.time()
+        end = time.time()  # before ChildCPU waits for stragglers
     if rc != 0 and error is None:
         error = f"exit {rc}: {(work / 'fedseek.log').read_text(errors='replace')[-600:]}"
-    return {"ok": rc == 0, "status": f"exit {rc}", "error": error, "t0": t0, "wall_s": end - t0, "cpu_s": cpu.cpu_s, **mem.result()}
+    return {"ok": rc == 0, "status": f"exit {rc}", "error": error, "t0": t0, "wall_s": end - t0, "cpu_s": cpu.cpu_s,
+            "leftover_processes": cpu.leftovers, **mem.result()}
 
 
 def _periods(stamps: list[tuple[int, float]]) -> dict[int, float]:
@@ -334,7 +348,8 @@ def _one(kind: str, name: str, w: dict[str, Any], rounds: int, work: Path, plain
     r = run_plain(plain_dir, w, rounds, work) if kind == "plain-flower" else run_fedseek(name, w, rounds, work, root)
     r["steady_round_s"] = steady(r["period_s"])
     r.pop("t0", None)
-    print(f"{name} {kind}: ok={r['ok']} wall {r['wall_s']:.1f}s cpu {r['cpu_s']}s round1 at {r['launch_to_round1_s']}s steady {r['steady_round_s']}s "
+    print(f"{name} {kind}: ok={r['ok']} wall {r['wall_s']:.1f}s cpu {r['cpu_s']}s round1 at {r['launch_to_round1_s']}s "
+          f"steady {r['steady_round_s']}s "
           f"acc {r['final_accuracy']} pss {r['peak_pss_mb']} MB load {os.getloadavg()[0]:.2f} {r['error'] or ''}", flush=True)
     return r
 

@@ -201,6 +201,14 @@ def test_staged_app_holds_exactly_the_fab_files_and_is_reused(tmp_path):
         assert (staged / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
+def test_staged_fab_is_byte_identical_to_the_fab_of_the_repository_root(tmp_path):
+    """What `flwr run .` would submit from the checkout (walking .venv and all: seconds) is what the staged app gives."""
+    from fedseek.ops.flower_control import build_fab
+
+    assert build_fab(app_stage.staged_app_dir(tmp_path))[0] == build_fab(ROOT)[0]
+
+
 def test_staged_app_changes_with_the_sources(tmp_path, monkeypatch):
     first = app_stage.staged_app_dir(tmp_path)
     files = app_stage.app_files(ROOT)
