@@ -114,14 +114,18 @@ def test_budget_refusal_is_exact_and_persisted(tmp_path: Path) -> None:
 
 def test_fit_budget_calibration_spends_at_most_budget(tmp_path: Path) -> None:
     x, y = _data()
-    policy = PrivacySpec(epsilon_budget=2.0)  # no noise given: fit the announced rounds
-    ledger = PrivacyLedger(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=2.0)
     rounds = 5
+    policy = PrivacySpec(epsilon_budget=2.0, planning_rounds=rounds)  # no noise given: fit the site's own horizon
+    ledger = PrivacyLedger(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=2.0)
     q, steps = plan_round(len(y), 16, 1)
+    noises = []
     for rnd in range(1, rounds + 1):
-        noise = noise_for_round(policy, ledger, q, steps, rounds - rnd + 1)
-        _dp_round(ledger, policy, x, y, rnd, noise)
+        noises.append(noise_for_round(policy, ledger, q, steps))
+        _dp_round(ledger, policy, x, y, rnd, noises[-1])
     assert 1.9 <= ledger.epsilon() <= 2.0  # uses the budget, never more
+    assert len(set(noises)) == 1  # calibrated once over the horizon, kept
+    with pytest.raises(BudgetExceeded):  # a sixth round does not fit: the site refuses rather than exceed
+        ledger.check(noise_for_round(policy, ledger, q, steps), q, steps)
 
 
 def test_changed_accountant_or_corrupt_ledger_refuses(tmp_path: Path) -> None:

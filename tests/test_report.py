@@ -289,3 +289,34 @@ def test_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "synthetic-run" in (run / "report.html").read_text()
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- federated evaluation (additions)
+def _federated(rnd: int, *, std: float) -> dict[str, Any]:
+    site = {"status": "evaluated", "accuracy": 0.8, "accuracy_std": 0.05 if std else 0.0, "count": 40.0, "num_examples": 40,
+            "noise_std": std, "epsilon": 0.3 * rnd if std else None, "delta": 1e-5 if std else None, "epsilon_budget": 3.0 if std else None}
+    return {"round": rnd, "sampled": 3, "evaluated": 2, "refused": 1, "accuracy": 0.81, "accuracy_std": 0.03 if std else 0.0,
+            "balanced_accuracy": 0.79, "balanced_accuracy_std": 0.04 if std else 0.0, "loss": 0.4, "loss_std": 0.1 if std else 0.0,
+            "count": 80.0, "num_examples": 80, "noisy": std > 0,
+            "sites": {"site-000": site, "site-001": site, "site-002": {"status": "refused", "reason": f"evaluation budget spent {EVIL}"}}}
+
+
+@pytest.mark.parametrize("std", [1.7, 0.0])
+def test_federated_evaluation_section(tmp_path: Path, std: float) -> None:
+    rows = [_row(r, dp=std > 0) for r in (1, 2, 3)]
+    rows[1]["federated"], rows[2]["federated"] = _federated(2, std=std), _federated(3, std=std)
+    fed_sites = {"site-000": {"evaluations": 2, "epsilon": 0.9 if std else None, "epsilon_budget": 3.0 if std else None},
+                 "site-002": {"refusals": 1, "excluded": "evaluation budget spent"}}
+    summary = _summary(3, dp=std > 0, federated_evaluation={"every": 2, "rounds": [2, 3], "last": _federated(3, std=std),
+                                                            "max_epsilon": 0.9 if std else None, "sites": fed_sites})
+    page = write_report(_write(tmp_path / "run", rows, summary)).read_text()
+    _assert_self_contained(page)
+    assert '<section id="federated">' in page and '<a href="#federated">' in page
+    if std:  # pooled accuracy ± its noise std per evaluation round, the DP warning, the card, summary.json's evaluation epsilon
+        assert "<td>0.8100 ± 0.0300</td>" in page and "DP-noised estimates" in page and "Exact counts" not in page
+        assert "federated accuracy (DP-noised)" in page and "<td>0.9000</td>" in page
+    else:
+        assert "<td>0.8100 ± 0.0000</td>" in page and "Exact counts" in page and "DP-noised" not in page
+        assert "federated accuracy</div>" in page
+    assert f"evaluation budget spent {escape(EVIL)}" in page and EVIL not in page
+    assert "federated_evaluation.sites" in page and "3 site(s): see the table above" in page

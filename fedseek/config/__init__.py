@@ -18,6 +18,8 @@ from fedseek.config.deployment import (
 )
 from fedseek.config.federation import (
     CompressionSpec,
+    EvaluationPrivacySpec,
+    FederatedEvaluationSpec,
     FederationSpec,
     MetricsSpec,
     ModelSpec,
@@ -38,7 +40,9 @@ __all__ = [
     "ConfigError",
     "CoordinatorConfig",
     "DataSpec",
+    "EvaluationPrivacySpec",
     "FaultSpec",
+    "FederatedEvaluationSpec",
     "FederationSpec",
     "GatewaySpec",
     "MetricsSpec",

@@ -177,6 +177,9 @@ class SiteConfig(StrictSpec):
     auth_private_key: str = Field(description="the site's OpenSSH ECDSA private key (fedseek certs add-site)")
     data: SiteDataSpec
     privacy: PrivacySpec | None = None
+    holdout_fraction: float = Field(
+        0.2, ge=0.0, lt=0.9, description="records held out of training for federated evaluation (0 = evaluation refused)"
+    )
     state_dir: str | None = Field(None, description="privacy ledger, Flower home, pidfile, log; default state/NAME")
     device: Device = "auto"
     precision: SitePrecision = "fp32"

@@ -44,6 +44,18 @@ class TrainSpec(StrictSpec):
     class_weighting: Literal["none", "balanced"] = "none"
 
 
+class EvaluationPrivacySpec(StrictSpec):
+    """How a DP site answers federated evaluation: noisy counts on its held-out split, charged to a separate ledger.
+
+    Training and held-out records are disjoint, so per record the guarantee is the larger of the
+    training and the evaluation epsilon (parallel composition).
+    """
+
+    epsilon_budget: float = Field(3.0, gt=0.0, description="lifetime epsilon of the evaluation ledger")
+    planning_releases: int = Field(6, ge=1, le=100000, description="evaluations the site plans its evaluation budget over")
+    loss_clip: float = Field(5.0, gt=0.0, description="per-record loss is clipped to [0, loss_clip] before summing")
+
+
 class PrivacySpec(StrictSpec):
     """A site's record-level DP policy (Opacus DP-SGD), owned by the site.
 
@@ -59,11 +71,23 @@ class PrivacySpec(StrictSpec):
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: AccountantName = "rdp"
     grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = "ghost"
+    planning_rounds: int = Field(
+        10, ge=1, le=100000, description="rounds the site plans its budget over (its own horizon: the coordinator's num-rounds is ignored)"
+    )
+    max_epsilon_per_round: float | None = Field(None, gt=0.0, description="no round may spend more (noise is raised to fit)")
+    max_local_epochs: int = Field(10, ge=1, le=1000, description="a round asking for more local epochs is refused")
+    max_batch_size: int = Field(1024, ge=1, description="a round asking for a larger expected batch is refused")
+    class_weights: list[float] | None = Field(
+        None, description="fixed loss weights per class from the site's own policy (never from private label counts)"
+    )
+    evaluation: EvaluationPrivacySpec = Field(default_factory=lambda: EvaluationPrivacySpec())
 
     @model_validator(mode="after")
     def _one_noise_rule(self) -> PrivacySpec:
         if self.noise_multiplier is not None and self.target_epsilon_per_round is not None:
             raise ValueError("set at most one of noise_multiplier and target_epsilon_per_round")
+        if self.class_weights is not None and any(not (w > 0 and w < 1e6) for w in self.class_weights):
+            raise ValueError("class_weights must be positive and below 1e6")
         return self
 
 
@@ -138,6 +162,15 @@ class WatermarkSpec(StrictSpec):
     alpha: float = Field(1e-6, gt=0.0, lt=1.0)
 
 
+class FederatedEvaluationSpec(StrictSpec):
+    """Federated evaluation the coordinator requests: every `every` rounds (and after the last), on the sites' held-out splits."""
+
+    every: int = Field(0, ge=0, le=100000, description="0 = off")
+    holdout_fraction: float = Field(
+        0.2, gt=0.0, lt=0.9, description="simulated sites hold this fraction of their records out of training when evaluation is on"
+    )
+
+
 class FederationSpec(StrictSpec):
     """What the coordinator runs: shared by scenarios and the deployed coordinator."""
 
@@ -153,3 +186,4 @@ class FederationSpec(StrictSpec):
     sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
+    evaluation: FederatedEvaluationSpec = Field(default_factory=FederatedEvaluationSpec)

@@ -67,6 +67,11 @@ class ScenarioConfig(FederationSpec):
     def _fit(self) -> ScenarioConfig:
         if self.precision == "fp16" and self.privacy is not None and self.privacy.enabled:
             raise ValueError("precision fp16 is not supported with DP-SGD (GradScaler breaks per-sample clipping); use bf16")
+        if self.privacy is not None and self.privacy.enabled and self.train.class_weighting == "balanced":
+            raise ValueError(
+                "train.class_weighting 'balanced' is computed from each site's private label counts and is refused under DP; "
+                "use 'none' or privacy.class_weights"
+            )
         if self.strategy.min_sites > self.num_sites:
             raise ValueError(
                 f"strategy.min_sites ({self.strategy.min_sites}) exceeds num_sites ({self.num_sites})"

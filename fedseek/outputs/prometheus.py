@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedseek.outputs.schema import MetricsRow
+from fedseek.outputs.schema import FederatedEvalRow, MetricsRow
 
 
 class PrometheusMetrics:
@@ -23,6 +23,12 @@ class PrometheusMetrics:
         self.failed = Counter("fedseek_failed_replies", "error replies and time-outs", registry=self.registry)
         self.bytes = Counter("fedseek_bytes", "payload bytes on the wire", ["direction"], registry=self.registry)
         self.epsilon = Gauge("fedseek_site_epsilon", "privacy spent per site (its ledger, as reported)", ["site"], registry=self.registry)
+        self.fed_accuracy = Gauge("fedseek_federated_accuracy", "pooled accuracy on the sites' held-out splits (noisy under DP)",
+                                  registry=self.registry)
+        self.fed_accuracy_std = Gauge("fedseek_federated_accuracy_std", "noise std of the pooled federated accuracy",
+                                      registry=self.registry)
+        self.eval_epsilon = Gauge("fedseek_site_evaluation_epsilon", "evaluation privacy spent per site (its evaluation ledger)",
+                                  ["site"], registry=self.registry)
         self.wm_p = Gauge("fedseek_watermark_p_value", "watermark p-value after embedding", registry=self.registry)
         self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
         self.host, self.port = host, int(self.server.server_port)
@@ -47,6 +53,17 @@ class PrometheusMetrics:
                 self.epsilon.labels(site=site).set(view.epsilon)
         if row.watermark is not None:
             self.wm_p.set(row.watermark.p_value)
+        if row.federated is not None:
+            self.observe_federated(row.federated)
+
+    def observe_federated(self, fed: FederatedEvalRow) -> None:
+        """Pooled federated accuracy (with its noise std) and each site's evaluation epsilon."""
+        if fed.accuracy is not None:
+            self.fed_accuracy.set(fed.accuracy)
+            self.fed_accuracy_std.set(fed.accuracy_std or 0.0)
+        for site, view in fed.sites.items():
+            if view.epsilon is not None:
+                self.eval_epsilon.labels(site=site).set(view.epsilon)
 
     def close(self) -> None:
         """Stop serving."""

@@ -1,4 +1,4 @@
-"""Text for the report: numbers, byte counts, durations and run-supplied text made printable.
+"""Text for the report: numbers, byte counts, durations and run-supplied text made printable, and the table of such cells.
 
 Everything here returns plain text; HTML escaping is the template's job (Jinja2 autoescape).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -14,6 +15,15 @@ _CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _UNDERLINE = re.compile(r"[\^~]{3,}")  # traceback underline markers
 _SPACES = re.compile(r"\s+")
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
+
+
+@dataclass(frozen=True)
+class Table:
+    """Headers and rows of text cells; `cls` is the CSS class."""
+
+    headers: list[str]
+    rows: list[list[str]]
+    cls: str = ""
 
 
 def num(x: Any) -> float | None:

@@ -83,6 +83,7 @@ def plot_accuracy(rows: list[MetricsRow], summary: RunSummary | None) -> Figure 
     drawn = False
     for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC")):
         drawn = _curve(ax1, rows, _central(key), initial.get(key), marker="o", label=label) or drawn
+    drawn = _federated_points(ax1, rows) or drawn
     ax1.set_title("central evaluation (round 0 = initial model)")
     ax1.set_ylabel("score")
     drawn = _curve(ax2, rows, _central("loss"), initial.get("loss"), marker="o", label="central test loss") or drawn
@@ -97,6 +98,17 @@ def plot_accuracy(rows: list[MetricsRow], summary: RunSummary | None) -> Figure 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     return fig
+
+
+def _federated_points(ax: Axes, rows: list[MetricsRow]) -> bool:
+    """Pooled federated accuracy on the sites' held-out splits, with its noise std as error bars; False if none."""
+    fed = [(r.round, float(f.accuracy), f.accuracy_std or 0.0, f.noisy) for r in rows
+           if (f := r.federated) is not None and f.accuracy is not None and num(f.accuracy) is not None]
+    if not fed:
+        return False
+    label = "federated accuracy (sites' held-out, DP-noised ± std)" if any(n for *_, n in fed) else "federated accuracy (sites' held-out)"
+    ax.errorbar([x for x, *_ in fed], [a for _, a, *_ in fed], yerr=[s for _, _, s, _ in fed], fmt="D", ms=4, capsize=3, label=label)
+    return True
 
 
 def _central(key: str) -> Getter:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedseek.outputs.report_data import RunData, epsilon_tracks
-from fedseek.outputs.report_format import NUMBER, clean, fmt, fmt_bytes, fmt_seconds, num
+from fedseek.outputs.report_federated import FederatedSection, federated_section, last_federated, pm
+from fedseek.outputs.report_format import NUMBER, Table, clean, fmt, fmt_bytes, fmt_seconds, num
 from fedseek.outputs.schema import MetricsRow, SitePrivacy, dump
 
 MAX_TABLE_ROWS = 500  # rejections / failures / refusals listed before "... and N more"
@@ -32,15 +33,6 @@ class PlotSection:
     caption: str
     uri: str | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class Table:
-    """Headers and rows of text cells; `cls` is the CSS class."""
-
-    headers: list[str]
-    rows: list[list[str]]
-    cls: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +101,7 @@ class ReportView:
     events: EventsSection
     rounds: RoundsSection | None
     summary: Table | None
+    federated: FederatedSection | None = None  # None: no federated evaluation in this run
     nav: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -118,7 +111,10 @@ def build_view(data: RunData, plots: list[PlotSection]) -> ReportView:
     name = clean((summary.name if summary is not None else "") or data.run_dir.name, 120)
     sites = sites_section(data)
     rounds = rounds_section(data.rows) if data.rows else None
-    nav = [(p.anchor, p.title) for p in plots] + [("sites", sites.title), ("events", "Rejected / refused / failed")]
+    federated = federated_section(data)
+    nav = [(p.anchor, p.title) for p in plots] + [("sites", sites.title)]
+    nav += [("federated", "Federated evaluation")] if federated is not None else []
+    nav.append(("events", "Rejected / refused / failed"))
     if rounds is not None:
         nav.append(("rounds", "Per round"))
     nav.append(("summary", "Final summary"))
@@ -126,7 +122,7 @@ def build_view(data: RunData, plots: list[PlotSection]) -> ReportView:
         title=name, run_dir=str(data.run_dir), generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), header=header(data, name),
         plots=plots, has_rounds=bool(data.rows), privacy_enabled=data.privacy.enabled,
         no_watermark=not any(p.anchor == "watermark" for p in plots) and (summary is None or summary.watermark is None),
-        sites=sites, events=events_section(data), rounds=rounds, summary=summary_table(data), nav=nav)
+        sites=sites, events=events_section(data), rounds=rounds, summary=summary_table(data), federated=federated, nav=nav)
 
 
 # ---------------------------------------------------------------------------- header
@@ -159,6 +155,9 @@ def outcome_cards(data: RunData) -> list[tuple[str, str]]:
     initial = (s.initial if s is not None else None) or {}
     if num(initial.get("accuracy")) is not None:
         cards.append(("initial accuracy", fmt(initial.get("accuracy"))))
+    fed = last_federated(data)
+    if fed is not None and num(fed.accuracy) is not None:
+        cards.append(("federated accuracy" + (" (DP-noised)" if fed.noisy else ""), pm(fed.accuracy, fed.accuracy_std)))
     return cards
 
 
@@ -344,7 +343,7 @@ def rounds_section(rows: list[MetricsRow]) -> RoundsSection:
 def _flatten(prefix: str, obj: Any, out: list[list[str]]) -> None:
     if isinstance(obj, dict) and obj:
         for k, v in obj.items():
-            if prefix == "privacy" and k == "sites":
+            if k == "sites" and prefix in ("privacy", "federated_evaluation", "federated_evaluation.last"):
                 out.append([f"{prefix}.sites", f"{len(v) if isinstance(v, dict) else 0} site(s): see the table above"])
             elif k == "rejections" and isinstance(v, list):
                 out.append([f"{prefix}.{k}".lstrip("."), f"{len(v)} item(s): see above"])

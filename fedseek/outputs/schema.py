@@ -3,7 +3,10 @@
 The coordinator writes them, and `fedseek simulate/run` (follow), `fedseek report`, the
 Prometheus exporter and the tests read them through these same classes. Field names are the
 files' field names (per-site views keep their hyphenated keys through aliases), and every
-record carries `schema_version` so a reader can tell which layout it holds.
+record carries `schema_version` so a reader can tell which layout it holds. The version is
+bumped only when a field is removed or changes meaning: an added optional field (such as
+`federated` / `federated_evaluation`) keeps it, since older files read with the default and
+older readers ignore the new key.
 """
 
 from __future__ import annotations
@@ -74,6 +77,74 @@ class WatermarkRound(_Record):
     seconds: float
 
 
+EvalStatus = Literal["evaluated", "refused", "rejected", "failed", "timed_out"]
+
+
+class SiteEval(_Record):
+    """One site's answer to a federated evaluation: its own estimate (DP-noised when noise_std > 0) or why there is none."""
+
+    status: EvalStatus
+    accuracy: float | None = None  # correct / count on its held-out split, clipped to [0, 1]
+    accuracy_std: float | None = None  # noise std of that estimate (delta method, see runtime.federated_eval)
+    count: float | None = None  # the noisy held-out count it released (sum over classes)
+    num_examples: int | None = None  # its public held-out size
+    noise_std: float | None = None  # std of the Gaussian noise on each released count
+    epsilon: float | None = None  # its evaluation ledger's epsilon, as reported
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    reason: str = ""  # refused / rejected / failed: why
+
+
+class FederatedEvalRow(_Record):
+    """A federated evaluation after a round: the sites' held-out counts pooled, each estimate with its noise std."""
+
+    round: int
+    seconds: float = 0.0
+    sampled: int = 0
+    evaluated: int = 0
+    refused: int = 0
+    rejected: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    accuracy: float | None = None  # sum(correct) / sum(counts), clipped to [0, 1]
+    accuracy_std: float | None = None
+    balanced_accuracy: float | None = None  # mean over classes of pooled correct / pooled count
+    balanced_accuracy_std: float | None = None
+    loss: float | None = None  # sum(clipped loss sums) / sum(counts), clipped to [0, max loss_clip]
+    loss_std: float | None = None
+    count: float | None = None  # pooled (noisy) held-out count
+    num_examples: int = 0  # pooled public held-out size
+    noisy: bool = False  # some site added DP noise: every estimate is a noisy one
+    bytes_down: int = 0  # the global model sent to the evaluating sites
+    sites: dict[str, SiteEval] = {}
+
+
+class SiteEvalSummary(_Record):
+    """A site's federated evaluations over the run; epsilon is its evaluation ledger's (separate from training)."""
+
+    evaluations: int = 0
+    refusals: int = 0
+    rejections: int = 0
+    failures: int = 0
+    epsilon: float | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    last_accuracy: float | None = None
+    last_round: int | None = None
+    last_status: str = ""
+    excluded: str = ""  # refused evaluation: not asked again (the reason)
+
+
+class FederatedEvalSummary(_Record):
+    """summary.json's `federated_evaluation`: the last pooled estimates and each site's evaluation spend."""
+
+    every: int = 0
+    rounds: list[int] = []  # rounds after which the sites evaluated
+    last: FederatedEvalRow | None = None  # the last evaluation (its own per-site answers included)
+    max_epsilon: float | None = None  # the largest evaluation epsilon any site reported
+    sites: dict[str, SiteEvalSummary] = {}
+
+
 class MetricsRow(_Record):
     """One line of metrics.jsonl: what happened in one round."""
 
@@ -100,6 +171,7 @@ class MetricsRow(_Record):
     sparsity: float = 0.0
     watermark: WatermarkRound | None = None
     sites: dict[str, SiteRoundView] = {}
+    federated: FederatedEvalRow | None = None  # the federated evaluation after this round (None: none was due)
 
     @field_serializer("sites")
     def _sites(self, sites: dict[str, SiteRoundView]) -> dict[str, dict[str, Any]]:
@@ -181,6 +253,7 @@ class RunSummary(_Record):
     failed_replies: int = 0
     excluded_sites: dict[str, str] = {}
     watermark: WatermarkSummary | None = None
+    federated_evaluation: FederatedEvalSummary | None = None  # None: federated evaluation was off
     stop_reason: str | None = None
     wall_seconds: float = 0.0
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from fedseek.privacy.ledger import PrivacyLedger
+from fedseek.privacy.sampling import plan_sampling, secure_poisson_loader
+
+log = logging.getLogger("fedseek.privacy")
 
 # bf16 per-sample norms let clipped gradients reach ~1.0088 x C (measured): inject 1% more noise
 # than the ledger accounts for, so the accounted noise multiplier is a true lower bound.
@@ -31,36 +35,50 @@ class DPRound:
         self.server_round = server_round
         self.engine: Any = None
         self.sample_rate = 0.0
+        self.planned_steps = 0
+        self.charged: tuple[float, int] | None = None
         self._module: Any = None
 
+    def charge(self, sample_rate: float, steps: int) -> float:
+        """Charge the planned mechanism to the ledger BEFORE training (a crash mid-round keeps the charge); epsilon after."""
+        eps = self.ledger.charge(self.noise_multiplier, sample_rate, steps, run_id=self.run_id, server_round=self.server_round)
+        self.charged = (float(sample_rate), int(steps))
+        return eps
+
     def wrap(self, model: Any, optimizer: Any, criterion: Any, loader: Any) -> tuple[Any, Any, Any, Any]:
-        """make_private with Poisson sampling; ghost mode returns the criterion that clips."""
+        """make_private over a loader whose Poisson batches come from the site's CSPRNG; ghost mode returns the criterion that clips.
+
+        Batch selection and noise never depend on anything the coordinator sends (it knows the run
+        seed): inclusion bits come from os.urandom, the noise generator is seeded from it.
+        """
         import torch
         from opacus import PrivacyEngine
 
+        q, per_epoch = plan_sampling(len(loader.dataset), int(loader.batch_size or 1))
+        dp_loader = secure_poisson_loader(loader.dataset, q, per_epoch)
         mode = self.policy.grad_sample_mode
         with _quiet_opacus():
             self.engine = PrivacyEngine(accountant=self.policy.accountant)
             out = self.engine.make_private(
                 module=model,
                 optimizer=optimizer,
-                data_loader=loader,
+                data_loader=dp_loader,
                 noise_multiplier=self.noise_multiplier * self.slack,
                 max_grad_norm=self.policy.max_grad_norm,
                 criterion=criterion,
                 grad_sample_mode=mode,
-                poisson_sampling=True,
-                # The DP noise must be unpredictable to the coordinator (which knows the run seed):
-                # draw it from a generator seeded by the OS CSPRNG, never from the seeded global RNG.
+                poisson_sampling=False,  # the loader already samples (secretly); Opacus' conversion would reseed it
                 noise_generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")),
             )
         if mode == "ghost":
-            module, optimizer, criterion, loader = out  # backward MUST go through this criterion
+            module, optimizer, criterion, dp_loader = out  # backward MUST go through this criterion
         else:
-            module, optimizer, loader = out
+            module, optimizer, dp_loader = out
+        if hasattr(module, "forbid_grad_accumulation"):
+            module.forbid_grad_accumulation()  # what poisson_sampling=True would do: one backward per step
         self._module = module
-        self.sample_rate = 1.0 / len(loader)
-        return module, optimizer, criterion, loader
+        self.sample_rate = q
+        return module, optimizer, criterion, dp_loader
 
     def empty_step(self, module: Any, optimizer: Any, criterion: Any, xb: Any, yb: Any, device: Any) -> None:
         """An empty Poisson batch still counts as a step: Opacus adds pure noise."""
@@ -70,11 +88,20 @@ class DPRound:
         optimizer.step()
 
     def finish(self, steps: int) -> dict[str, float]:
-        """Charge exactly what Opacus accounted this round to the ledger; release hooks."""
+        """Check that what Opacus accounted is what was charged (charge now if nothing was); release hooks."""
         hist = list(self.engine.accountant.history) if self.engine is not None else []
         taken = sum(int(n) for _, _, n in hist)
         q = float(hist[-1][1]) if hist else self.sample_rate
-        eps = self.ledger.record(self.noise_multiplier, q, taken, run_id=self.run_id, server_round=self.server_round)
+        if self.charged is None:
+            eps = self.charge(q, taken) if taken > 0 else self.ledger.epsilon()
+        else:
+            eps = self.ledger.epsilon()
+            if taken > self.charged[1] or abs(q - self.charged[0]) > 1e-12:
+                # Never expected (the sampler takes exactly the planned steps); charge the excess rather than under-count.
+                log.error("DP round %d ran %d steps at q=%.6g but %d at q=%.6g were charged: charging the difference",
+                          self.server_round, taken, q, self.charged[1], self.charged[0])
+                eps = self.ledger.charge(self.noise_multiplier, max(q, self.charged[0]), max(1, taken - self.charged[1]),
+                                         run_id=self.run_id, server_round=self.server_round)
         if self._module is not None and hasattr(self._module, "_close"):
             self._module._close()  # remove hooks: 300 unreleased wraps grew RSS 479 -> 1125 MiB
         return {

@@ -2,7 +2,8 @@
 
 It turns one round's outcome into the typed metrics row, and the whole run into the summary's
 totals and privacy section. Sites' epsilons are what their own ledgers reported: the site's
-ledger is the authority, this is the coordinator's view of it.
+ledger is the authority, this is the coordinator's view of it. Federated evaluations (their
+own ledger at each site) are kept apart in `FederatedBook`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from typing import Any
 
 from fedseek.config import PrivacySpec
 from fedseek.outputs.schema import (
+    FederatedEvalRow,
+    FederatedEvalSummary,
     MetricsRow,
     PrivacySummary,
     Rejection,
     RoundRejection,
+    SiteEvalSummary,
     SiteIssue,
     SitePrivacy,
     SiteRoundView,
@@ -43,8 +47,65 @@ def _site_views(screened: Screened) -> dict[str, SiteRoundView]:
     return views
 
 
+def _train_loss(screened: Screened) -> float | None:
+    """Example-weighted mean of the training losses sites reported (DP sites report none: it is not a DP release)."""
+    known = [(r.metrics.train_loss, r.num_examples) for r in screened.accepted if r.metrics.train_loss is not None]
+    weight = sum(n for _, n in known)
+    return sum(loss * n for loss, n in known) / weight if weight else None
+
+
 def _issues(issues: list[Issue]) -> list[SiteIssue]:
     return [SiteIssue(site=i.site, reason=i.reason) for i in issues]
+
+
+class FederatedBook:
+    """Each site's federated evaluations (its evaluation ledger's epsilon as reported) and the last pooled row."""
+
+    def __init__(self) -> None:
+        self.sites: dict[str, SiteEvalSummary] = {}
+        self.rounds: list[int] = []
+        self.last: FederatedEvalRow | None = None
+
+    def record(self, row: FederatedEvalRow) -> None:
+        """Account for one evaluation: counts per outcome, last epsilon reported, refusing sites excluded from later ones."""
+        self.rounds.append(row.round)
+        self.last = row
+        counters = {"evaluated": "evaluations", "refused": "refusals", "rejected": "rejections", "failed": "failures"}
+        for name, view in row.sites.items():
+            site = self.sites.setdefault(name, SiteEvalSummary())
+            if view.status in counters:
+                setattr(site, counters[view.status], getattr(site, counters[view.status]) + 1)
+            for key in ("epsilon", "delta", "epsilon_budget"):
+                if getattr(view, key) is not None:
+                    setattr(site, key, getattr(view, key))
+            if view.status == "evaluated":
+                site.last_accuracy = view.accuracy
+            if view.status == "refused":
+                site.excluded = view.reason
+            site.last_round, site.last_status = row.round, view.status
+
+    def excluded(self) -> dict[str, str]:
+        """Sites that refused an evaluation (budget spent, no held-out split): not asked again."""
+        return {name: s.excluded for name, s in self.sites.items() if s.excluded}
+
+    def summary(self, every: int) -> FederatedEvalSummary | None:
+        """summary.json's federated_evaluation (None when evaluation was off)."""
+        if every <= 0:
+            return None
+        eps = [s.epsilon for s in self.sites.values() if s.epsilon is not None]
+        return FederatedEvalSummary(every=every, rounds=list(self.rounds), last=self.last, max_epsilon=max(eps) if eps else None,
+                                    sites=dict(sorted(self.sites.items())))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-site evaluation views, evaluation rounds and the last row (plain data)."""
+        return {"sites": {k: v.model_dump() for k, v in self.sites.items()}, "rounds": list(self.rounds),
+                "last": self.last.model_dump() if self.last is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict saved."""
+        self.sites = {k: SiteEvalSummary.model_validate(v) for k, v in state["sites"].items()}
+        self.rounds = list(state["rounds"])
+        self.last = FederatedEvalRow.model_validate(state["last"]) if state["last"] is not None else None
 
 
 class RunBook:
@@ -54,10 +115,11 @@ class RunBook:
         self.totals: dict[str, int] = dict.fromkeys(_TOTALS, 0)
         self.sites: dict[str, dict[str, Any]] = {}  # site name -> latest privacy / participation view
         self.rejections: list[RoundRejection] = []
+        self.federated = FederatedBook()
 
-    def record_round(self, rnd: int, outcome: RoundOutcome, nodes: NodeTracker, *, started: float, central: dict[str, float],
-                     codec: str, sparsity: float, watermark: WatermarkRound | None) -> MetricsRow:
-        """Account for one round and return its metrics row."""
+    def record_round(self, rnd: int, outcome: RoundOutcome, nodes: NodeTracker, *, started: float, central: dict[str, float], codec: str,
+                     sparsity: float, watermark: WatermarkRound | None, federated: FederatedEvalRow | None = None) -> MetricsRow:
+        """Account for one round (and the federated evaluation after it, if any) and return its metrics row."""
         s = outcome.screened
         views = _site_views(s)
         self._update_sites(rnd, views)
@@ -71,16 +133,16 @@ class RunBook:
         t["refused"] += len(s.refused)
         t["failed"] += len(s.failed) + outcome.timeouts
         self.rejections += [RoundRejection(round=rnd, **r.model_dump()) for r in rejections]
-        weight = sum(r.num_examples for r in s.accepted)
-        train_loss = sum(r.metrics.train_loss * r.num_examples for r in s.accepted) / max(1, weight) if s.accepted else None
+        if federated is not None:
+            self.federated.record(federated)
         now = time.time()
         return MetricsRow(
             round=rnd, time=now, round_seconds=now - started, sampled=len(outcome.sampled), accepted=len(s.accepted),
             rejected=len(s.rejected), refused=len(s.refused), failed=len(s.failed), timed_out=outcome.timeouts,
             timed_out_sites=[nodes.name(n) for n in outcome.timed_out], failures=_issues(s.failed), rejections=rejections,
-            refusals=_issues(s.refused), train_loss=train_loss, central=dict(central), bytes_up=s.bytes_up,
+            refusals=_issues(s.refused), train_loss=_train_loss(s), central=dict(central), bytes_up=s.bytes_up,
             wire_bytes_up=s.wire_bytes_up, bytes_down=outcome.bytes_down, codec=codec, sparsity=sparsity, watermark=watermark,
-            sites=views)
+            sites=views, federated=federated)
 
     def _update_sites(self, rnd: int, views: dict[str, SiteRoundView]) -> None:
         for name, view in views.items():
@@ -108,10 +170,13 @@ class RunBook:
 
     def state_dict(self) -> dict[str, Any]:
         """Totals, site views and rejections (plain data)."""
-        return {"totals": dict(self.totals), "sites": self.sites, "rejections": [r.model_dump() for r in self.rejections]}
+        return {"totals": dict(self.totals), "sites": self.sites, "rejections": [r.model_dump() for r in self.rejections],
+                "federated": self.federated.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict saved."""
         self.totals.update(state["totals"])
         self.sites = state["sites"]
         self.rejections = [RoundRejection.model_validate(r) for r in state["rejections"]]
+        if state.get("federated") is not None:  # checkpoints written before federated evaluation lack it
+            self.federated.load_state_dict(state["federated"])

@@ -2,8 +2,9 @@
 
 Per round: the strategy wrapper samples sites and builds their messages, the Grid carries
 them, the wrapper screens the replies and its inner Flower strategy aggregates; then the
-global model is pruned and watermarked (post-processing), evaluated centrally, and one metrics
-row and a checkpoint are written atomically.
+global model is pruned and watermarked (post-processing), evaluated centrally (and, when due,
+on the sites' held-out splits: `runtime.federated_eval`), and one metrics row and a checkpoint
+are written atomically.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context
 from flwr.serverapp import Grid
 
-from fedseek.outputs.schema import CompressionSummary, MetricsRow, RunSummary, read_rows
+from fedseek.outputs.schema import CompressionSummary, FederatedEvalRow, MetricsRow, RunSummary, read_rows
 from fedseek.outputs.store import RunOutputs
 from fedseek.runtime import checkpoint
 from fedseek.runtime.bookkeeping import RunBook
+from fedseek.runtime.federated_eval import FederatedEvaluator, due
 from fedseek.runtime.global_model import GlobalModel
 from fedseek.runtime.log import flwr_log
 from fedseek.runtime.nodes import NodeTracker
@@ -53,6 +55,8 @@ class Coordinator:
             seed=cfg.seed, downlink=cfg.compression.downlink, max_update_norm=cfg.validation.max_update_norm,
             max_payload_bytes=cfg.validation.max_payload_bytes or 2 * self.model.dense_bytes + 4096)
         self.book = RunBook()
+        self.evaluator = FederatedEvaluator(grid, self.nodes, self.audit, meta=self.meta, run_id=plan.run_id, timeout_s=cfg.round_timeout_s,
+                                            downlink=cfg.compression.downlink) if cfg.evaluation.every > 0 else None
         self.watermark: WatermarkStage | None = None
         if cfg.watermark.enabled:  # imported only when used: scipy.stats alone takes ~1 s
             from fedseek.runtime.watermarking import WatermarkStage
@@ -125,7 +129,7 @@ class Coordinator:
         wm_row = self.watermark.embed(rnd, self.model) if self.watermark is not None else None
         central = self.model.evaluate(self.plan.task.test)
         row = self.book.record_round(rnd, outcome, self.nodes, started=t0, central=central, codec=self.codec.kind, sparsity=sparsity,
-                                     watermark=wm_row)
+                                     watermark=wm_row, federated=self.federated_evaluation(rnd))
         self.out.append_metrics(row)
         if wm_row is not None:
             self.audit("watermark_embedded", round=rnd, steps=wm_row.steps, p_value=wm_row.p_value)
@@ -136,6 +140,12 @@ class Coordinator:
                  central.get("accuracy", float("nan")), central.get("loss", float("nan")), row.accepted, row.rejected, row.refused,
                  row.failed + row.timed_out, row.round_seconds)
         return row
+
+    def federated_evaluation(self, rnd: int) -> FederatedEvalRow | None:
+        """The sites evaluate the global model on their held-out splits when due (None otherwise); refusing sites are not asked again."""
+        if self.evaluator is None or not due(rnd, self.cfg.evaluation.every, self.cfg.rounds):
+            return None
+        return self.evaluator.evaluate(rnd, self.model, excluded={*self.strategy.excluded, *self.book.federated.excluded()})
 
     def _audit_round(self, rnd: int, outcome: Any) -> None:
         timeout = self.cfg.round_timeout_s
@@ -188,7 +198,8 @@ class Coordinator:
                                            ratio_up=(totals["dense_bytes_up"] / totals["bytes_up"]) if totals["bytes_up"] else None),
             sparsity=self.model.sparsity(), rejected_updates=totals["rejected"], rejections=self.book.rejections,
             refused_rounds=totals["refused"], failed_replies=totals["failed"], excluded_sites=dict(self.strategy.excluded),
-            watermark=self.watermark.summary(self.model) if self.watermark is not None else None, stop_reason=self.stop_reason,
+            watermark=self.watermark.summary(self.model) if self.watermark is not None else None,
+            federated_evaluation=self.book.federated.summary(cfg.evaluation.every), stop_reason=self.stop_reason,
             wall_seconds=time.time() - started)
         self.out.write_summary(summary)
         flwr_log("done: final accuracy %.4f, summary at %s", final.get("accuracy", float("nan")), self.out.summary_path)

@@ -13,20 +13,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from fedseek.files import atomic_write_bytes
+from fedseek.runtime.site_eval import handle_evaluate
+from fedseek.runtime.site_privacy import policy_refusal, training_gate
 from fedseek.runtime.site_runtime import SiteRuntime, resolve_site
-from fedseek.train.local import TrainResult, evaluate, resolve_device, train_local
+from fedseek.train.local import TrainResult, resolve_device, train_local
 from fedseek.train.models import build_model
 from fedseek.wire.codec import CodecSpec, ErrorFeedback, encode
-from fedseek.wire.records import CONFIG, METRICS, SITE, ModelMeta, RefusalMetrics, RoundConfig, TrainMetrics, refusal_content, site_record
+from fedseek.wire.records import CONFIG, METRICS, SITE, RefusalMetrics, RoundConfig, TrainMetrics, refusal_content, site_record
 from fedseek.wire.transfer import unpack_global, update_records
 
 if TYPE_CHECKING:  # the privacy layer imports Opacus (~2 s): only sites that train under DP pay for it
     from fedseek.privacy import DPRound, PrivacyLedger
 
 log = logging.getLogger("fedseek.site")
+__all__ = ["handle_evaluate", "handle_query", "handle_train"]
 FEEDBACK_FILE = "error_feedback.npz"
 
 
@@ -61,47 +64,33 @@ def _save_feedback(state_dir: Path, fb: ErrorFeedback) -> None:
     atomic_write_bytes(state_dir / FEEDBACK_FILE, buf.getvalue())
 
 
-def _dp_round(site: SiteRuntime, cfg: RoundConfig, msg: Message) -> tuple[DPRound | None, PrivacyLedger | None, Message | None]:
-    """Plan this round's DP-SGD against the site's ledger: (DP round, ledger, None) or a refusal reply."""
-    pol = site.privacy
-    if pol is None:
-        return None, None, None
-    from fedseek.privacy import BF16_NORM_SLACK, BudgetExceeded, DPRound, PrivacyLedger, noise_for_round, plan_round
-
-    n = len(site.y)
-    if pol.delta >= 1.0 / max(1, n):
-        return None, None, _refusal(msg, site, f"delta {pol.delta:g} is not below 1/n = {1.0 / n:.3g} for {n} records", None)
-    ledger = PrivacyLedger(site.state_dir, accountant=pol.accountant, delta=pol.delta, epsilon_budget=pol.epsilon_budget,
-                           site=site.name)
-    rnd = cfg.server_round
-    q, steps = plan_round(n, cfg.batch_size, cfg.local_epochs)
-    remaining = max(1, cfg.num_rounds - rnd + 1)
-    try:
-        noise = noise_for_round(pol, ledger, q, steps, remaining)
-        projected = ledger.check(noise, q, steps, run_id=cfg.run_id, server_round=rnd)
-    except BudgetExceeded as exc:
-        ledger.save()
-        return None, ledger, _refusal(msg, site, str(exc), ledger)
-    slack = BF16_NORM_SLACK if site.precision == "bf16" else 1.0
-    dp = DPRound(pol, ledger, noise, run_id=cfg.run_id, server_round=rnd, slack=slack)
-    log.info("site %s round %d: DP noise %.4f q %.4f steps %d -> epsilon %.4f", site.name, rnd, noise, q, steps, projected)
-    return dp, ledger, None
-
-
 def handle_train(msg: Message, context: Context) -> Message:
-    """One training round at a site."""
+    """One training round at a site: the site's own policy first, then (under DP) its locked, pre-charged ledger."""
     torch.set_num_threads(1)  # one core per virtual site; the engine runs several in parallel
     site = resolve_site(context)
     cfg = RoundConfig.from_record(msg.content.config_records[CONFIG])
+    reason = policy_refusal(site, cfg)
+    if reason is not None:
+        return _refusal(msg, site, reason, None)
+    if site.privacy is None:
+        return _train_reply(msg, context, site, cfg, None, None)
+    with training_gate(site, cfg) as gate:
+        if gate.refusal is not None:
+            return _refusal(msg, site, gate.refusal, gate.ledger)
+        return _train_reply(msg, context, site, cfg, gate.dp, gate.ledger)
+
+
+def _train_reply(msg: Message, context: Context, site: SiteRuntime, cfg: RoundConfig, dp: DPRound | None,
+                 ledger: PrivacyLedger | None) -> Message:
+    """Train on the site's training records (never the held-out ones) and reply with the encoded delta and typed metrics."""
     model, global_arrays, mask = load_global(msg, cfg)
-    dp, ledger, refusal = _dp_round(site, cfg, msg)
-    if refusal is not None:
-        return refusal
+    # Without DP the run seed makes training reproducible; under DP batch choice and noise come from the site's CSPRNG.
+    seed = cfg.seed * 100003 + cfg.server_round * 1009 + int(context.node_config.get("partition-id", 0))
     result = train_local(
         model, site.x, site.y, num_classes=site.num_classes, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-        momentum=cfg.momentum, device=resolve_device(site.device),
-        seed=cfg.seed * 100003 + cfg.server_round * 1009 + int(context.node_config.get("partition-id", 0)),
-        proximal_mu=cfg.proximal_mu, weighting=cfg.weighting, privacy=dp, precision=site.precision, mask=mask)
+        momentum=cfg.momentum, device=resolve_device(site.device), seed=seed, proximal_mu=cfg.proximal_mu,
+        weighting=cfg.weighting if dp is None else "none", privacy=dp, precision=site.precision, mask=mask,
+        class_weights=site.privacy.class_weights if site.privacy is not None else None)
     # The delta is a DP release (when DP is on): encoding it is post-processing.
     local = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}
@@ -117,8 +106,9 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 def _train_metrics(result: TrainResult, payload: int, dense: int, site: SiteRuntime, ledger: PrivacyLedger | None) -> TrainMetrics:
     dp = result.dp or {}
+    # Under DP the raw training loss is NOT released: it is an unnoised function of the training records.
     return TrainMetrics(
-        num_examples=int(result.num_examples), train_loss=float(result.loss), train_seconds=float(result.seconds), steps=int(result.steps),
+        num_examples=int(result.num_examples), train_loss=None if dp else float(result.loss), train_seconds=float(result.seconds), steps=int(result.steps),
         payload_bytes=int(payload), dense_bytes=int(dense),
         epsilon=dp.get("epsilon"), delta=dp.get("delta"), noise_multiplier=dp.get("noise_multiplier"), sample_rate=dp.get("sample_rate"),
         dp_steps=int(dp["dp_steps"]) if dp else None, dp_steps_total=int(ledger.steps()) if (dp and ledger) else (0 if dp else None),
@@ -138,16 +128,3 @@ def handle_query(msg: Message, context: Context) -> Message:
     """Identify this site (the coordinator maps node ids to stable site names with it)."""
     site = resolve_site(context)
     return Message(content=RecordDict({SITE: site_record(site.name)}), reply_to=msg)
-
-
-def handle_evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the site's local data (federated evaluation)."""
-    torch.set_num_threads(1)
-    site = resolve_site(context)
-    meta = ModelMeta.model_validate_json(str(msg.content.config_records[CONFIG]["model"]))
-    model = build_model(meta.kind, tuple(meta.input_shape), int(meta.num_classes), meta.hidden)
-    arrays, _ = unpack_global(msg.content, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
-    m = evaluate(model, site.x, site.y, site.num_classes)
-    metrics = MetricRecord({"num-examples": int(len(site.y)), "eval-loss": m["loss"], "eval-accuracy": m["accuracy"]})
-    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)

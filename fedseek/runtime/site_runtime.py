@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context
 
 from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenario, load_site
+from fedseek.data.holdout import holdout_key, holdout_mask
 from fedseek.data.site_data import load_site_data
 
 
@@ -34,6 +35,20 @@ class SiteRuntime:
     num_sites: int = 1
     precision: str = "fp32"
     index: int = 0
+    x_eval: np.ndarray | None = None  # held-out records: evaluated on, never trained on
+    y_eval: np.ndarray | None = None
+    holdout_fraction: float = 0.0
+
+
+def split_holdout(site: SiteRuntime, fraction: float, *, seed: int | None) -> SiteRuntime:
+    """Move the site's held-out records (a fixed keyed-hash function of each record) out of its training data."""
+    if fraction <= 0.0:
+        return site
+    held = holdout_mask(site.x, site.y, fraction, holdout_key(site.state_dir, seed=seed))
+    site.x_eval, site.y_eval = site.x[held], site.y[held]
+    site.x, site.y = site.x[~held], site.y[~held]
+    site.holdout_fraction = float(fraction)
+    return site
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,7 +84,7 @@ def _deployed_site(path: str, mtime: float, data_mtime: float) -> SiteRuntime:
     """A site daemon's runtime from its YAML (cached per process on the config's and the data's mtime)."""
     cfg = _site_config(path, mtime)
     ds = load_site_data(cfg)
-    return SiteRuntime(
+    site = SiteRuntime(
         name=cfg.name,
         x=ds.x,
         y=ds.y,
@@ -80,6 +95,7 @@ def _deployed_site(path: str, mtime: float, data_mtime: float) -> SiteRuntime:
         precision=cfg.precision,
         index=int(cfg.data.partition or 0),
     )
+    return split_holdout(site, cfg.holdout_fraction, seed=None)
 
 
 def scenario_config(context: Context) -> ScenarioConfig:
@@ -106,7 +122,7 @@ def resolve_site(context: Context) -> SiteRuntime:
     idx = parts[pid]
     name = f"site-{pid:03d}"
     state_root = Path(str(rc.get("state-dir", "") or Path(str(rc.get("out-dir", "runs/latest"))) / "sites"))
-    return SiteRuntime(
+    site = SiteRuntime(
         name=name,
         x=train.x[idx],
         y=train.y[idx],
@@ -118,3 +134,7 @@ def resolve_site(context: Context) -> SiteRuntime:
         num_sites=cfg.num_sites,
         index=pid,
     )
+    if cfg.evaluation.every <= 0:
+        return site
+    # A DP site draws its holdout key from its CSPRNG (kept in its state dir); a non-DP simulation stays seed-reproducible.
+    return split_holdout(site, cfg.evaluation.holdout_fraction, seed=None if site.privacy is not None else cfg.seed * 1000003 + pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -88,20 +89,24 @@ def train_local(
     privacy: Any = None,
     precision: str = "fp32",
     mask: dict[str, np.ndarray] | None = None,
+    class_weights: list[float] | None = None,
 ) -> TrainResult:
     """Train `model` in place on (x, y) for `epochs`; with `privacy` (a DPRound) under Opacus DP-SGD.
 
     `precision` bf16/fp16 runs forward and loss under torch.autocast with fp32 master weights;
     `mask` (public) keeps pruned weights exactly zero and their gradients and noise off.
+    `seed` makes non-DP runs reproducible; under DP nothing random derives from it (the coordinator knows it).
+    `class_weights` (fixed, from the site's policy) weight the loss instead of `weighting`.
     """
     device = torch.device(device)
     amp_dtype = check_precision(precision, device, private=privacy is not None)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if privacy is None else int.from_bytes(os.urandom(8), "little"))
     model.to(device)
     model.train()
     start = time.perf_counter()
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    criterion, optimizer, loader = _sgd_setup(model, x, y, num_classes, lr, batch_size, momentum, seed, weighting, device)
+    weights = _loss_weights(y, num_classes, weighting, class_weights)
+    criterion, optimizer, loader = _sgd_setup(model, x, y, lr, batch_size, momentum, seed, weights, device)
     train_model, optimizer, criterion, loader, enforcer = _wrap(model, optimizer, criterion, loader, privacy, mask)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     total_loss, total_n, steps = 0.0, 0, 0
@@ -131,13 +136,21 @@ def train_local(
     )
 
 
+def _loss_weights(y: np.ndarray, num_classes: int, weighting: str, fixed: list[float] | None) -> torch.Tensor | None:
+    """Fixed per-class weights from the site's policy, else 'balanced' from the labels (non-DP only), else none."""
+    if fixed is not None:
+        if len(fixed) != num_classes:
+            raise ValueError(f"class_weights has {len(fixed)} values for {num_classes} classes")
+        return torch.tensor(fixed, dtype=torch.float32)
+    return class_weights(y, num_classes) if weighting == "balanced" else None
+
+
 def _sgd_setup(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int, lr: float, batch_size: int, momentum: float,
-    seed: int, weighting: str, device: torch.device,
+    model: nn.Module, x: np.ndarray, y: np.ndarray, lr: float, batch_size: int, momentum: float,
+    seed: int, weights: torch.Tensor | None, device: torch.device,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
-    """The (class-weighted) loss, plain SGD over the trainable parameters, and a seeded shuffling loader."""
-    weights = class_weights(y, num_classes).to(device) if weighting == "balanced" else None
-    criterion: nn.Module = nn.CrossEntropyLoss(weight=weights)
+    """The (class-weighted) loss, plain SGD over the trainable parameters, and a seeded shuffling loader (replaced under DP)."""
+    criterion: nn.Module = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(_tensors(x, y), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)

@@ -92,7 +92,7 @@ class TrainMetrics(_Wire):
     """A trained site's reply metrics; the DP fields are present when the site trains under DP-SGD."""
 
     num_examples: int = Field(alias="num-examples", gt=0)
-    train_loss: float = Field(0.0, alias="train-loss")
+    train_loss: float | None = Field(None, alias="train-loss", description="non-DP sites only: an unnoised function of the records")
     train_seconds: float = Field(0.0, alias="train-seconds", ge=0)
     steps: int = Field(0, ge=0)
     payload_bytes: int = Field(0, alias="payload-bytes", ge=0)
@@ -129,6 +129,65 @@ class RefusalMetrics(_Wire):
     def from_record(cls, rec: MetricRecord) -> RefusalMetrics:
         """Validate a refusal's metrics; RecordError naming the key otherwise."""
         parsed: RefusalMetrics = cls._parse(dict(rec), "refusal metrics")
+        return parsed
+
+
+class EvalConfig(_Wire):
+    """What the coordinator asks of a site in a federated evaluation (the "config" ConfigRecord of an EVALUATE message)."""
+
+    server_round: int = Field(alias="server-round", ge=1)
+    model: ModelMeta
+    run_id: str = Field("", alias="run-id")
+
+    def to_record(self) -> ConfigRecord:
+        """The ConfigRecord form (the model travels as JSON text)."""
+        d = self.to_dict()
+        d["model"] = json.dumps(self.model.to_dict())
+        return ConfigRecord(d)
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> EvalConfig:
+        """Parse and validate an evaluation request; RecordError naming the key otherwise."""
+        d: dict[str, Any] = dict(rec)
+        if isinstance(d.get("model"), str):
+            try:
+                d["model"] = json.loads(str(d["model"]))
+            except json.JSONDecodeError:
+                raise RecordError("evaluation config key 'model': not JSON") from None
+        parsed: EvalConfig = cls._parse(d, "evaluation config")
+        return parsed
+
+
+class EvalMetrics(_Wire):
+    """A site's evaluation of the global model on its held-out split (never trained on).
+
+    Under DP every count and the loss sum carry Gaussian noise of std `noise_std` (sensitivity
+    sqrt(3): one record moves its class count, its class's correct count and the clipped loss
+    sum by at most 1, 1 and `loss_clip`/`loss_clip`), charged to the site's evaluation ledger;
+    a non-DP site replies exact values and `noise_std` 0. `num_examples` (the held-out size) is
+    public: it follows from the public record count and the site's declared holdout fraction.
+    """
+
+    num_examples: int = Field(alias="num-examples", ge=0)
+    class_counts: list[float] = Field(alias="class-counts", max_length=10000)
+    class_correct: list[float] = Field(alias="class-correct", max_length=10000)
+    loss_sum: float = Field(alias="loss-sum")
+    loss_clip: float = Field(alias="loss-clip", gt=0)
+    noise_std: float = Field(0.0, alias="noise-std", ge=0)
+    epsilon: float | None = Field(None, ge=0)
+    delta: float | None = Field(None, ge=0, le=1)
+    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0)
+
+    def to_record(self) -> MetricRecord:
+        """The MetricRecord form."""
+        return MetricRecord(self.to_dict())
+
+    @classmethod
+    def from_record(cls, rec: MetricRecord) -> EvalMetrics:
+        """Validate a site's evaluation metrics; RecordError naming the key otherwise."""
+        parsed: EvalMetrics = cls._parse(dict(rec), "evaluation metrics")
+        if len(parsed.class_counts) != len(parsed.class_correct):
+            raise RecordError("evaluation metrics key 'class-correct': length differs from 'class-counts'")
         return parsed
 
 

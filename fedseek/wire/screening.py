@@ -155,7 +155,7 @@ def as_messages(accepted: list[SiteReply]) -> list[Message]:
         content = RecordDict(
             {
                 "arrays": to_record(r.arrays),
-                "metrics": MetricRecord({"num-examples": r.num_examples, "train-loss": r.metrics.train_loss}),
+                "metrics": MetricRecord({"num-examples": r.num_examples}),
             }
         )
         msgs.append(Message(content=content, dst_node_id=0, message_type="train"))

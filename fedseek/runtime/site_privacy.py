@@ -1,0 +1,95 @@
+"""The site's privacy gate for one round: its own limits, its ledger (locked for the round), and the DP plan charged up front.
+
+Everything here is decided by the site's policy, never by what the coordinator sends: the
+noise is calibrated over the site's own planning horizon, the round's epsilon is capped by
+the site, local epochs and batch size are bounded by the site, label-dependent weighting is
+refused under DP, and the planned spend is charged to the ledger before any record is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedseek.runtime.site_runtime import SiteRuntime
+from fedseek.wire.records import RoundConfig
+
+if TYPE_CHECKING:  # the privacy layer imports Opacus (~2 s): only sites that train under DP pay for it
+    from fedseek.privacy import DPRound, PrivacyLedger
+
+log = logging.getLogger("fedseek.site")
+
+
+@dataclass
+class RoundGate:
+    """The outcome of the gate: a DP round to run (charged), or a refusal reason; the ledger when one was opened."""
+
+    dp: DPRound | None = None
+    ledger: PrivacyLedger | None = None
+    refusal: str | None = None
+
+
+def policy_refusal(site: SiteRuntime, cfg: RoundConfig) -> str | None:
+    """Why the site's own policy refuses this round's recipe (None = acceptable)."""
+    pol = site.privacy
+    if len(site.y) == 0:
+        return "the site has no training records (all held out or none loaded)"
+    if pol is None:
+        return None
+    if cfg.local_epochs > pol.max_local_epochs:
+        return f"local-epochs {cfg.local_epochs} exceeds the site's max_local_epochs {pol.max_local_epochs}"
+    if cfg.batch_size > pol.max_batch_size:
+        return f"batch-size {cfg.batch_size} exceeds the site's max_batch_size {pol.max_batch_size}"
+    if cfg.weighting != "none":
+        return f"weighting {cfg.weighting!r} depends on the site's private label counts and is refused under DP (use privacy.class_weights)"
+    if pol.class_weights is not None and len(pol.class_weights) != site.num_classes:
+        return f"privacy.class_weights has {len(pol.class_weights)} values for {site.num_classes} classes"
+    n = len(site.y)
+    if pol.delta >= 1.0 / n:
+        return f"delta {pol.delta:g} is not below 1/n = {1.0 / n:.3g} for {n} records"
+    return None
+
+
+def open_ledger(site: SiteRuntime, kind: str = "training") -> PrivacyLedger:
+    """The site's training or evaluation ledger (LedgerError when it is missing after init, tampered or inconsistent)."""
+    from fedseek.privacy import PrivacyLedger
+
+    pol = site.privacy
+    assert pol is not None
+    budget = pol.epsilon_budget if kind == "training" else pol.evaluation.epsilon_budget
+    return PrivacyLedger(site.state_dir, accountant=pol.accountant, delta=pol.delta, epsilon_budget=budget, site=site.name, kind=kind)
+
+
+@contextlib.contextmanager
+def training_gate(site: SiteRuntime, cfg: RoundConfig) -> Iterator[RoundGate]:
+    """Hold the site's ledger lock for the whole round; plan the noise and charge the round before training."""
+    from fedseek.privacy import BF16_NORM_SLACK, BudgetExceeded, DPRound, LedgerError, noise_for_round, plan_round
+
+    pol = site.privacy
+    assert pol is not None
+    try:
+        ledger = open_ledger(site)
+        lock = ledger.lock()
+        lock.__enter__()
+    except LedgerError as exc:
+        yield RoundGate(refusal=str(exc))
+        return
+    try:
+        rnd = cfg.server_round
+        q, steps = plan_round(len(site.y), cfg.batch_size, cfg.local_epochs)
+        try:
+            noise = noise_for_round(pol, ledger, q, steps)
+            projected = ledger.check(noise, q, steps, run_id=cfg.run_id, server_round=rnd)
+        except BudgetExceeded as exc:
+            yield RoundGate(ledger=ledger, refusal=str(exc))
+            return
+        slack = BF16_NORM_SLACK if site.precision == "bf16" else 1.0
+        dp = DPRound(pol, ledger, noise, run_id=cfg.run_id, server_round=rnd, slack=slack)
+        dp.charge(q, steps)
+        log.info("site %s round %d: DP noise %.4f q %.4f steps %d -> epsilon %.4f (charged)", site.name, rnd, noise, q, steps, projected)
+        yield RoundGate(dp=dp, ledger=ledger)
+    finally:
+        lock.__exit__(None, None, None)
