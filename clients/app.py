@@ -21,7 +21,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the site's data."""
+    """Evaluate the global model on the site's held-out records (never the training rows); DP-noised under a privacy policy."""
     return handle_evaluate(msg, context)
 
 

@@ -254,23 +254,3 @@ def test_simulated_dropouts_are_error_replies(tmp_path):
     failures = [f for r in rows for f in r.failures]
     assert failures and all("simulated drop-out" in f.reason and f.site.startswith("site-") for f in failures)
     assert sum(r.failed + r.accepted for r in rows) == 6
-
-
-def test_site_evaluates_the_global_model_it_is_sent(tmp_path):
-    from fedseek.runtime.global_model import GlobalModel
-    from fedseek.runtime.site import handle_evaluate
-    from fedseek.runtime.task import model_meta, plan_from_context
-    from fedseek.wire.transfer import pack_global
-
-    rc = _run_config(_scenario(tmp_path), tmp_path / "out")
-    plan = plan_from_context(
-        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
-
-    model = GlobalModel(plan.cfg, plan.task.input_shape, plan.task.num_classes)
-    records, _ = pack_global(model.arrays, None, "none")
-    cfg = ConfigRecord({"model": json.dumps(model_meta(plan.cfg, plan.task).to_dict())})
-    msg = Message(RecordDict({**records, "config": cfg}), dst_node_id=5, message_type=MessageType.EVALUATE)
-    msg.metadata.__dict__["_message_id"] = "e-1"
-    reply = handle_evaluate(msg, _site_context(rc, 5, 0))
-    m = reply.content.metric_records["metrics"]
-    assert m["num-examples"] > 0 and 0.0 <= m["eval-accuracy"] <= 1.0 and m["eval-loss"] > 0

@@ -23,7 +23,8 @@ def noise_for_round(policy: Any, ledger: PrivacyLedger, sample_rate: float, step
     spent = ledger.epsilon()
     if ledger.projected_epsilon(noise, sample_rate, steps) - spent <= cap:
         return noise
-    capped = fit_noise(compress_history(ledger.history), float(sample_rate), int(steps), spent + float(cap), ledger.delta, ledger.accountant)
+    history = compress_history(ledger.history)
+    capped = fit_noise(history, float(sample_rate), int(steps), spent + float(cap), ledger.delta, ledger.accountant)
     if capped is None:
         raise BudgetExceeded(f"site {ledger.site or '?'}: even noise 50 cannot keep one round within max_epsilon_per_round {cap:g}")
     return max(noise, float(capped))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 

@@ -108,7 +108,8 @@ def _train_metrics(result: TrainResult, payload: int, dense: int, site: SiteRunt
     dp = result.dp or {}
     # Under DP the raw training loss is NOT released: it is an unnoised function of the training records.
     return TrainMetrics(
-        num_examples=int(result.num_examples), train_loss=None if dp else float(result.loss), train_seconds=float(result.seconds), steps=int(result.steps),
+        num_examples=int(result.num_examples), train_loss=None if dp else float(result.loss),
+        train_seconds=float(result.seconds), steps=int(result.steps),
         payload_bytes=int(payload), dense_bytes=int(dense),
         epsilon=dp.get("epsilon"), delta=dp.get("delta"), noise_multiplier=dp.get("noise_multiplier"), sample_rate=dp.get("sample_rate"),
         dp_steps=int(dp["dp_steps"]) if dp else None, dp_steps_total=int(ledger.steps()) if (dp and ledger) else (0 if dp else None),

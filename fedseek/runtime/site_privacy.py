@@ -19,6 +19,7 @@ from fedseek.wire.records import RoundConfig
 
 if TYPE_CHECKING:  # the privacy layer imports Opacus (~2 s): only sites that train under DP pay for it
     from fedseek.privacy import DPRound, PrivacyLedger
+    from fedseek.privacy.ledger_chain import LedgerKind
 
 log = logging.getLogger("fedseek.site")
 
@@ -44,7 +45,8 @@ def policy_refusal(site: SiteRuntime, cfg: RoundConfig) -> str | None:
     if cfg.batch_size > pol.max_batch_size:
         return f"batch-size {cfg.batch_size} exceeds the site's max_batch_size {pol.max_batch_size}"
     if cfg.weighting != "none":
-        return f"weighting {cfg.weighting!r} depends on the site's private label counts and is refused under DP (use privacy.class_weights)"
+        return (f"weighting {cfg.weighting!r} depends on the site's private label counts and is refused under DP "
+                "(use privacy.class_weights)")
     if pol.class_weights is not None and len(pol.class_weights) != site.num_classes:
         return f"privacy.class_weights has {len(pol.class_weights)} values for {site.num_classes} classes"
     n = len(site.y)
@@ -53,7 +55,7 @@ def policy_refusal(site: SiteRuntime, cfg: RoundConfig) -> str | None:
     return None
 
 
-def open_ledger(site: SiteRuntime, kind: str = "training") -> PrivacyLedger:
+def open_ledger(site: SiteRuntime, kind: LedgerKind = "training") -> PrivacyLedger:
     """The site's training or evaluation ledger (LedgerError when it is missing after init, tampered or inconsistent)."""
     from fedseek.privacy import PrivacyLedger
 
@@ -80,15 +82,15 @@ def training_gate(site: SiteRuntime, cfg: RoundConfig) -> Iterator[RoundGate]:
     try:
         rnd = cfg.server_round
         q, steps = plan_round(len(site.y), cfg.batch_size, cfg.local_epochs)
+        slack = BF16_NORM_SLACK if site.precision == "bf16" else 1.0
         try:
             noise = noise_for_round(pol, ledger, q, steps)
             projected = ledger.check(noise, q, steps, run_id=cfg.run_id, server_round=rnd)
-        except BudgetExceeded as exc:
+            dp = DPRound(pol, ledger, noise, run_id=cfg.run_id, server_round=rnd, slack=slack)
+            dp.charge(q, steps)
+        except (BudgetExceeded, LedgerError) as exc:
             yield RoundGate(ledger=ledger, refusal=str(exc))
             return
-        slack = BF16_NORM_SLACK if site.precision == "bf16" else 1.0
-        dp = DPRound(pol, ledger, noise, run_id=cfg.run_id, server_round=rnd, slack=slack)
-        dp.charge(q, steps)
         log.info("site %s round %d: DP noise %.4f q %.4f steps %d -> epsilon %.4f (charged)", site.name, rnd, noise, q, steps, projected)
         yield RoundGate(dp=dp, ledger=ledger)
     finally:

@@ -121,19 +121,11 @@ def train_local(
                 _proximal_step(model, global_params, lr, proximal_mu)
             total_loss += loss * len(yb)
             total_n += len(yb)
-
     if enforcer is not None:
         enforcer.detach()
-    dp_info: dict[str, float] = {}
-    if privacy is not None:
-        dp_info = privacy.finish(steps)
-    return TrainResult(
-        loss=total_loss / max(total_n, 1),
-        num_examples=int(len(y)),
-        steps=steps,
-        seconds=time.perf_counter() - start,
-        dp=dp_info,
-    )
+    dp_info = privacy.finish(steps) if privacy is not None else {}
+    return TrainResult(loss=total_loss / max(total_n, 1), num_examples=int(len(y)), steps=steps,
+                       seconds=time.perf_counter() - start, dp=dp_info)
 
 
 def _loss_weights(y: np.ndarray, num_classes: int, weighting: str, fixed: list[float] | None) -> torch.Tensor | None:
