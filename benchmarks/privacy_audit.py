@@ -93,7 +93,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import math
 import multiprocessing as mp
 import secrets
@@ -203,59 +202,10 @@ def _privacy_spec(cfg: RunConfig) -> Any:
 
 
 def _dp_gate() -> tuple[Any, Any, str]:
-    """The site's own DP gate, fedseek.runtime.site_privacy.training_gate (policy check, ledger lock, noise plan, charge
-    before training), when the tree has it and its ledger; otherwise a reproduction of site._dp_round (the committed path)."""
-    from fedseek.privacy import PrivacyLedger
+    """The site's own DP gate, fedseek.runtime.site_privacy.training_gate (policy check, ledger lock, noise plan, charge before training)."""
+    from fedseek.runtime.site_privacy import policy_refusal, training_gate
 
-    params = inspect.signature(PrivacyLedger.__init__).parameters
-    if "kind" in params and hasattr(PrivacyLedger, "lock"):
-        try:
-            from fedseek.runtime.site_privacy import policy_refusal, training_gate
-
-            return training_gate, policy_refusal, "fedseek.runtime.site_privacy.training_gate"
-        except ImportError:
-            pass
-    return _reproduced_gate, None, "benchmark reproduction of fedseek.runtime.site._dp_round (ledger without kind/lock)"
-
-
-def _ledger_class() -> Any:
-    """PrivacyLedger, plus `charge` / `rounds_charged` where a ledger mid-change lacks what DPRound / noise_for_round call."""
-    from fedseek.privacy import PrivacyLedger
-
-    if hasattr(PrivacyLedger, "charge") and hasattr(PrivacyLedger, "rounds_charged"):
-        return PrivacyLedger
-
-    class Ledger(PrivacyLedger):  # type: ignore[misc, valid-type]
-        def charge(self, noise_multiplier: float, sample_rate: float, steps: int, *, run_id: str, server_round: int) -> float:
-            return self.record(noise_multiplier, sample_rate, steps, run_id=run_id, server_round=server_round)
-
-        def rounds_charged(self) -> int:
-            return len(self.rounds)
-
-    return Ledger
-
-
-@contextlib.contextmanager
-def _reproduced_gate(site: Any, cfg: Any) -> Iterator[Any]:
-    """What site._dp_round does: open the ledger, plan (q, steps), pick the noise, check the budget, charge up front, DPRound."""
-    from types import SimpleNamespace
-
-    from fedseek.privacy import DPRound, noise_for_round, plan_round
-
-    pol = site.privacy
-    if pol.delta >= 1.0 / len(site.y):
-        raise RuntimeError(f"delta {pol.delta} is not below 1/n for {len(site.y)} records")
-    ledger = _ledger_class()(site.state_dir, accountant=pol.accountant, delta=pol.delta, epsilon_budget=pol.epsilon_budget, site=site.name)
-    q, steps = plan_round(len(site.y), cfg.batch_size, cfg.local_epochs)
-    if len(inspect.signature(noise_for_round).parameters) >= 5:
-        noise = noise_for_round(pol, ledger, q, steps, max(1, cfg.num_rounds - cfg.server_round + 1))
-    else:
-        noise = noise_for_round(pol, ledger, q, steps)
-    ledger.check(noise, q, steps, run_id=cfg.run_id, server_round=cfg.server_round)
-    dp = DPRound(pol, ledger, noise, run_id=cfg.run_id, server_round=cfg.server_round, slack=1.0)
-    if hasattr(dp, "charge"):
-        dp.charge(q, steps)
-    yield SimpleNamespace(dp=dp, ledger=ledger, refusal=None)
+    return training_gate, policy_refusal, "fedseek.runtime.site_privacy.training_gate"
 
 
 def _train_site(site: Any, cfg: Any, model: Any, seed: int) -> Any:
