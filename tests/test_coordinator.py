@@ -156,9 +156,9 @@ def test_scripted_failures_are_named_counted_and_excluded(tmp_path):
     assert r1.failures[0].site == "site-000" and "boom" in r1.failures[0].reason
     assert r1.timed_out_sites == ["site-001"]
     assert r1.refusals[0].site == "site-002" and r1.rejections[0].site == "site-003" and "non-finite" in r1.rejections[0].reason
-    assert r2.sampled == 4  # the refusing site is not asked again
+    assert r2.sampled == 3 and r2.skipped_sites == ["site-001"]  # the refusing site is not asked again, the silent one backs off
     assert summary.excluded_sites == {"site-002": "budget spent"}
-    assert summary.failed_replies == 4 and summary.rejected_updates == 2 and summary.refused_rounds == 1
+    assert summary.failed_replies == 3 and summary.rejected_updates == 2 and summary.refused_rounds == 1
     assert [r.round for r in summary.rejections] == [1, 2]
 
 

@@ -214,8 +214,8 @@ EVAL_ANSWERS = {1: _metrics([10, 30], [8, 24], 12.0, n=40, std=2.0, epsilon=0.5,
 def _eval_reply(node: int, msg: Message, calls: list[tuple[int, int]]) -> Message | None:
     rnd = EvalConfig.from_record(msg.content.config_records[CONFIG]).server_round
     calls.append((rnd, node))
-    if node in EVAL_ANSWERS:  # honest (DP-noised) answers; node 2 claims to be someone else: ignored
-        return Message(RecordDict({METRICS: EVAL_ANSWERS[node].to_record(), SITE: site_record("impostor" if node == 2 else "")}),
+    if node in EVAL_ANSWERS:  # honest (DP-noised) answers, named or not (a reply naming another site: tests/test_identity.py)
+        return Message(RecordDict({METRICS: EVAL_ANSWERS[node].to_record(), SITE: site_record("site-2" if node == 2 else "")}),
                        reply_to=msg)
     if node == 3:  # malformed in round 2 (NaN), then an exact, well-formed answer
         if rnd == 2:
@@ -243,7 +243,7 @@ def test_federated_evaluation_every_two_rounds_over_five(tmp_path):
     r2, r4 = rows[1].federated, rows[3].federated
     assert r2 is not None and r4 is not None
     assert (r2.sampled, r2.evaluated, r2.refused, r2.rejected, r2.failed, r2.timed_out) == (6, 2, 1, 1, 1, 1)
-    assert set(r2.sites) == {f"site-{n}" for n in nodes} and "impostor" not in r2.sites  # names from the node tracker
+    assert set(r2.sites) == {f"site-{n}" for n in nodes}  # names from the node tracker
     assert "'loss-sum'" in r2.sites["site-3"].reason and r2.sites["site-4"].reason == "evaluation budget spent"
     assert r2.sites["site-4"].epsilon == 2.9 and "boom" in r2.sites["site-5"].reason and r2.sites["site-6"].status == "timed_out"
     assert r2.accuracy == pytest.approx(0.78) and r2.noisy and r2.sites["site-1"].noise_std == 2.0

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from fedseek.config.loading import StrictSpec
+from fedseek.config.loading import StrictSpec, check_site_name
 from fedseek.names import SPARSE_CODECS, AccountantName, CodecName, IndexCoding, ModelKind, QuantizerName, StrategyName
 
 
@@ -92,10 +92,46 @@ class PrivacySpec(StrictSpec):
 
 
 class ValidationSpec(StrictSpec):
-    """Bounds the coordinator enforces on every site reply before aggregation."""
+    """Bounds the coordinator enforces on every site reply before aggregation, and on the aggregate after it.
 
-    max_update_norm: float | None = Field(None, gt=0.0, description="L2 norm bound on a site's model delta")
+    By default one site's influence is bounded: its update norm by `norm_multiple` x the round's
+    median update norm (above: rejected), its weight by `weight_multiple` x the round's median
+    num-examples (above: counted at the bound). `norm_bound: off` and `weight_multiple: null`
+    turn these off; `max_update_norm` is a fixed bound that applies in addition.
+    """
+
+    max_update_norm: float | None = Field(None, gt=0.0, description="fixed L2 bound on a site's model delta (with or without norm_bound)")
     max_payload_bytes: int | None = Field(None, gt=0, description="default: 2x the dense fp32 model")
+    norm_bound: Literal["adaptive", "off"] = Field(
+        "adaptive", description="adaptive: an update above norm_multiple x the round's median update norm is rejected"
+    )
+    norm_multiple: float = Field(3.0, gt=1.0, le=1e6, description="adaptive norm bound: multiple of the round's median update norm")
+    weight_multiple: float | None = Field(
+        3.0, ge=1.0, le=1e6, description="a site counts for at most this multiple of the round's median num-examples; null = as reported"
+    )
+    max_examples: dict[str, int] = Field(
+        default_factory=dict, description="site name -> most num-examples counted for it (declared by the federation)"
+    )
+    max_global_abs: float | None = Field(
+        1e6, gt=0.0, description="an aggregate with a non-finite weight, all weights zero, or one above this is discarded (model kept)"
+    )
+
+    @field_validator("norm_bound", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("max_examples")
+    @classmethod
+    def _declared(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, n in value.items():
+            try:
+                check_site_name(name)
+            except ValueError as exc:
+                raise ValueError(f"max_examples key {name!r}: {exc}") from None
+            if not 0 < n <= 10**9:
+                raise ValueError(f"max_examples for {name!r} must be in 1..1e9, got {n}")
+        return value
 
 
 class MetricsSpec(StrictSpec):

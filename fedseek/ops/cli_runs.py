@@ -38,6 +38,7 @@ def run(
     config: Annotated[str, typer.Option("--config", help="Coordinator YAML.")] = "server/coordinator.yaml",
     out: Annotated[str | None, typer.Option("--out", help="Output directory (default: the config's out_dir).")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Overall limit in seconds.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint (e.g. after a coordinator crash).")] = False,
 ) -> int:
     """Run the federation on the deployed coordinator and its sites."""
     from fedseek.ops.daemons import DeployError
@@ -45,7 +46,7 @@ def run(
     from fedseek.ops.follow import RunError
 
     try:
-        run_federation(config, out, console=dep, timeout_s=timeout)
+        run_federation(config, out, console=dep, timeout_s=timeout, resume=resume)
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -2,8 +2,13 @@
 
 The coordinator (fedseek.ops.coordinator) must be running; the run is submitted with the
 coordinator config through the shared launcher (as `fedseek simulate` submits its scenario)
-and fails unless it ends `finished:completed`. On Ctrl-C or SIGTERM the run is stopped on the
-coordinator; the coordinator and the sites, long-lived daemons, keep running.
+and fails unless it ends `finished:completed` with a completed summary. On Ctrl-C or SIGTERM the
+run is stopped on the coordinator; the coordinator and the sites, long-lived daemons, keep running.
+
+Flower does not resume a run after a SuperLink crash (the run ends `finished:failed`), but the
+coordinator checkpoints every round in OUT/checkpoint: once the coordinator is started again
+(the sites reconnect by themselves), `fedseek run --resume` submits a new run that continues from
+that checkpoint, exactly as `fedseek simulate --resume` does.
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ def run_federation(
     console: Console | None = None,
     timeout_s: float | None = None,
     on_round: Callable[[MetricsRow], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Submit the fedseek app to the running coordinator and follow it to its end; returns summary.json's content.
 
-    Raises DeployError when no coordinator runs, RunError unless the run ends finished:completed with a summary written.
+    `resume`: continue from OUT/checkpoint (metrics and audit kept). Raises DeployError when no
+    coordinator runs, RunError unless the run ends finished:completed with a completed summary.
     """
     console = console or Console(stderr=True)
     config_path = Path(config_path).resolve()
@@ -54,16 +61,19 @@ def run_federation(
     paths = coordinator_paths(cfg)
     if running_pidfile(paths.pidfile) is None and not port_open(admin_host(cfg), cfg.superlink.port):
         raise DeployError(f"the coordinator is not running on {admin_address(cfg)}: fedseek coordinator start --config {config_path}")
-    out = prepare_out(Path(out_dir).resolve() if out_dir else Path(cfg.out_dir))
+    out = prepare_out(Path(out_dir).resolve() if out_dir else Path(cfg.out_dir), resume=resume)
     write_admin_connection(cfg, paths)
+    again = f"fedseek run --config {config_path}" + (f" --out {out}" if out_dir else "")
     req = RunRequest(flwr_home=paths.flwr_home, connection=CONNECTION, out=out,
-                     run_config={"config-path": str(config_path), "out-dir": str(out), "config-kind": "coordinator"},
+                     run_config={"config-path": str(config_path), "out-dir": str(out), "config-kind": "coordinator", "resume": resume},
                      rounds=cfg.rounds, sites=int(cfg.expected_sites or 1),
                      timeout_s=timeout_s or (cfg.node_wait_s + cfg.round_timeout_s * cfg.rounds + 300),
-                     quiet=True, announce=True, check_alive=_watch(cfg))
+                     quiet=True, announce=True, check_alive=_watch(cfg),
+                     resume_hint=f"start the coordinator again (fedseek coordinator start --config {config_path}), "
+                                 f"then continue from the last checkpoint with `{again} --resume`")
     t0 = time.time()
     console.print(f"[bold]fedseek[/] run [cyan]{cfg.name}[/] on {admin_address(cfg)}: {cfg.expected_sites} sites expected, "
-                  f"{cfg.rounds} rounds, {cfg.strategy.name}")
+                  f"{cfg.rounds} rounds, {cfg.strategy.name}" + (f" (resuming from {out / 'checkpoint'})" if resume else ""))
     launcher = Launcher(req, console)
     try:
         outcome = launcher.follow(on_round)

@@ -27,8 +27,33 @@ POLL_S = 0.5
 WOKEN_POLL_S = 0.05
 
 
+#: Consecutive failed status polls before the SuperLink counts as lost (a busy SuperLink may miss one).
+STATUS_RETRIES = 5
+
+
 class RunError(RuntimeError):
     """A run did not complete; the message says why and where the logs are."""
+
+
+class LostSuperLink(RunError):
+    """The SuperLink stopped answering (or its process exited) while the run was followed; the message is one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def poll_status(client: ControlClient, run_id: int, wake: threading.Event | None = None) -> RunStatus:
+    """The run's status; retried a few times, then LostSuperLink (one line) instead of the HTTP client's traceback."""
+    for attempt in range(STATUS_RETRIES):
+        try:
+            return client.status(run_id)
+        except Exception as exc:  # noqa: BLE001 - connection refused/reset, TLS, HTTP 5xx: whichever the dying SuperLink gives
+            if attempt == STATUS_RETRIES - 1:
+                raise LostSuperLink(f"lost the SuperLink while following run {run_id} ({_one_line(exc)})") from None
+            _pause(wake)
+    raise AssertionError("unreachable")
 
 
 def tail(path: Path, n: int = 25) -> str:
@@ -110,7 +135,7 @@ def follow_run(
     """
     deadline = time.monotonic() + timeout_s
     metrics = MetricsTail(out / "metrics.jsonl")
-    status = client.status(run_id)
+    status = poll_status(client, run_id, wake)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(f"starting {sites} {site_word}", total=rounds)
@@ -126,14 +151,14 @@ def follow_run(
             if status.finished:
                 return status
             if dead is not None:
-                raise RunError(dead)
+                raise LostSuperLink(dead)
             if time.monotonic() > deadline:
                 client.stop(run_id)
                 raise RunError(f"run {run_id} did not finish within {timeout_s:.0f}s (stopped)")
             if status.status == "running" and metrics.seen == 0:
                 progress.update(task, description=f"round 1 ({sites} sites)")
             _pause(wake)
-            status = client.status(run_id)
+            status = poll_status(client, run_id, wake)
 
 
 def _pause(wake: threading.Event | None) -> None:
@@ -171,8 +196,8 @@ def _summary_rows(s: RunSummary) -> list[tuple[str, str]]:
     if s.watermark is not None:
         wm = s.watermark
         rows.append(("watermark", f"{wm.matches}/{wm.n} triggers, p = {wm.p_value:.3g}"))
-    if s.stop_reason:
-        rows.append(("stopped early", str(s.stop_reason)))
+    if s.status != "completed" or s.stop_reason:
+        rows.append(("status", s.status + (f": {s.stop_reason}" if s.stop_reason else "")))
     return rows
 
 

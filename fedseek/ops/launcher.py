@@ -23,7 +23,7 @@ from rich.console import Console
 from fedseek.ops import signals
 from fedseek.ops.app_stage import staged_app_dir
 from fedseek.ops.flower_control import ControlClient, RunConfigValue, RunLog, RunStatus
-from fedseek.ops.follow import RunError, follow_run, print_summary, report_row, tail
+from fedseek.ops.follow import LostSuperLink, RunError, follow_run, print_summary, report_row, tail
 from fedseek.outputs.schema import MetricsRow, RunSummary, SchemaError, read_summary
 
 
@@ -44,6 +44,7 @@ class RunRequest:
     announce: bool = False  # print "run N submitted; ServerApp log: ..."
     check_alive: Callable[[], str | None] | None = None
     error: type[RunError] = RunError
+    resume_hint: str = ""  # how to continue after a lost SuperLink (appended to that one-line error)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Outcome:
     summary: RunSummary
     data: dict[str, Any]
     ahead: ReportAhead | None = None
+    error: type[RunError] = RunError  # raised by `report` when the run did not complete (summary status)
 
 
 class ReportAhead:
@@ -146,6 +148,8 @@ class Launcher:
             return follow_run(req.out, self.client, run_id, rounds=req.rounds, sites=req.sites, console=self.console,
                               timeout_s=req.timeout_s, on_round=on_round, check_alive=req.check_alive, site_word=req.site_word,
                               on_poll=ahead.poll, wake=wake)
+        except LostSuperLink as exc:
+            raise req.error(f"{exc}; {req.resume_hint}" if req.resume_hint else str(exc)) from None
         except RunError as exc:
             if isinstance(exc, req.error):
                 raise
@@ -159,7 +163,7 @@ class Launcher:
         if not path.exists():
             raise self.req.error(f"run {run_id} completed but wrote no summary.json; see {self.run_log}")
         try:
-            return Outcome(read_summary(path), json.loads(path.read_text()))
+            return Outcome(read_summary(path), json.loads(path.read_text()), error=self.req.error)
         except (SchemaError, ValueError) as exc:
             raise self.req.error(f"run {run_id} completed but its summary is unreadable: {exc}") from None
 
@@ -176,8 +180,15 @@ class Launcher:
 
 
 def report(console: Console, outcome: Outcome, out: Path, started_at: float) -> dict[str, Any]:
-    """Print the end-of-run table (report.html: waited for if started ahead, else written now); returns summary.json's content."""
+    """Print the end-of-run table (report.html: waited for if started ahead, else written now); returns summary.json's content.
+
+    Raises the request's error (one line: the summary's status and stop_reason) when the run did not
+    complete: every site refused, failed or timed out (no update accepted), or it stopped early.
+    """
     wall = time.time() - started_at  # as before: the run's wall time, not counting the report
     cell = outcome.ahead.result() if outcome.ahead is not None else None
-    print_summary(console, outcome.summary, out, wall, cell)
+    s = outcome.summary
+    print_summary(console, s, out, wall, cell)
+    if s.status != "completed":
+        raise outcome.error(f"run {s.run_id} {s.status}: {s.stop_reason or 'no reason recorded'} (outputs in {out})")
     return outcome.data

@@ -18,46 +18,19 @@ from rich.console import Console
 from fedseek.config import CoordinatorConfig
 from fedseek.ops.daemons import DeployError
 from fedseek.ops.flower_control import ControlClient, flower_env, flwr_bin
+from fedseek.wire.identity import KeyFileError, read_site_keys
+from fedseek.wire.identity import pem_spki as node_spki
+from fedseek.wire.identity import spki as spki  # re-exported: ops.coordinator compares certificate keys with it
 
 CONNECTION = "fedseek"
 
 
-def spki(key: Any) -> bytes:
-    """A public key as DER SubjectPublicKeyInfo (the form keys are compared in)."""
-    from cryptography.hazmat.primitives import serialization
-
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def node_spki(pem: bytes) -> bytes:
-    """A node's PEM public key (as the Control API lists it) as DER SPKI; b'' if unreadable."""
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        return spki(serialization.load_pem_public_key(pem))
-    except ValueError:
-        return b""
-
-
 def load_site_keys(cfg: CoordinatorConfig) -> dict[str, bytes]:
     """Every allowed site's public key (DER SubjectPublicKeyInfo) from its OpenSSH .pub file; DeployError exit 2."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    keys: dict[str, bytes] = {}
-    for site in cfg.sites:
-        p = Path(site.public_key)
-        try:
-            key = serialization.load_ssh_public_key(p.read_bytes())
-        except OSError as exc:
-            raise DeployError(f"site {site.name}: public key {p}: {exc.strerror or exc}", 2) from None
-        except (ValueError, UnsupportedAlgorithm):
-            raise DeployError(f"site {site.name}: {p} is not an OpenSSH public key (fedseek certs add-site writes NAME.pub)", 2) from None
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise DeployError(f"site {site.name}: {p} must be an ECDSA key on a NIST curve (Flower's SuperNode auth)", 2)
-        keys[site.name] = spki(key)
-    return keys
+    try:
+        return read_site_keys((site.name, site.public_key) for site in cfg.sites)
+    except KeyFileError as exc:
+        raise DeployError(str(exc), 2) from None
 
 
 def control(flwr_home: Path, attempts: int = 10) -> ControlClient:

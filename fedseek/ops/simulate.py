@@ -50,7 +50,8 @@ def _request(cfg: ScenarioConfig, scenario_path: Path, out: Path, port: int, *, 
         timeout_s=timeout_s or (cfg.round_timeout_s * cfg.rounds + cfg.simulation.node_wait_s + 300),
         federation_config={"num-supernodes": cfg.num_sites, "client-resources-num-cpus": cfg.simulation.cpus_per_site,
                            "init-args-num-cpus": ray_cpus},
-        site_word="virtual sites", error=SimulationError)
+        site_word="virtual sites", error=SimulationError,
+        resume_hint=f"continue from the last checkpoint with `fedseek simulate {scenario_path} --out {out} --resume`")
 
 
 def _start_superlink(flwr_home: Path, port: int, log_fh: Any) -> ProcessTree:

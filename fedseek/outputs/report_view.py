@@ -54,6 +54,7 @@ class Header:
     no_summary: bool
     stop_reason: str
     notes: list[str]
+    status: str = ""  # summary.json's status (completed / stopped / failed); "" without a summary
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def header(data: RunData, name: str) -> Header:
     s = data.summary
     facts: list[tuple[str, Any]] = [("run directory", str(data.run_dir))]
     if s is not None:
-        facts += [("dataset", s.dataset), ("strategy", s.strategy), ("run id", s.run_id), ("seed", s.seed)]
+        facts += [("status", s.status), ("dataset", s.dataset), ("strategy", s.strategy), ("run id", s.run_id), ("seed", s.seed)]
     if data.model:
         facts.append(("model", ", ".join(f"{k}={clean(v, 60)}" for k, v in data.model.items())))
     privacy = data.privacy
@@ -140,7 +141,8 @@ def header(data: RunData, name: str) -> Header:
         facts.append(("privacy", f"record-level DP-SGD per site, delta {fmt(p.delta, 2)}, accountant {p.accountant or '—'}"))
     return Header(
         name=name, facts=[(k, clean(v, 200)) for k, v in facts if v not in (None, "")], cards=outcome_cards(data) + run_cards(data),
-        no_summary=s is None, stop_reason=clean(s.stop_reason) if s is not None and s.stop_reason else "", notes=data.notes)
+        no_summary=s is None, stop_reason=clean(s.stop_reason) if s is not None and s.stop_reason else "", notes=data.notes,
+        status=s.status if s is not None else "")
 
 
 def outcome_cards(data: RunData) -> list[tuple[str, str]]:

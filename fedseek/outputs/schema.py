@@ -78,6 +78,9 @@ class WatermarkRound(_Record):
 
 
 EvalStatus = Literal["evaluated", "refused", "rejected", "failed", "timed_out"]
+#: completed: every round ran and some update was accepted; stopped: it ended before the last round (no site left to
+#: ask) after accepting some update; failed: no update was accepted in any round (the model is the initial one).
+RunStatusName = Literal["completed", "stopped", "failed"]
 
 
 class SiteEval(_Record):
@@ -159,9 +162,12 @@ class MetricsRow(_Record):
     failed: int = 0
     timed_out: int = 0
     timed_out_sites: list[str] = []
+    skipped_sites: list[str] = []  # left out of this round: backing off after time-outs in earlier rounds
     failures: list[SiteIssue] = []
     rejections: list[Rejection] = []
     refusals: list[SiteIssue] = []
+    bounded: list[SiteIssue] = []  # accepted updates counted with less weight than reported (validation.weight_multiple / max_examples)
+    model_kept: str | None = None  # why this round's aggregate was discarded and the previous global model kept
     train_loss: float | None = None
     central: Metrics = {}
     bytes_up: int = 0
@@ -233,6 +239,7 @@ class RunSummary(_Record):
     run_id: str = ""
     rounds: int
     rounds_completed: int
+    status: RunStatusName = "completed"  # `fedseek simulate` / `run` exit non-zero unless completed
     num_sites: int
     strategy: str
     dataset: str = ""
@@ -254,7 +261,7 @@ class RunSummary(_Record):
     excluded_sites: dict[str, str] = {}
     watermark: WatermarkSummary | None = None
     federated_evaluation: FederatedEvalSummary | None = None  # None: federated evaluation was off
-    stop_reason: str | None = None
+    stop_reason: str | None = None  # one line: why the run stopped early or failed (None when completed)
     wall_seconds: float = 0.0
 
 

@@ -49,7 +49,7 @@ def _site_views(screened: Screened) -> dict[str, SiteRoundView]:
 
 def _train_loss(screened: Screened) -> float | None:
     """Example-weighted mean of the training losses sites reported (DP sites report none: it is not a DP release)."""
-    known = [(r.metrics.train_loss, r.num_examples) for r in screened.accepted if r.metrics.train_loss is not None]
+    known = [(r.metrics.train_loss, r.aggregation_weight) for r in screened.accepted if r.metrics.train_loss is not None]
     weight = sum(n for _, n in known)
     return sum(loss * n for loss, n in known) / weight if weight else None
 
@@ -119,28 +119,35 @@ class RunBook:
 
     def record_round(self, rnd: int, outcome: RoundOutcome, nodes: NodeTracker, *, started: float, central: dict[str, float], codec: str,
                      sparsity: float, watermark: WatermarkRound | None, federated: FederatedEvalRow | None = None) -> MetricsRow:
-        """Account for one round (and the federated evaluation after it, if any) and return its metrics row."""
-        s = outcome.screened
+        """Account for one round (and the federated evaluation after it, if any) and return its metrics row.
+
+        Replies rejected as impersonation count as rejections of their sender (never of the site
+        they named); nodes silent to the QUERY count as timed out, sites backing off as skipped.
+        """
+        s, seen = outcome.screened, nodes.round
         views = _site_views(s)
         self._update_sites(rnd, views)
-        rejections = [Rejection(node_id=r.node_id, site=r.site, reason=r.reason) for r in s.rejected]
+        rejections = [Rejection(node_id=r.node_id, site=r.site, reason=r.reason) for r in [*s.rejected, *seen.impersonations]]
+        timed_out_sites = [nodes.name(n) for n in [*seen.silent, *outcome.timed_out]]
+        timed_out = outcome.timeouts + len(seen.silent)
         t = self.totals
         t["bytes_up"] += s.bytes_up
         t["wire_bytes_up"] += s.wire_bytes_up
         t["dense_bytes_up"] += sum(r.metrics.dense_bytes for r in s.accepted)
         t["bytes_down"] += outcome.bytes_down
-        t["rejected"] += len(s.rejected)
+        t["rejected"] += len(rejections)
         t["refused"] += len(s.refused)
-        t["failed"] += len(s.failed) + outcome.timeouts
+        t["failed"] += len(s.failed) + timed_out
         self.rejections += [RoundRejection(round=rnd, **r.model_dump()) for r in rejections]
         if federated is not None:
             self.federated.record(federated)
         now = time.time()
         return MetricsRow(
-            round=rnd, time=now, round_seconds=now - started, sampled=len(outcome.sampled), accepted=len(s.accepted),
-            rejected=len(s.rejected), refused=len(s.refused), failed=len(s.failed), timed_out=outcome.timeouts,
-            timed_out_sites=[nodes.name(n) for n in outcome.timed_out], failures=_issues(s.failed), rejections=rejections,
-            refusals=_issues(s.refused), train_loss=_train_loss(s), central=dict(central), bytes_up=s.bytes_up,
+            round=rnd, time=now, round_seconds=now - started, sampled=len(outcome.sampled) + len(seen.silent), accepted=len(s.accepted),
+            rejected=len(rejections), refused=len(s.refused), failed=len(s.failed), timed_out=timed_out,
+            timed_out_sites=timed_out_sites, skipped_sites=list(seen.skipped), failures=_issues(s.failed), rejections=rejections,
+            refusals=_issues(s.refused), bounded=_issues(outcome.bounded), model_kept=outcome.model_kept,
+            train_loss=_train_loss(s), central=dict(central), bytes_up=s.bytes_up,
             wire_bytes_up=s.wire_bytes_up, bytes_down=outcome.bytes_down, codec=codec, sparsity=sparsity, watermark=watermark,
             sites=views, federated=federated)
 

@@ -17,7 +17,7 @@ import torch
 
 from fedseek.files import atomic_write_bytes, atomic_write_json
 
-VERSION = 2
+VERSION = 3  # 3: node tracking (identity, back-off) and influence bounds joined the parts
 
 
 class Stateful(Protocol):

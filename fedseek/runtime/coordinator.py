@@ -4,7 +4,9 @@ Per round: the strategy wrapper samples sites and builds their messages, the Gri
 them, the wrapper screens the replies and its inner Flower strategy aggregates; then the
 global model is pruned and watermarked (post-processing), evaluated centrally (and, when due,
 on the sites' held-out splits: `runtime.federated_eval`), and one metrics row and a checkpoint
-are written atomically.
+are written atomically. Every reply is named by its sender's identity (`runtime.identity`: the
+registered key in deployment), never by what it writes. summary.json says honestly how the run
+ended (`status`: completed / stopped / failed, and a one-line `stop_reason`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fedseek.runtime.bookkeeping import RunBook
 from fedseek.runtime.federated_eval import FederatedEvaluator, due
 from fedseek.runtime.global_model import GlobalModel
 from fedseek.runtime.log import flwr_log
-from fedseek.runtime.nodes import NodeTracker
+from fedseek.runtime.nodes import QUERY_SHARE, NodeTracker
 from fedseek.runtime.rules import build_rule
 from fedseek.runtime.strategy import SiteStrategy
 from fedseek.runtime.task import RunPlan, model_meta, plan_from_context
@@ -48,11 +50,11 @@ class Coordinator:
         self.meta = model_meta(cfg, task)
         self.model = GlobalModel(cfg, task.input_shape, task.num_classes)
         self.codec = cfg.compression.codec_spec(cfg.seed)
-        self.nodes = NodeTracker(grid, plan.run_id, self.audit, node_wait_s=plan.node_wait_s,
-                                 query_timeout_s=min(plan.node_wait_s, cfg.round_timeout_s))
+        self.nodes = NodeTracker(grid, plan.run_id, self.audit, node_wait_s=plan.node_wait_s, keys=plan.site_keys,
+                                 query_timeout_s=min(plan.node_wait_s, QUERY_SHARE * cfg.round_timeout_s))
         self.strategy = SiteStrategy(
             build_rule(cfg.strategy), self.nodes, fraction_train=cfg.strategy.fraction_train, min_sites=cfg.strategy.min_sites,
-            seed=cfg.seed, downlink=cfg.compression.downlink, max_update_norm=cfg.validation.max_update_norm,
+            seed=cfg.seed, downlink=cfg.compression.downlink, max_update_norm=cfg.validation.max_update_norm, validation=cfg.validation,
             max_payload_bytes=cfg.validation.max_payload_bytes or 2 * self.model.dense_bytes + 4096)
         self.book = RunBook()
         self.evaluator = FederatedEvaluator(grid, self.nodes, self.audit, meta=self.meta, run_id=plan.run_id, timeout_s=cfg.round_timeout_s,
@@ -68,7 +70,7 @@ class Coordinator:
 
     def parts(self) -> dict[str, checkpoint.Stateful]:
         """Every stateful part, as the checkpoint collects them."""
-        parts: dict[str, checkpoint.Stateful] = {"model": self.model, "strategy": self.strategy, "book": self.book}
+        parts: dict[str, checkpoint.Stateful] = {"model": self.model, "strategy": self.strategy, "book": self.book, "nodes": self.nodes}
         if self.watermark is not None:
             parts["watermark"] = self.watermark
         return parts
@@ -109,19 +111,27 @@ class Coordinator:
         return self.finish(start)
 
     def run_round(self, rnd: int) -> MetricsRow | None:
-        """One round end to end; None when no site is left to ask (every one excluded)."""
+        """One round end to end; None when no site is left to ask (every one excluded).
+
+        A site that sends nothing costs the round at most round_timeout_s: the simulation's
+        QUERY for new nodes and the training share that one budget, and a site that keeps
+        timing out is left out of the next rounds (back-off) instead of being waited for.
+        """
         t0 = time.time()
         self.strategy.mask = self.model.mask
         msgs = list(self.strategy.configure_train(rnd, self.model.record(), self.round_config(rnd).to_record(), self.grid))
-        if not msgs:
+        waiting = self.nodes.round.skipped or self.nodes.round.silent  # left out this round, asked again later
+        if not msgs and not waiting:
             excluded = len(self.strategy.excluded)
             self.stop_reason = f"stopped before round {rnd}: every site is excluded ({excluded} out of privacy budget or refused)"
             flwr_log("%s", self.stop_reason)
             self.audit("stopped_early", round=rnd, reason=self.stop_reason)
             return None
-        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout_s)
+        timeout = max(self.cfg.round_timeout_s - self.nodes.round.query_seconds, 0.0)
+        replies = self.grid.send_and_receive(msgs, timeout=timeout) if msgs else []
         aggregate, _ = self.strategy.aggregate_train(rnd, replies)
         outcome = self.strategy.outcome
+        self.nodes.after_round(outcome.sampled, outcome.timed_out)
         self._audit_round(rnd, outcome)
         if aggregate is not None:
             self.model.set_record(aggregate)
@@ -187,8 +197,10 @@ class Coordinator:
         cfg, totals, codec = self.cfg, self.book.totals, self.codec
         final = self.model.evaluate(self.plan.task.test)
         self.out.save_model(self.model.arrays, self.meta.to_dict())
+        rows = read_rows(self.out.metrics_path)
+        status, reason = self.status(rows)
         summary = RunSummary(
-            name=cfg.name, run_id=self.plan.run_id, rounds=cfg.rounds, rounds_completed=len(read_rows(self.out.metrics_path)),
+            name=cfg.name, run_id=self.plan.run_id, rounds=cfg.rounds, rounds_completed=len(rows), status=status,
             num_sites=self.plan.expected_sites, strategy=cfg.strategy.name, dataset=self.plan.task.name, seed=cfg.seed,
             initial=self.initial, final=final, final_accuracy=final.get("accuracy"), privacy=self.book.privacy_summary(self.plan.privacy),
             bytes_up=totals["bytes_up"], wire_bytes_up=totals["wire_bytes_up"], dense_bytes_up=totals["dense_bytes_up"],
@@ -199,8 +211,21 @@ class Coordinator:
             sparsity=self.model.sparsity(), rejected_updates=totals["rejected"], rejections=self.book.rejections,
             refused_rounds=totals["refused"], failed_replies=totals["failed"], excluded_sites=dict(self.strategy.excluded),
             watermark=self.watermark.summary(self.model) if self.watermark is not None else None,
-            federated_evaluation=self.book.federated.summary(cfg.evaluation.every), stop_reason=self.stop_reason,
+            federated_evaluation=self.book.federated.summary(cfg.evaluation.every), stop_reason=reason,
             wall_seconds=time.time() - started)
         self.out.write_summary(summary)
-        flwr_log("done: final accuracy %.4f, summary at %s", final.get("accuracy", float("nan")), self.out.summary_path)
+        self.audit("run_finished", status=status, reason=reason or "")
+        flwr_log("done (%s%s): final accuracy %.4f, summary at %s", status, f": {reason}" if reason else "",
+                 final.get("accuracy", float("nan")), self.out.summary_path)
         return summary
+
+    def status(self, rows: list[MetricsRow]) -> tuple[str, str | None]:
+        """completed; stopped (ended before the last round, the model trained); failed (no round changed the model): and why."""
+        if any(r.accepted and not r.model_kept for r in rows):
+            return ("stopped", self.stop_reason) if self.stop_reason else ("completed", None)
+        counts = {k: sum(getattr(r, k) for r in rows) for k in ("refused", "rejected", "failed", "timed_out")}
+        kept = sum(1 for r in rows if r.accepted and r.model_kept)
+        detail = ", ".join([f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v]
+                           + ([f"{kept} aggregate(s) discarded"] if kept else [])) or "no site was asked"
+        reason = f"no update was accepted in {len(rows)} round(s) ({detail})"
+        return "failed", f"{reason}; {self.stop_reason}" if self.stop_reason else reason

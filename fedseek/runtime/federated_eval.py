@@ -156,10 +156,8 @@ class FederatedEvaluator:
         self.meta, self.run_id, self.timeout_s, self.downlink = meta, run_id, timeout_s, downlink
 
     def targets(self, excluded: Collection[str]) -> list[int]:
-        """Connected nodes whose site is not excluded (new nodes are asked their name first)."""
-        nodes = sorted(int(n) for n in self.grid.get_node_ids())
-        self.nodes.discover(nodes)
-        return [n for n in nodes if self.nodes.name(n) not in excluded]
+        """Connected, identified nodes whose site is not excluded nor backing off after time-outs (NodeTracker.targets)."""
+        return self.nodes.targets(excluded)
 
     def messages(self, rnd: int, model: GlobalModel, nodes: list[int]) -> tuple[list[Message], int]:
         """One EVALUATE message per node: the packed global model (as in TRAIN) and the evaluation config; and the bytes sent."""
@@ -198,7 +196,8 @@ class FederatedEvaluator:
             if node is None or node not in sampled or node in seen:
                 flwr_log("ignoring an evaluation reply that answers no outstanding message (from node %s)", r.metadata.src_node_id)
                 continue
-            seen[node], metrics = self._outcome(r)
+            problem = self.nodes.check_claim(node, r, "evaluate")  # a reply naming another site: rejected, audited
+            seen[node], metrics = (SiteEval(status="rejected", reason=problem), None) if problem else self._outcome(r)
             if metrics is not None:
                 answers[self.nodes.name(node)] = metrics
         for n in sampled - set(seen):

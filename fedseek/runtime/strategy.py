@@ -9,11 +9,17 @@ downlink, 1-bit mask), screens and decodes every reply, and hands the inner stra
 clean, uniform messages. The inner strategy keeps its own state (FedAdam's moments) and sees
 only its public API: `configure_train` on a view of the Grid listing the sampled sites, then
 `aggregate_train`.
+
+One site's influence is bounded (`runtime.influence`: adaptive norm bound, capped weights), and
+the aggregate is checked before it becomes the global model: if the inner rule raises or returns
+a non-finite, collapsed or exploding model, the round keeps the previous model (and the inner
+rule's state), records why, and the run goes on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -22,10 +28,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedseek.config import ValidationSpec
+from fedseek.runtime.influence import InfluenceBounds
 from fedseek.runtime.nodes import NodeTracker
 from fedseek.wire.records import site_name
-from fedseek.wire.screening import Bounds, Screened, as_messages, screen_replies
+from fedseek.wire.screening import Bounds, Issue, Screened, SiteReply, as_messages, screen_replies
 from fedseek.wire.transfer import from_record, pack_global
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +46,8 @@ class RoundOutcome:
     screened: Screened = field(default_factory=Screened)
     timed_out: list[int] = field(default_factory=list)  # node ids that never answered
     unnamed_timeouts: int = 0  # replies missing from a Grid that sets no message ids (counted, cannot be named)
+    bounded: list[Issue] = field(default_factory=list)  # accepted replies whose aggregation weight was bounded
+    model_kept: str | None = None  # why the aggregate was discarded and the previous global model kept
 
     @property
     def timeouts(self) -> int:
@@ -68,10 +80,18 @@ class SiteStrategy(Strategy):
         downlink: str = "none",
         max_update_norm: float | None = None,
         max_payload_bytes: int | None = None,
+        validation: ValidationSpec | None = None,
+        audit: Callable[..., None] | None = None,
     ) -> None:
         self.inner, self.nodes = inner, nodes
         self.fraction_train, self.min_sites, self.downlink = fraction_train, min_sites, downlink
-        self.max_update_norm, self.max_payload_bytes = max_update_norm, max_payload_bytes
+        spec = validation or ValidationSpec()
+        self.max_update_norm = max_update_norm if max_update_norm is not None else spec.max_update_norm
+        self.max_payload_bytes = max_payload_bytes if max_payload_bytes is not None else spec.max_payload_bytes
+        self.influence = InfluenceBounds(spec)
+        self.audit = audit if audit is not None else nodes.audit  # the run's audit.jsonl (the tracker writes joins there)
+        if spec.norm_bound == "off" and self.max_update_norm is None:
+            log.warning("validation: no update-norm bound (norm_bound off, no max_update_norm): one site's update is unbounded")
         self.rng = np.random.default_rng(seed)
         self.excluded: dict[str, str] = {}  # site name -> reason (e.g. privacy budget spent)
         self.mask: dict[str, np.ndarray] | None = None  # the sparsity mask sent with (and enforced on) the model
@@ -108,22 +128,46 @@ class SiteStrategy(Strategy):
         """Screen every reply, note refusals and time-outs, and aggregate the accepted ones with the inner strategy."""
         replies = list(replies)
         bounds = Bounds(self._global, self.mask, self.max_update_norm, self.max_payload_bytes)
-        screened = screen_replies(replies, bounds)
+        screened = screen_replies(self.nodes.verified(replies, self._sent), bounds)  # replies naming another site: rejected
+        self.nodes.name_screened(screened)  # each reply named by its sender's identity (registered key / QUERY), never its claim
         self._attribute(replies, screened)
+        self.outcome.bounded = self.influence.apply(screened)
+        for b in self.outcome.bounded:
+            self.audit("update_bounded", round=server_round, site=b.site, node_id=b.node_id, reason=b.reason)
         screened.accepted.sort(key=lambda r: (r.site, r.node_id))  # aggregation order independent of arrival
         for r in screened.refused:
             self.excluded[r.site or f"node-{r.node_id}"] = r.reason
         self.outcome.screened = screened
         if not screened.accepted:
             return None, None
-        return self.inner.aggregate_train(server_round, as_messages(screened.accepted))
+        return self._aggregate(server_round, screened.accepted)
+
+    def _aggregate(self, server_round: int, accepted: list[SiteReply]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner rule's aggregate, or (None, None) with the previous model and rule state kept when it raises or is unfit."""
+        saved = dict(vars(self.inner))  # Flower's rules replace (never mutate) their state: FedAdam's m_t, v_t
+        try:
+            arrays, metrics = self.inner.aggregate_train(server_round, as_messages(accepted))
+            problem = "the rule returned no model" if arrays is None else self.influence.check_aggregate(from_record(arrays), self._global)
+        except Exception as exc:  # a reply that passed screening must not fail the run through the rule either
+            arrays, metrics, problem = None, None, f"{type(self.inner).__name__} raised {type(exc).__name__}: {str(exc)[:200]}"
+        if not problem:
+            return arrays, metrics
+        vars(self.inner).clear()
+        vars(self.inner).update(saved)
+        self.outcome.model_kept = f"previous global model kept: {problem}"
+        log.warning("round %d: %s", server_round, self.outcome.model_kept)
+        self.audit("global_model_kept", round=server_round, reason=self.outcome.model_kept)
+        return None, None
 
     def _attribute(self, replies: list[Message], screened: Screened) -> None:
         """Name failed and missing replies by the node the message went to (push_messages set each message's id)."""
         dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent}
         for r in replies:
-            if not r.has_error():
-                self.nodes.names.setdefault(int(r.metadata.src_node_id), site_name(r.content))
+            try:
+                if not r.has_error():
+                    self.nodes.names.setdefault(int(r.metadata.src_node_id), site_name(r.content))
+            except Exception:  # an unreadable sender was already rejected by screening
+                continue
         for f in screened.failed:
             f.node_id = dst.get(f.reply_to, f.node_id)
             f.site = self.nodes.names.get(f.node_id, "")
@@ -134,7 +178,7 @@ class SiteStrategy(Strategy):
         self.outcome.timed_out = sorted(n for mid, n in dst.items() if mid not in answered)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """No federated evaluation: the coordinator evaluates centrally (sites' data never answers queries)."""
+        """Not used: federated evaluation has its own schedule and privacy rules (runtime.federated_eval)."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -153,12 +197,14 @@ class SiteStrategy(Strategy):
             val = getattr(self.inner, attr, None)
             if isinstance(val, dict):
                 inner.update({f"{attr}/{k}": np.asarray(v) for k, v in val.items()})
-        return {"rng": self.rng.bit_generator.state, "excluded": dict(self.excluded), "inner": inner}
+        return {"rng": self.rng.bit_generator.state, "excluded": dict(self.excluded), "inner": inner,
+                "influence": self.influence.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict saved."""
         self.rng.bit_generator.state = state["rng"]
         self.excluded = dict(state["excluded"])
+        self.influence.load_state_dict(state.get("influence", {}))  # checkpoints written before the bounds lack it
         for attr in ("m_t", "v_t"):
             vals = {k.split("/", 1)[1]: v for k, v in state["inner"].items() if k.startswith(attr + "/")}
             if vals:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from flwr.app import Context
 
 from fedseek.config import CoordinatorConfig, FederationSpec, PrivacySpec, ScenarioConfig, load_coordinator, load_scenario
+from fedseek.wire.identity import read_site_keys
 from fedseek.wire.records import ModelMeta
 
 ConfigKind = Literal["scenario", "coordinator"]
@@ -41,6 +42,7 @@ class RunPlan:
     privacy: PrivacySpec | None
     run_id: str
     resume: bool = False
+    site_keys: dict[str, bytes] | None = None  # registered sites' keys (deployment): a node's site is the one its key names
 
 
 def model_meta(fed: FederationSpec, task: Task) -> ModelMeta:
@@ -87,6 +89,7 @@ def plan_from_context(context: Context) -> RunPlan:
         return RunPlan(cfg, scenario_task(cfg), out_dir, cfg.num_sites, cfg.simulation.node_wait_s, cfg.privacy, run_id, resume)
     if kind == "coordinator":
         ccfg = load_coordinator(path)
+        keys = read_site_keys((s.name, s.public_key) for s in ccfg.sites) if ccfg.sites else None  # KeyFileError names the site
         return RunPlan(ccfg, coordinator_task(ccfg), out_dir, int(ccfg.expected_sites or ccfg.strategy.min_sites), ccfg.node_wait_s,
-                       ccfg.privacy, run_id, resume)
+                       ccfg.privacy, run_id, resume, site_keys=keys)
     raise ValueError(f"config-kind {kind!r} not supported (allowed: scenario, coordinator)")

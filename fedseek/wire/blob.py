@@ -2,7 +2,10 @@
 
 Layout: b"FSB1" | u32 header length | zlib(JSON {meta, arrays: [[name, dtype, count]]}) | array bytes.
 Decoding checks every length and dtype and bounds the header, so bytes from a site either
-decode to exactly what was packed or raise CodecError.
+decode to exactly what was packed or raise CodecError. The header is read by pydantic-core's
+JSON parser (nesting depth capped by its recursion limit, NaN/Infinity refused) into a strict
+schema of depth 3, after inflating at most `_MAX_HEADER` bytes: a nested, huge or oddly typed
+header is a CodecError, never a RecursionError or MemoryError in the coordinator.
 """
 
 from __future__ import annotations
@@ -11,16 +14,32 @@ import json
 import struct
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedseek.wire.codec import CodecError
 
 PACKING = "fedseek-blob-1"
 _BLOB_MAGIC = b"FSB1"
 _MAX_HEADER = 1 << 20  # decompressed header bytes a site may claim
+_MAX_ENTRIES = 4096  # arrays in one blob, meta keys in its header
+_MAX_COUNT = 1 << 40  # elements one array may claim (the blob's own length bounds it further)
 _BLOB_DTYPES = {"float32", "float16", "int8", "uint8", "uint32"}
+
+_Name = Annotated[str, Field(max_length=512)]
+_MetaValue = Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)] | float | Annotated[str, Field(max_length=_MAX_HEADER)]
+_Entry = tuple[_Name, Literal["float32", "float16", "int8", "uint8", "uint32"], Annotated[int, Field(ge=0, le=_MAX_COUNT)]]
+
+
+class _Header(BaseModel):
+    """The blob header as a site must send it: flat meta of finite scalars, one [name, dtype, count] per array."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+    meta: dict[_Name, _MetaValue] = Field(max_length=_MAX_ENTRIES)
+    arrays: list[_Entry] = Field(max_length=_MAX_ENTRIES)
 
 
 def pack_blob(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> np.ndarray:
@@ -48,25 +67,10 @@ def unpack_blob(blob: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     (hlen,) = struct.unpack("<I", raw[4:8])
     if 8 + hlen > len(raw):
         raise CodecError(f"update blob header claims {hlen} bytes, blob has {len(raw) - 8}")
-    try:
-        d = zlib.decompressobj()
-        text = d.decompress(raw[8 : 8 + hlen], _MAX_HEADER)
-        if d.unconsumed_tail:
-            raise CodecError(f"update blob header inflates beyond {_MAX_HEADER} bytes")
-        head = json.loads(text)
-    except (zlib.error, ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, CodecError):
-            raise
-        raise CodecError(f"update blob header unreadable ({type(exc).__name__})") from None
-    if not isinstance(head, dict) or not isinstance(head.get("meta"), dict) or not isinstance(head.get("arrays"), list):
-        raise CodecError("update blob header lacks 'meta' / 'arrays'")
+    head = _read_header(raw[8 : 8 + hlen])
     arrays: dict[str, np.ndarray] = {}
     pos = 8 + hlen
-    for entry in head["arrays"]:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in _BLOB_DTYPES
-                and isinstance(entry[2], int) and not isinstance(entry[2], bool) and entry[2] >= 0):
-            raise CodecError(f"bad array entry in update blob header: {str(entry)[:80]}")
-        name, dt, count = entry
+    for name, dt, count in head.arrays:
         if name in arrays:
             raise CodecError(f"array {name!r} appears twice in the update blob")
         dtype = np.dtype(dt).newbyteorder("<")
@@ -77,8 +81,21 @@ def unpack_blob(blob: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         pos = end
     if pos != len(raw):
         raise CodecError(f"{len(raw) - pos} trailing bytes in the update blob")
-    meta = head["meta"]
-    for k, v in meta.items():
-        if not isinstance(v, (int, float, str)) or isinstance(v, bool):
-            raise CodecError(f"meta {k!r} has a value of type {type(v).__name__}")
-    return arrays, meta
+    return arrays, dict(head.meta)
+
+
+def _read_header(compressed: bytes) -> _Header:
+    """Inflate (at most `_MAX_HEADER` bytes) and validate the header; CodecError naming the first problem otherwise."""
+    try:
+        d = zlib.decompressobj()
+        text = d.decompress(compressed, _MAX_HEADER)
+    except zlib.error:
+        raise CodecError("update blob header unreadable (zlib error)") from None
+    if d.unconsumed_tail:
+        raise CodecError(f"update blob header inflates beyond {_MAX_HEADER} bytes")
+    try:
+        return _Header.model_validate_json(text)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])[:120] or "(header)"
+        raise CodecError(f"update blob header invalid at {where}: {str(err['msg'])[:160]}") from None

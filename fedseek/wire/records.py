@@ -10,10 +10,16 @@ fails in one place with a message naming the key.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Bounds on every number a site reports (a site may send anything: values beyond these are a RecordError, not an overflow later)
+MAX_EXAMPLES = 10**9  # records one site may claim to have trained or evaluated on in one round
+MAX_COUNT = 10**12  # steps, bytes
+MAX_EPSILON = 1e6  # any epsilon a ledger reports (a real budget is single digits)
+MAX_REAL = 1e12  # any other reported real: losses, seconds, noisy counts
 
 CONFIG = "config"  # RecordDict keys of a round's messages
 METRICS = "metrics"
@@ -91,19 +97,20 @@ class RoundConfig(_Wire):
 class TrainMetrics(_Wire):
     """A trained site's reply metrics; the DP fields are present when the site trains under DP-SGD."""
 
-    num_examples: int = Field(alias="num-examples", gt=0)
-    train_loss: float | None = Field(None, alias="train-loss", description="non-DP sites only: an unnoised function of the records")
-    train_seconds: float = Field(0.0, alias="train-seconds", ge=0)
-    steps: int = Field(0, ge=0)
-    payload_bytes: int = Field(0, alias="payload-bytes", ge=0)
-    dense_bytes: int = Field(0, alias="dense-bytes", ge=0)
-    epsilon: float | None = Field(None, ge=0)
+    num_examples: int = Field(alias="num-examples", gt=0, le=MAX_EXAMPLES)
+    train_loss: float | None = Field(None, alias="train-loss", ge=-MAX_REAL, le=MAX_REAL,
+                                     description="non-DP sites only: an unnoised function of the records")
+    train_seconds: float = Field(0.0, alias="train-seconds", ge=0, le=MAX_REAL)
+    steps: int = Field(0, ge=0, le=MAX_COUNT)
+    payload_bytes: int = Field(0, alias="payload-bytes", ge=0, le=MAX_COUNT)
+    dense_bytes: int = Field(0, alias="dense-bytes", ge=0, le=MAX_COUNT)
+    epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
     delta: float | None = Field(None, ge=0, le=1)
-    noise_multiplier: float | None = Field(None, alias="noise-multiplier", ge=0)
+    noise_multiplier: float | None = Field(None, alias="noise-multiplier", ge=0, le=MAX_REAL)
     sample_rate: float | None = Field(None, alias="sample-rate", ge=0, le=1)
-    dp_steps: int | None = Field(None, alias="dp-steps", ge=0)
-    dp_steps_total: int | None = Field(None, alias="dp-steps-total", ge=0)
-    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0)
+    dp_steps: int | None = Field(None, alias="dp-steps", ge=0, le=MAX_COUNT)
+    dp_steps_total: int | None = Field(None, alias="dp-steps-total", ge=0, le=MAX_COUNT)
+    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0, le=MAX_EPSILON)
 
     def to_record(self) -> MetricRecord:
         """The MetricRecord form."""
@@ -119,11 +126,11 @@ class TrainMetrics(_Wire):
 class RefusalMetrics(_Wire):
     """What a site that refuses a round (privacy budget, delta too large) reports about its ledger."""
 
-    num_examples: int = Field(0, alias="num-examples", ge=0)
-    epsilon: float | None = Field(None, ge=0)
+    num_examples: int = Field(0, alias="num-examples", ge=0, le=MAX_EXAMPLES)
+    epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
     delta: float | None = Field(None, ge=0, le=1)
-    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0)
-    projected_epsilon: float | None = Field(None, alias="projected-epsilon", ge=0)
+    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0, le=MAX_EPSILON)
+    projected_epsilon: float | None = Field(None, alias="projected-epsilon", ge=0, le=MAX_REAL)
 
     @classmethod
     def from_record(cls, rec: MetricRecord) -> RefusalMetrics:
@@ -168,15 +175,15 @@ class EvalMetrics(_Wire):
     public: it follows from the public record count and the site's declared holdout fraction.
     """
 
-    num_examples: int = Field(alias="num-examples", ge=0)
-    class_counts: list[float] = Field(alias="class-counts", max_length=10000)
-    class_correct: list[float] = Field(alias="class-correct", max_length=10000)
-    loss_sum: float = Field(alias="loss-sum")
-    loss_clip: float = Field(alias="loss-clip", gt=0)
-    noise_std: float = Field(0.0, alias="noise-std", ge=0)
-    epsilon: float | None = Field(None, ge=0)
+    num_examples: int = Field(alias="num-examples", ge=0, le=MAX_EXAMPLES)
+    class_counts: list[Annotated[float, Field(ge=-MAX_REAL, le=MAX_REAL)]] = Field(alias="class-counts", max_length=10000)
+    class_correct: list[Annotated[float, Field(ge=-MAX_REAL, le=MAX_REAL)]] = Field(alias="class-correct", max_length=10000)
+    loss_sum: float = Field(alias="loss-sum", ge=-MAX_REAL, le=MAX_REAL)
+    loss_clip: float = Field(alias="loss-clip", gt=0, le=MAX_REAL)
+    noise_std: float = Field(0.0, alias="noise-std", ge=0, le=MAX_REAL)
+    epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
     delta: float | None = Field(None, ge=0, le=1)
-    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0)
+    epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0, le=MAX_EPSILON)
 
     def to_record(self) -> MetricRecord:
         """The MetricRecord form."""

@@ -2,7 +2,10 @@
 
 A stock Flower strategy aborts the whole run on one inconsistent reply (measured), so every
 reply is decoded and checked here (metrics schema, payload size, codec, shapes, finiteness,
-norm bound) and the strategy only ever sees clean, uniform messages.
+norm bound) and the strategy only ever sees clean, uniform messages. Each reply is screened in
+isolation: whatever it holds (a nested or huge blob header, inf/NaN/huge numbers, wrong types,
+extra or missing arrays), the worst outcome is that this one reply is rejected with a reason;
+no exception leaves `screen_replies`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
-from fedseek.wire.codec import CodecError
 from fedseek.wire.records import METRICS, RecordError, RefusalMetrics, TrainMetrics, refusal_reason, site_name
 from fedseek.wire.transfer import to_record, unpack_update, update_wire_bytes
 
@@ -31,11 +33,18 @@ class SiteReply:
     metrics: TrainMetrics
     payload_bytes: int = 0
     update_norm: float = 0.0
+    wire_bytes: int = 0
+    weight: int | None = None  # num-examples counted in aggregation when bounded below the reported count
 
     @property
     def num_examples(self) -> int:
-        """The weight of this reply in FedAvg-style aggregation."""
+        """The number of examples the site reported."""
         return self.metrics.num_examples
+
+    @property
+    def aggregation_weight(self) -> int:
+        """The weight of this reply in FedAvg-style aggregation: the reported count, or its bound."""
+        return self.num_examples if self.weight is None else self.weight
 
 
 @dataclass
@@ -75,36 +84,58 @@ def screen_replies(replies: Iterable[Message], bounds: Bounds) -> Screened:
     """Sort replies into accepted / rejected / refused / failed; accepted ones are decoded into full weights."""
     out = Screened()
     for msg in replies:
-        node = int(msg.metadata.src_node_id)
-        if msg.has_error():
-            reason = f"error reply (code {msg.error.code}): {str(msg.error.reason)[:300]}"
-            out.failed.append(Issue(node, "", reason, reply_to=msg.metadata.reply_to_message_id))
-            log.warning("node %s: %s", node, reason)
-            continue
-        content = msg.content
-        site = site_name(content)
-        refused = refusal_reason(content)
-        if refused is not None:
-            out.refused.append(Issue(node, site, refused, refusal=_refusal_metrics(content)))
-            log.warning("site %s (node %s) refused the round: %s", site, node, refused)
-            continue
-        reason, reply = check_update(content, bounds)
-        if reply is None:
+        node, site = _sender(msg)
+        try:
+            _screen_one(msg, node, site, bounds, out)
+        except Exception as exc:  # per-reply isolation: nothing a site sends may fail the round
+            reason = f"reply could not be screened ({type(exc).__name__}: {str(exc)[:200]})"
             out.rejected.append(Issue(node, site, reason))
-            log.warning("rejected update from site %s (node %s): %s", site, node, reason)
-            continue
-        reply.node_id, reply.site = node, site
-        out.bytes_up += reply.payload_bytes
-        out.wire_bytes_up += update_wire_bytes(content)
-        out.accepted.append(reply)
+            log.warning("rejected reply from site %s (node %s): %s", site, node, reason)
     return out
+
+
+def _sender(msg: Message) -> tuple[int, str]:
+    """(node id, site name the reply carries), as far as they can be read."""
+    try:
+        node = int(msg.metadata.src_node_id)
+    except Exception:  # a reply without a readable sender: node 0
+        node = 0
+    try:
+        site = "" if msg.has_error() else site_name(msg.content)
+    except Exception:  # a reply without a readable name
+        site = ""
+    return node, site
+
+
+def _screen_one(msg: Message, node: int, site: str, bounds: Bounds, out: Screened) -> None:
+    """Sort one reply into `out` (may raise: the caller turns that into a rejection)."""
+    if msg.has_error():
+        reason = f"error reply (code {msg.error.code}): {str(msg.error.reason)[:300]}"
+        out.failed.append(Issue(node, "", reason, reply_to=msg.metadata.reply_to_message_id))
+        log.warning("node %s: %s", node, reason)
+        return
+    content = msg.content
+    refused = refusal_reason(content)
+    if refused is not None:
+        out.refused.append(Issue(node, site, refused, refusal=_refusal_metrics(content)))
+        log.warning("site %s (node %s) refused the round: %s", site, node, refused)
+        return
+    reason, reply = check_update(content, bounds)
+    if reply is None:
+        out.rejected.append(Issue(node, site, reason))
+        log.warning("rejected update from site %s (node %s): %s", site, node, reason)
+        return
+    reply.node_id, reply.site, reply.wire_bytes = node, site, update_wire_bytes(content)
+    out.bytes_up += reply.payload_bytes
+    out.wire_bytes_up += reply.wire_bytes
+    out.accepted.append(reply)
 
 
 def _refusal_metrics(content: RecordDict) -> RefusalMetrics:
     try:
         return RefusalMetrics.from_record(content.metric_records.get(METRICS, MetricRecord()))
-    except RecordError as exc:
-        log.warning("refusal with unreadable metrics (%s): kept without them", exc)
+    except Exception as exc:  # RecordError, or a record Flower itself cannot read
+        log.warning("refusal with unreadable metrics (%s): kept without them", str(exc)[:300])
         return RefusalMetrics()
 
 
@@ -124,7 +155,7 @@ def check_update(content: RecordDict, bounds: Bounds) -> tuple[str, SiteReply | 
         return f"oversize payload: {size} bytes > limit {bounds.max_payload_bytes}", None
     try:
         delta, payload = unpack_update(content, shapes, bounds.mask)
-    except (CodecError, KeyError, ValueError, TypeError) as exc:
+    except Exception as exc:  # CodecError for anything the decoder checks; any other error is the same verdict
         return f"undecodable update ({type(exc).__name__}: {str(exc)[:200]})", None
     reason = _delta_problem(delta, shapes)
     if reason:
@@ -132,7 +163,10 @@ def check_update(content: RecordDict, bounds: Bounds) -> tuple[str, SiteReply | 
     norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
     if bounds.max_update_norm is not None and norm > bounds.max_update_norm:
         return f"update norm {norm:.3g} above bound {bounds.max_update_norm:g}", None
-    arrays = {k: (bounds.global_arrays[k] + delta[k]).astype(np.float32) for k in shapes}
+    with np.errstate(over="ignore", invalid="ignore"):
+        arrays = {k: (bounds.global_arrays[k] + delta[k]).astype(np.float32) for k in shapes}
+    if not all(np.all(np.isfinite(a)) for a in arrays.values()):
+        return "non-finite weights (float32 overflow) after applying the update", None
     return "", SiteReply(0, "", arrays, metrics, payload_bytes=int(payload), update_norm=norm)
 
 
@@ -155,7 +189,7 @@ def as_messages(accepted: list[SiteReply]) -> list[Message]:
         content = RecordDict(
             {
                 "arrays": to_record(r.arrays),
-                "metrics": MetricRecord({"num-examples": r.num_examples}),
+                "metrics": MetricRecord({"num-examples": r.aggregation_weight}),
             }
         )
         msgs.append(Message(content=content, dst_node_id=0, message_type="train"))

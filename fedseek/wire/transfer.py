@@ -14,10 +14,12 @@ Everything a site sends is decoded under validation: a malformed payload is a Co
 from __future__ import annotations
 
 from collections.abc import Mapping
+from io import BytesIO
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 
 from fedseek.wire.blob import PACKING, pack_blob, unpack_blob
 from fedseek.wire.codec import CodecError, CodecSpec, EncodedUpdate, ErrorFeedback, decode, encode, payload_bytes
@@ -100,5 +102,27 @@ def unpack_update(
         raise CodecError(f"unknown update packing {str(cfg.get('packing', ''))[:40]!r}; this coordinator reads {PACKING!r}")
     if set(rec.keys()) != {"blob"}:
         raise CodecError(f"packed update must hold exactly one array 'blob', got {sorted(rec.keys())[:5]}")
-    arrays, meta = unpack_blob(rec["blob"].numpy())
+    arrays, meta = unpack_blob(blob_bytes(rec["blob"]))
     return decode(arrays, meta, mask=mask, expected_shapes=shapes), payload_bytes(arrays)
+
+
+def blob_bytes(arr: Array) -> np.ndarray:
+    """The packed blob's bytes from a site's Array, reading its .npy header first: nothing is allocated beyond what was sent.
+
+    (np.load allocates the array a header claims before reading it; a site's header may claim terabytes.)
+    """
+    if arr.stype != SType.NUMPY:
+        raise CodecError(f"update blob has serialization type {str(arr.stype)[:40]!r}, not numpy.ndarray")
+    data = bytes(arr.data)
+    fp = BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fp)
+    except Exception as exc:  # ValueError, or SyntaxError from a garbled header dict
+        raise CodecError(f"update blob is not a .npy array ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if dtype != np.uint8 or len(shape) != 1 or shape[0] != len(data) - fp.tell():
+        raise CodecError(f"update blob must be 1-D uint8 of the bytes sent, header claims {dtype} {tuple(shape)[:4]}")
+    return np.frombuffer(data, dtype=np.uint8, offset=fp.tell())
