@@ -30,9 +30,9 @@ pytestmark = pytest.mark.slow
 SITES = ("site-a", "site-b", "site-c")
 
 
-def fedseek(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the fedseek CLI as an operator would."""
-    return subprocess.run([sys.executable, "-m", "fedseek", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def fedseek(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the fedseek CLI as an operator would (`env`: the process environment, default this one's)."""
+    return subprocess.run([sys.executable, "-m", "fedseek", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def lines(text: str) -> list[str]:

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 
 from fedseek.outputs.schema import RunSummary, read_rows
-from fedseek.wire.blob import pack_blob, unpack_blob
+from tests.hostile_replies import nested_json, num_examples, scaled, wrong_shapes
 from tests.test_coordinator import FakeGrid, _coordinator, _run_config, _scenario, in_process_sites
 
 NODES = [11, 12, 13]
@@ -39,53 +36,6 @@ def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
-
-
-# ---------------------------------------------------------------- hostile reply generators (honest reply in, hostile reply out)
-def _blob(content: RecordDict) -> tuple[dict[str, np.ndarray], dict]:
-    return unpack_blob(content.array_records["update"]["blob"].numpy())
-
-
-def _set_blob(content: RecordDict, raw: np.ndarray) -> None:
-    content["update"] = ArrayRecord({"blob": Array(np.ascontiguousarray(raw))})
-
-
-def nested_json(content: RecordDict) -> None:
-    """The blob header is `[` x 100,000 (once a RecursionError in the ServerApp)."""
-    header = zlib.compress(b"[" * 100_000, 9)
-    _set_blob(content, np.frombuffer(b"FSB1" + struct.pack("<I", len(header)) + header, np.uint8).copy())
-
-
-def num_examples(value: float) -> Callable[[RecordDict], None]:
-    """The reply claims `value` examples (written under Flower's type check, as a hand-made protobuf could)."""
-
-    def mutate(content: RecordDict) -> None:
-        rec = MetricRecord(dict(content.metric_records["metrics"]))
-        rec._data["num-examples"] = value
-        content["metrics"] = rec
-
-    return mutate
-
-
-def scaled(factor: float, *, absolute: bool = False) -> Callable[[RecordDict], None]:
-    """Every update value multiplied by `factor` (or, absolute, set to it)."""
-
-    def mutate(content: RecordDict) -> None:
-        arrays, meta = _blob(content)
-        bad = {k: (np.full_like(v, factor) if absolute else v * np.float32(factor)) if k.endswith(".val") else v for k, v in arrays.items()}
-        _set_blob(content, pack_blob(bad, meta))
-
-    return mutate
-
-
-def wrong_shapes(content: RecordDict) -> None:
-    """One tensor claims an extra row (shape, count and values consistent with each other, not with the model)."""
-    arrays, meta = _blob(content)
-    name = next(k[: -len(".shape")] for k, v in sorted(meta.items()) if k.endswith(".shape") and len(json.loads(v)) == 2)
-    rows, cols = json.loads(meta[f"{name}.shape"])
-    meta[f"{name}.shape"], meta[f"{name}.count"] = json.dumps([rows + 1, cols]), (rows + 1) * cols
-    arrays[f"{name}.val"] = np.concatenate([arrays[f"{name}.val"], np.zeros(cols, np.float32)])
-    _set_blob(content, pack_blob(arrays, meta))
 
 
 MODES: dict[str, tuple[Callable[[RecordDict], None], str]] = {  # mode -> (generator, what the rejection reason names)
@@ -171,6 +121,10 @@ def test_inflated_num_examples_is_counted_at_the_bound(tmp_path, clean_accuracy)
         assert r.sites[ATTACKER].num_examples == 10**6  # the metrics keep what the site reported
     bounded = [e for e in _audit(out) if e["event"] == "update_bounded"]
     assert [e["site"] for e in bounded] == [ATTACKER] * ROUNDS
+    from fedseek.outputs.report import build_report
+
+    page = build_report(out)  # the report lists each bounded update with its reason
+    assert "Bounded influence" in page and page.count("num-examples 1000000 counted as") == ROUNDS
     _honest_never_blamed(rows, summary, out)
     assert summary.final_accuracy == pytest.approx(clean_accuracy, abs=0.02)
 

@@ -51,7 +51,7 @@ def test_short_simulation_writes_the_output_contract(tmp_path):
     assert (out / "checkpoint" / "state.json").exists()
     assert "round   2/2" in res.stderr
     assert (out / "report.html").stat().st_size > 0
-    assert "[fedseek] done: final accuracy" in (out / "run.log").read_text()  # the ServerApp's log, streamed by the launcher
+    assert "[fedseek] done (completed): final accuracy" in (out / "run.log").read_text()  # the ServerApp's log, streamed by the launcher
     assert _descendant_free(out) == []
 
 

@@ -75,6 +75,7 @@ class EventsSection:
     refused: Capped
     failed: Capped | None  # None: no audit.jsonl reasons; see unexplained_failures
     unexplained_failures: str = ""  # "12" failed or timed-out replies without reasons
+    bounded: Capped | None = None  # accepted updates counted with less weight, and rounds whose aggregate was discarded
 
 
 @dataclass(frozen=True)
@@ -321,11 +322,15 @@ def events_section(data: RunData) -> EventsSection:
     refusals = [[fmt(row.round), clean(r.site or "?", 80), clean(r.reason)] for row in rows for r in row.refusals]
     failed = [[fmt(a.round), clean(a.site or "?", 80), clean(a.reason, 300)] for a in data.audit if a.event == "site_failed"]
     n_failed = s.failed_replies if s is not None else sum(r.failed + r.timed_out for r in rows)
+    bounded = [[fmt(row.round), clean(b.site or "?", 80), clean(b.reason)] for row in rows for b in row.bounded]
+    bounded += [[fmt(row.round), "(global model)", clean(f"aggregate discarded, previous model kept: {row.model_kept}")]
+                for row in rows if row.model_kept]
     return EventsSection(
         reasons=reasons, rejected=_capped(rej, ["round", "site", "reason"], "rejected updates"),
         refused=_capped(refusals, ["round", "site", "reason"], "refused rounds"),
         failed=_capped(failed, ["round", "site", "reason (from audit.jsonl)"], "failures") if failed else None,
-        unexplained_failures=f"{n_failed:,}" if not failed and n_failed else "")
+        unexplained_failures=f"{n_failed:,}" if not failed and n_failed else "",
+        bounded=_capped(bounded, ["round", "site", "what was bounded"], "bounded updates") if bounded else None)
 
 
 def rounds_section(rows: list[MetricsRow]) -> RoundsSection:
