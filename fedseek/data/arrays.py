@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fedseek.wire.data_schema import DataSchema, schema_of
+
 
 class DataError(ValueError):
     """A problem with a site's data file, reported as one clear line (path + what is wrong)."""
@@ -30,6 +32,7 @@ class ArrayDataset:
     name: str = ""
     groups: np.ndarray | None = field(default=None, repr=False)
     classes: list[str] | None = None
+    features: list[str] | None = None  # feature (column) names in order, when the source has them
 
     def __post_init__(self) -> None:
         """Coerce dtypes (x float32, y int64) and check shapes so errors surface at construction."""
@@ -80,7 +83,12 @@ class ArrayDataset:
             y=self.y[idx],
             groups=None if self.groups is None else self.groups[idx],
             classes=None if self.classes is None else list(self.classes),
+            features=None if self.features is None else list(self.features),
         )
+
+    def schema(self) -> DataSchema:
+        """Features (names, order, dtype) and classes, as the coordinator announces and sites check them."""
+        return schema_of(self.input_shape, self.num_classes, self.features, self.classes)
 
     def class_counts(self) -> np.ndarray:
         """Examples per class (length num_classes), for skew reports and class weighting."""

@@ -79,6 +79,30 @@ def _class_mapping(
     return np.array([lookup[s] for s in as_str], dtype=np.int64), names
 
 
+def _header(path: Path) -> list[str]:
+    """The column names as the file has them ([] when unreadable: _read_table then says why)."""
+    try:
+        if path.suffix.lower() == ".csv":  # read raw: pandas renames a second 'age' to 'age.1'
+            import csv
+
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                return [str(c) for c in next(csv.reader(f), [])]
+        import pyarrow.parquet as pq
+
+        return [str(c) for c in pq.read_schema(path).names]
+    except Exception:  # noqa: BLE001 - any failure here is reported by _read_table
+        return []
+
+
+def _refuse_duplicate_columns(path: Path) -> None:
+    """Duplicated column names are an error: which of two 'age' columns is the feature would be a guess."""
+    from collections import Counter
+
+    dups = sorted(c for c, n in Counter(_header(path)).items() if n > 1)
+    if dups:
+        raise DataError(f"{path}: duplicated column names {dups} (each column must have its own name)")
+
+
 def _feature_columns(path: Path, columns: list[str], label_column: str, feature_columns: list[str] | None) -> list[str]:
     """The configured feature columns (or every column but the label), checked against the table."""
     if feature_columns is None:
@@ -149,6 +173,8 @@ def load_table(
       public statistics and the table is already scaled.
     """
     path = Path(path)
+    if path.is_file():
+        _refuse_duplicate_columns(path)
     df = _read_table(path)
     columns = [str(c) for c in df.columns]
     df.columns = columns
@@ -172,7 +198,7 @@ def load_table(
         std = x.std(axis=0)
         std[std < 1e-12] = 1.0
         x = (x - mean) / std
-    return ArrayDataset(x.astype(np.float32), y, len(names), name=path.stem, classes=names)
+    return ArrayDataset(x.astype(np.float32), y, len(names), name=path.stem, classes=names, features=feature_columns)
 
 
 def load_image_folder(

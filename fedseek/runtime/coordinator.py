@@ -57,8 +57,9 @@ class Coordinator:
             seed=cfg.seed, downlink=cfg.compression.downlink, max_update_norm=cfg.validation.max_update_norm, validation=cfg.validation,
             max_payload_bytes=cfg.validation.max_payload_bytes or 2 * self.model.dense_bytes + 4096)
         self.book = RunBook()
-        self.evaluator = FederatedEvaluator(grid, self.nodes, self.audit, meta=self.meta, run_id=plan.run_id, timeout_s=cfg.round_timeout_s,
-                                            downlink=cfg.compression.downlink) if cfg.evaluation.every > 0 else None
+        self.evaluator = FederatedEvaluator(
+            grid, self.nodes, self.audit, meta=self.meta, run_id=plan.run_id, timeout_s=cfg.round_timeout_s,
+            downlink=cfg.compression.downlink, data_schema=plan.task.schema) if cfg.evaluation.every > 0 else None
         self.watermark: WatermarkStage | None = None
         if cfg.watermark.enabled:  # imported only when used: scipy.stats alone takes ~1 s
             from fedseek.runtime.watermarking import WatermarkStage
@@ -85,7 +86,8 @@ class Coordinator:
         return RoundConfig(
             server_round=rnd, num_rounds=self.cfg.rounds, lr=t.lr, local_epochs=t.local_epochs, batch_size=t.batch_size,
             momentum=t.momentum, weighting=t.class_weighting, proximal_mu=s.proximal_mu if s.name == "fedprox" else 0.0,
-            model=self.meta, seed=int(self.cfg.seed), run_id=self.plan.run_id, codec=dataclasses.asdict(self.codec))
+            model=self.meta, seed=int(self.cfg.seed), run_id=self.plan.run_id, codec=dataclasses.asdict(self.codec),
+            data_schema=self.plan.task.schema)
 
     def run(self) -> RunSummary:
         """Resume or start, wait for the sites, run the remaining rounds, write the summary."""

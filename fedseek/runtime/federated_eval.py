@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from fedseek.outputs.schema import FederatedEvalRow, SiteEval
 from fedseek.runtime.log import flwr_log
 from fedseek.runtime.nodes import Audit, NodeTracker
+from fedseek.wire.data_schema import DataSchema
 from fedseek.wire.records import CONFIG, METRICS, EvalConfig, EvalMetrics, ModelMeta, RecordError, RefusalMetrics, refusal_reason
 from fedseek.wire.transfer import pack_global
 
@@ -151,9 +152,10 @@ class FederatedEvaluator:
     """Sends EVALUATE messages through the Grid, validates and pools the replies, audits what was not pooled."""
 
     def __init__(self, grid: Grid, nodes: NodeTracker, audit: Audit, *, meta: ModelMeta, run_id: str, timeout_s: float,
-                 downlink: str = "none") -> None:
+                 downlink: str = "none", data_schema: DataSchema | None = None) -> None:
         self.grid, self.nodes, self.audit = grid, nodes, audit
         self.meta, self.run_id, self.timeout_s, self.downlink = meta, run_id, timeout_s, downlink
+        self.data_schema = data_schema  # announced with every request; a site whose data differs refuses
 
     def targets(self, excluded: Collection[str]) -> list[int]:
         """Connected, identified nodes whose site is not excluded nor backing off after time-outs (NodeTracker.targets)."""
@@ -162,7 +164,7 @@ class FederatedEvaluator:
     def messages(self, rnd: int, model: GlobalModel, nodes: list[int]) -> tuple[list[Message], int]:
         """One EVALUATE message per node: the packed global model (as in TRAIN) and the evaluation config; and the bytes sent."""
         records, payload = pack_global(model.arrays, model.mask, self.downlink)
-        config = EvalConfig(server_round=rnd, model=self.meta, run_id=self.run_id).to_record()
+        config = EvalConfig(server_round=rnd, model=self.meta, run_id=self.run_id, data_schema=self.data_schema).to_record()
         content = RecordDict({**records, CONFIG: config})
         return [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes], payload * len(nodes)
 

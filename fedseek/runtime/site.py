@@ -18,7 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from fedseek.files import atomic_write_bytes
 from fedseek.runtime.site_eval import handle_evaluate
 from fedseek.runtime.site_privacy import policy_refusal, training_gate
-from fedseek.runtime.site_runtime import SiteRuntime, resolve_site
+from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, schema_refusal
 from fedseek.train.local import TrainResult, resolve_device, train_local
 from fedseek.train.models import build_model
 from fedseek.wire.codec import CodecSpec, ErrorFeedback, encode
@@ -69,7 +69,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one core per virtual site; the engine runs several in parallel
     site = resolve_site(context)
     cfg = RoundConfig.from_record(msg.content.config_records[CONFIG])
-    reason = policy_refusal(site, cfg)
+    reason = schema_refusal(site, cfg.data_schema) or policy_refusal(site, cfg)
     if reason is not None:
         return _refusal(msg, site, reason, None)
     if site.privacy is None:

@@ -18,7 +18,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedseek.privacy.sampling import secure_uniform
 from fedseek.runtime.site_privacy import open_ledger
-from fedseek.runtime.site_runtime import SiteRuntime, resolve_site
+from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, schema_refusal
 from fedseek.train.local import predict_scores
 from fedseek.train.models import build_model
 from fedseek.wire.records import CONFIG, METRICS, SITE, EvalConfig, EvalMetrics, RefusalMetrics, refusal_content, site_record
@@ -48,6 +48,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     site = resolve_site(context)
     cfg = EvalConfig.from_record(msg.content.config_records[CONFIG])
+    reason = schema_refusal(site, cfg.data_schema)
+    if reason is not None:
+        return _refuse(msg, site, reason)
     if site.y_eval is None or len(site.y_eval) == 0:
         return _refuse(msg, site, "no held-out evaluation split at this site (holdout_fraction is 0): training records are never evaluated")
     meta = cfg.model

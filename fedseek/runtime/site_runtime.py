@@ -19,6 +19,7 @@ from flwr.app import Context
 from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenario, load_site
 from fedseek.data.holdout import holdout_key, holdout_mask
 from fedseek.data.site_data import load_site_data
+from fedseek.wire.data_schema import DataSchema, schema_mismatch
 
 
 @dataclass
@@ -38,6 +39,15 @@ class SiteRuntime:
     x_eval: np.ndarray | None = None  # held-out records: evaluated on, never trained on
     y_eval: np.ndarray | None = None
     holdout_fraction: float = 0.0
+    schema: DataSchema | None = None  # the site's own data schema, checked against the coordinator's every round
+
+
+def schema_refusal(site: SiteRuntime, announced: DataSchema | None) -> str | None:
+    """Why this site's data does not fit the schema the coordinator announced (None: it fits, or none was announced)."""
+    if announced is None or site.schema is None:
+        return None
+    problem = schema_mismatch(announced, site.schema)
+    return f"data schema differs from the coordinator's: {problem}" if problem else None
 
 
 def split_holdout(site: SiteRuntime, fraction: float, *, seed: int | None) -> SiteRuntime:
@@ -94,6 +104,7 @@ def _deployed_site(path: str, mtime: float, data_mtime: float) -> SiteRuntime:
         device=cfg.device,
         precision=cfg.precision,
         index=int(cfg.data.partition or 0),
+        schema=ds.schema(),
     )
     return split_holdout(site, cfg.holdout_fraction, seed=None)
 
@@ -133,6 +144,7 @@ def resolve_site(context: Context) -> SiteRuntime:
         precision=cfg.precision,
         num_sites=cfg.num_sites,
         index=pid,
+        schema=train.schema(),
     )
     if cfg.evaluation.every <= 0:
         return site

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from flwr.app import Context
 
 from fedseek.config import CoordinatorConfig, FederationSpec, PrivacySpec, ScenarioConfig, load_coordinator, load_scenario
+from fedseek.wire.data_schema import DataSchema, schema_of
 from fedseek.wire.identity import read_site_keys
 from fedseek.wire.records import ModelMeta
 
@@ -28,6 +29,12 @@ class Task:
     num_classes: int
     test: Any = None  # fedseek.data.ArrayDataset | None
     name: str = ""
+    schema: DataSchema | None = None  # announced to every site; default: the test set's, else shape and class count
+
+    def __post_init__(self) -> None:
+        """Derive the announced data schema from the test set (names where it has them) or the shapes."""
+        if self.schema is None:
+            self.schema = self.test.schema() if self.test is not None else schema_of(self.input_shape, self.num_classes, None, None)
 
 
 @dataclass
@@ -73,7 +80,8 @@ def coordinator_task(cfg: CoordinatorConfig) -> Task:
         return Task(tuple(test.input_shape), int(test.num_classes), test, Path(t.test_file).stem)
     if t.input_shape is None or t.num_classes is None:
         raise ValueError("coordinator task needs dataset, test_file, or input_shape and num_classes")
-    return Task(tuple(int(d) for d in t.input_shape), int(t.num_classes), None, cfg.name)
+    shape = tuple(int(d) for d in t.input_shape)
+    return Task(shape, int(t.num_classes), None, cfg.name, schema_of(shape, int(t.num_classes), t.feature_columns, t.classes))
 
 
 def plan_from_context(context: Context) -> RunPlan:

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedseek.wire.data_schema import DataSchema
+
 # Bounds on every number a site reports (a site may send anything: values beyond these are a RecordError, not an overflow later)
 MAX_EXAMPLES = 10**9  # records one site may claim to have trained or evaluated on in one round
 MAX_COUNT = 10**12  # steps, bytes
@@ -29,6 +31,23 @@ STATUS = "status"
 
 class RecordError(ValueError):
     """A record that does not match its schema (the message names the key)."""
+
+
+MAX_JSON_TEXT = 4_000_000  # characters of a JSON-valued config key a site parses
+
+
+def _json_keys(d: dict[str, Any], keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """Decode the config keys that travel as JSON text (bounded size); RecordError naming the key."""
+    for key in keys:
+        if isinstance(d.get(key), str):
+            text = str(d[key])
+            if len(text) > MAX_JSON_TEXT:
+                raise RecordError(f"{what} key {key!r}: {len(text)} characters (at most {MAX_JSON_TEXT})")
+            try:
+                d[key] = json.loads(text)
+            except (json.JSONDecodeError, RecursionError):
+                raise RecordError(f"{what} key {key!r}: not JSON") from None
+    return d
 
 
 class _Wire(BaseModel):
@@ -72,24 +91,21 @@ class RoundConfig(_Wire):
     seed: int = 0
     run_id: str = Field("", alias="run-id")
     codec: dict[str, Any] = {}
+    data_schema: DataSchema | None = Field(None, alias="data-schema")  # what the site's data must look like
 
     def to_record(self) -> ConfigRecord:
-        """The ConfigRecord form (flat: the model and codec travel as JSON text)."""
+        """The ConfigRecord form (flat: the model, codec and data schema travel as JSON text)."""
         d = self.to_dict()
         d["model"] = json.dumps(self.model.to_dict())
         d["codec"] = json.dumps(self.codec)
+        if self.data_schema is not None:
+            d["data-schema"] = self.data_schema.model_dump_json()
         return ConfigRecord(d)
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> RoundConfig:
         """Parse and validate the coordinator's round config; RecordError naming the key otherwise."""
-        d: dict[str, Any] = dict(rec)
-        for key in ("model", "codec"):
-            if isinstance(d.get(key), str):
-                try:
-                    d[key] = json.loads(str(d[key]))
-                except json.JSONDecodeError:
-                    raise RecordError(f"round config key {key!r}: not JSON") from None
+        d = _json_keys(dict(rec), ("model", "codec", "data-schema"), "round config")
         parsed: RoundConfig = cls._parse(d, "round config")
         return parsed
 
@@ -145,22 +161,20 @@ class EvalConfig(_Wire):
     server_round: int = Field(alias="server-round", ge=1)
     model: ModelMeta
     run_id: str = Field("", alias="run-id")
+    data_schema: DataSchema | None = Field(None, alias="data-schema")  # what the site's data must look like
 
     def to_record(self) -> ConfigRecord:
-        """The ConfigRecord form (the model travels as JSON text)."""
+        """The ConfigRecord form (the model and data schema travel as JSON text)."""
         d = self.to_dict()
         d["model"] = json.dumps(self.model.to_dict())
+        if self.data_schema is not None:
+            d["data-schema"] = self.data_schema.model_dump_json()
         return ConfigRecord(d)
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> EvalConfig:
         """Parse and validate an evaluation request; RecordError naming the key otherwise."""
-        d: dict[str, Any] = dict(rec)
-        if isinstance(d.get("model"), str):
-            try:
-                d["model"] = json.loads(str(d["model"]))
-            except json.JSONDecodeError:
-                raise RecordError("evaluation config key 'model': not JSON") from None
+        d = _json_keys(dict(rec), ("model", "data-schema"), "evaluation config")
         parsed: EvalConfig = cls._parse(d, "evaluation config")
         return parsed
 

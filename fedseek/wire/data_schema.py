@@ -1,0 +1,78 @@
+"""The data schema the coordinator announces and every site checks before it trains or evaluates.
+
+A model only means something when every site feeds it the same features in the same order and
+maps labels to the same class indices. The coordinator knows the expected schema from its test
+table or its task config and sends it with every TRAIN/EVALUATE message; a site whose own table
+differs refuses with one line saying exactly what differs (no training, no privacy spend).
+Feature and class names are compared only where both sides know them; shape and class count always.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_NAMES = 100_000  # features or classes one schema may list (bounds what a coordinator can make a site parse)
+
+
+class DataSchema(BaseModel):
+    """Features (names, order, dtype) and classes a site's data must have."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_shape: list[int] = Field(min_length=1, max_length=8)
+    num_classes: int = Field(ge=1, le=MAX_NAMES)
+    features: list[str] | None = Field(None, max_length=MAX_NAMES)  # column names in order (tables); None: unknown
+    classes: list[str] | None = Field(None, max_length=MAX_NAMES)  # label k is classes[k]; None: unknown
+    dtype: str = "float32"  # what every fedseek loader produces
+
+
+def schema_of(input_shape: tuple[int, ...], num_classes: int, features: list[str] | None, classes: list[str] | None) -> DataSchema:
+    """The schema of a dataset (a site's table, the coordinator's test set)."""
+    return DataSchema(input_shape=[int(d) for d in input_shape], num_classes=int(num_classes),
+                      features=list(features) if features is not None else None, classes=list(classes) if classes is not None else None)
+
+
+def _names(values: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _feature_problem(expected: list[str], actual: list[str]) -> str | None:
+    missing = [c for c in expected if c not in actual]
+    extra = [c for c in actual if c not in expected]
+    if missing or extra:
+        parts = ([f"missing columns {_names(missing)}"] if missing else []) + ([f"unexpected columns {_names(extra)}"] if extra else [])
+        return "; ".join(parts)
+    if expected != actual:
+        i = next(k for k, (a, b) in enumerate(zip(expected, actual, strict=True)) if a != b)
+        return f"same columns in a different order: position {i + 1} is {actual[i]!r}, expected {expected[i]!r}"
+    return None
+
+
+def _class_problem(expected: list[str], actual: list[str]) -> str | None:
+    extra = [c for c in actual if c not in expected]
+    if extra:
+        return f"classes {_names(extra)} are not among the coordinator's classes {_names(expected, 10)}"
+    if expected != actual:
+        return (f"class labels map differently: the coordinator's classes are {_names(expected, 10)}, this site's {_names(actual, 10)} "
+                f"(set data.classes to the coordinator's list)")
+    return None
+
+
+def schema_mismatch(expected: DataSchema, actual: DataSchema) -> str | None:
+    """One line saying what differs between the coordinator's schema and a site's (None: they agree)."""
+    if expected.features is not None and actual.features is not None:
+        problem = _feature_problem(expected.features, actual.features)
+        if problem:
+            return problem
+    if expected.input_shape != actual.input_shape:
+        return f"input shape {actual.input_shape}, expected {expected.input_shape}"
+    if expected.classes is not None and actual.classes is not None:
+        problem = _class_problem(expected.classes, actual.classes)
+        if problem:
+            return problem
+    if expected.num_classes != actual.num_classes:
+        return f"{actual.num_classes} classes, expected {expected.num_classes}"
+    if expected.dtype != actual.dtype:
+        return f"dtype {actual.dtype}, expected {expected.dtype}"
+    return None
