@@ -65,9 +65,14 @@ def breast_cancer_csvs(root: Path, n_sites: int) -> tuple[list[Path], Path]:
 
 
 def coordinator_yaml(path: Path, certs: Path, port: int, state: Path, sites: list[str], test_csv: Path | None = None,
-                     gateway_port: int | None = None) -> Path:
+                     gateway_port: int | None = None, transport: str = "grpc", superlink_port: int | None = None) -> Path:
+    """A coordinator config; `port` is where sites connect: the gRPC endpoint (transport grpc, the SuperLink then on
+    `superlink_port`, default a free loopback port) or the SuperLink itself (transport https)."""
+    sl_port = port if transport == "https" else (superlink_port or free_port())
     return write_yaml(path, {
+        "transport": transport,
         **({"gateway": {"host": "127.0.0.1", "port": gateway_port}} if gateway_port else {}),
+        **({"endpoint": {"host": "127.0.0.1", "port": port}} if transport == "grpc" else {}),
         "name": "deploy-test", "seed": 1, "rounds": 2,
         "task": {"test_file": str(test_csv), "label_column": "diagnosis", "classes": ["benign", "malignant"]} if test_csv
         else {"input_shape": [30], "num_classes": 2},
@@ -75,7 +80,7 @@ def coordinator_yaml(path: Path, certs: Path, port: int, state: Path, sites: lis
         "strategy": {"name": "fedavg", "min_sites": max(1, len(sites))},
         "train": {"local_epochs": 1, "lr": 0.1, "batch_size": 16},
         "round_timeout_s": 120,
-        "superlink": {"host": "127.0.0.1", "port": port, "certs_dir": str(certs), "state_dir": str(state)},
+        "superlink": {"host": "127.0.0.1", "port": sl_port, "certs_dir": str(certs), "state_dir": str(state)},
         "sites": [{"name": s, "public_key": str(certs / "sites" / s / f"{s}.pub")} for s in sites],
         "expected_sites": max(1, len(sites)), "node_wait_s": 120,
         "out_dir": str(state.parent / "out"),
@@ -84,11 +89,15 @@ def coordinator_yaml(path: Path, certs: Path, port: int, state: Path, sites: lis
 
 
 def site_yaml(path: Path, name: str, port: int, certs: Path, data: Path, state: Path, *, ca: Path | None = None,
-              key: Path | None = None, label: str = "diagnosis", retries: int | None = None) -> Path:
+              key: Path | None = None, label: str = "diagnosis", retries: int | None = None, transport: str = "grpc") -> Path:
+    """A site config; with transport grpc it runs its site proxy on a free loopback port with the bundle's certificate."""
+    bundle = certs / "sites" / name
     cfg = {
-        "name": name, "coordinator": f"127.0.0.1:{port}",
-        "root_certificates": str(ca or certs / "sites" / name / "ca.crt"),
-        "auth_private_key": str(key or certs / "sites" / name / name),
+        "name": name, "coordinator": f"127.0.0.1:{port}", "transport": transport,
+        "root_certificates": str(ca or bundle / "ca.crt"),
+        "auth_private_key": str(key or bundle / name),
+        **({"tls_certificate": str(bundle / f"{name}.crt"), "tls_private_key": str(bundle / f"{name}.tls.key"),
+            "proxy_port": free_port()} if transport == "grpc" else {}),
         "data": {"path": str(data), "label_column": label, "classes": ["benign", "malignant"]},
         "privacy": {"epsilon_budget": 8.0, "delta": 1e-5, "noise_multiplier": 1.0, "grad_sample_mode": "ghost"},
         "state_dir": str(state / name), "device": "cpu", "runtime_port": free_port(),
@@ -122,20 +131,25 @@ def fed(tmp_path_factory):
     """CA + coordinator cert, 3 registered site keys + 1 rogue, data, configs; coordinator and 3 sites running."""
     root = tmp_path_factory.mktemp("deploy")
     certs = root / "certs"
-    port, gw_port = free_port(), free_port()
+    port, gw_port, sl_port = free_port(), free_port(), free_port()
     pki.init_ca(certs, hosts=[], ips=[])
     for name in (*SITES, "rogue"):
         pki.add_site(certs, name, f"127.0.0.1:{port}")
     data, test_csv = breast_cancer_csvs(root / "data", len(SITES))
-    coord = coordinator_yaml(root / "coordinator.yaml", certs, port, root / "coord", list(SITES), test_csv, gateway_port=gw_port)
-    # site-a and site-b reach the coordinator through the Fleet-only gateway, site-c the SuperLink directly
-    site_cfgs = [site_yaml(root / f"{n}.yaml", n, gw_port if n != "site-c" else port, certs, data[i], root / "sites")
+    coord = coordinator_yaml(root / "coordinator.yaml", certs, port, root / "coord", list(SITES), test_csv, gateway_port=gw_port,
+                             superlink_port=sl_port)
+    # every transport at once: site-a through its site proxy and the gRPC endpoint (the default), site-b through the
+    # older HTTPS Fleet-only gateway, site-c straight to the loopback SuperLink
+    routes = {"site-a": (port, "grpc"), "site-b": (gw_port, "https"), "site-c": (sl_port, "https")}
+    site_cfgs = [site_yaml(root / f"{n}.yaml", n, routes[n][0], certs, data[i], root / "sites", transport=routes[n][1])
                  for i, n in enumerate(SITES)]
-    ctx = {"root": root, "certs": certs, "port": port, "gw_port": gw_port, "coord": coord, "sites": site_cfgs, "data": data}
+    ctx = {"root": root, "certs": certs, "port": sl_port, "ep_port": port, "gw_port": gw_port, "coord": coord,
+           "sites": site_cfgs, "data": data}
     try:
         res = fedseek("coordinator", "start", "--config", str(coord))
         assert res.returncode == 0, res.stderr
-        assert all(f"site {n}: key registered" in res.stderr for n in SITES) and "gateway started" in res.stderr, res.stderr
+        assert all(f"site {n}: key registered" in res.stderr for n in SITES), res.stderr
+        assert "gateway started" in res.stderr and "endpoint started" in res.stderr, res.stderr
         for cfg in site_cfgs:
             res = fedseek("site", "start", "--config", str(cfg), "--wait", "60")
             assert res.returncode == 0 and "online as node" in res.stderr, res.stderr
@@ -144,7 +158,8 @@ def fed(tmp_path_factory):
         for cfg in site_cfgs:
             fedseek("site", "stop", "--config", str(cfg))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}")]:
+        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, root / "coord" / daemons.ENDPOINT_PIDFILE,
+                     *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}"), *(root / "sites").glob(f"*/{daemons.PROXY_PIDFILE}")]:
             pf = daemons.Pidfile.read(path)  # belt and braces: nothing may outlive the module
             if pf is not None and pf.running():
                 from fedseek.ops.processes import stop_detached
@@ -242,7 +257,7 @@ def test_client_trusting_another_ca_is_refused(fed, tmp_path):
     other = tmp_path / "other-ca"
     pki.init_ca(other, hosts=[], ips=[])
     cfg = site_yaml(tmp_path / "s.yaml", "site-a", fed["port"], fed["certs"], fed["data"][0], tmp_path / "st",
-                    ca=other / pki.CA_CRT, retries=1)
+                    ca=other / pki.CA_CRT, retries=1, transport="https")
     res = fedseek("site", "start", "--config", str(cfg), "--wait", "90")
     assert res.returncode == 1, res.stderr
     assert "refused" in res.stderr and "CERTIFICATE_VERIFY_FAILED" in res.stderr, res.stderr
@@ -250,11 +265,26 @@ def test_client_trusting_another_ca_is_refused(fed, tmp_path):
 
 
 def test_unregistered_site_key_is_refused(fed, tmp_path):
-    cfg = site_yaml(tmp_path / "rogue.yaml", "rogue", fed["gw_port"], fed["certs"], fed["data"][0], tmp_path / "st", retries=1)
+    cfg = site_yaml(tmp_path / "rogue.yaml", "rogue", fed["gw_port"], fed["certs"], fed["data"][0], tmp_path / "st", retries=1,
+                    transport="https")
     res = fedseek("site", "start", "--config", str(cfg), "--wait", "90")
     assert res.returncode == 1, res.stderr
     assert "[code: 2004]" in res.stderr and "does not know this site's key" in res.stderr, res.stderr
     assert status(fed["coord"])["other_nodes"] == []  # the rogue key never became a node
+
+
+def test_grpc_unlisted_site_certificate_is_refused_at_the_endpoint(fed, tmp_path):
+    """A site certificate from the federation CA whose site is not in `sites` never reaches the SuperLink."""
+    cfg = site_yaml(tmp_path / "rogue.yaml", "rogue", fed["ep_port"], fed["certs"], fed["data"][0], tmp_path / "st", retries=1)
+    res = fedseek("site", "start", "--config", str(cfg), "--wait", "90")
+    try:
+        assert res.returncode == 1, res.stderr
+        assert "refused" in res.stderr and "not in the coordinator's sites" in res.stderr, res.stderr
+        assert "certificate names 'rogue', which is not in the coordinator's sites" in (fed["root"] / "coord" / "endpoint.log").read_text()
+        assert status(fed["coord"])["other_nodes"] == []
+    finally:
+        fedseek("site", "stop", "--config", str(cfg))
+    assert daemons.Pidfile.read(tmp_path / "st" / "rogue" / daemons.PROXY_PIDFILE) is None
 
 
 def test_expired_coordinator_certificate_is_refused(fed, tmp_path):
@@ -270,14 +300,15 @@ def test_expired_coordinator_certificate_is_refused(fed, tmp_path):
     pki.write_private_key(certs / pki.COORDINATOR_KEY, key)
     pki.write_cert(certs / pki.COORDINATOR_CRT, cert)
     port = free_port()
-    coord = coordinator_yaml(tmp_path / "c.yaml", certs, port, tmp_path / "coord", [])
+    coord = coordinator_yaml(tmp_path / "c.yaml", certs, port, tmp_path / "coord", [], transport="https")
     res = fedseek("coordinator", "start", "--config", str(coord))
     assert res.returncode == 2 and "expired on" in res.stderr and len(lines(res.stderr)) == 1, res.stderr
 
     cfg = load_coordinator(coord)
     try:
         coordinator.launch_superlink(cfg)
-        site = site_yaml(tmp_path / "s.yaml", "site-a", port, fed["certs"], fed["data"][0], tmp_path / "st", retries=1)
+        site = site_yaml(tmp_path / "s.yaml", "site-a", port, fed["certs"], fed["data"][0], tmp_path / "st", retries=1,
+                         transport="https")
         res = fedseek("site", "start", "--config", str(site), "--wait", "90")
         assert res.returncode == 1, res.stderr
         assert "certificate has expired" in res.stderr, res.stderr
@@ -298,11 +329,32 @@ def test_restart_with_same_database_sites_reconnect_and_new_run_works(fed):
     st = wait_online(fed["coord"], SITES, 120)
     assert {s["name"]: s["node_id"] for s in st["sites"]} == before  # same keys, same node ids
 
+    # a run during which site-a's proxy and the coordinator endpoint are both killed and restarted
     out = fed["root"] / "run2"
-    res = fedseek("run", "--config", str(fed["coord"]), "--out", str(out), timeout=400)
-    assert res.returncode == 0, res.stderr[-4000:]
+    run = subprocess.Popen([sys.executable, "-m", "fedseek", "run", "--config", str(fed["coord"]), "--out", str(out)], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert run.poll() is None and time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(1)
+        cfg_a = fed["sites"][0]
+        assert daemons.stop_pidfile(fed["root"] / "sites" / "site-a" / daemons.PROXY_PIDFILE) is not None
+        assert daemons.stop_pidfile(fed["root"] / "coord" / daemons.ENDPOINT_PIDFILE) is not None
+        time.sleep(2)
+        res = fedseek("coordinator", "start", "--config", str(fed["coord"]))
+        assert res.returncode == 0 and "endpoint started" in res.stderr, res.stderr
+        res = fedseek("site", "start", "--config", str(cfg_a))
+        assert res.returncode == 0 and "proxy (pid" in res.stderr and "already running" in res.stderr, res.stderr
+        text, _ = run.communicate(timeout=400)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, text[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2
+    assert summary["rounds_completed"] == 2 and summary["status"] == "completed"
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["accepted"] >= 2, rows[-1]
     for _n, pf in site_pids.items():  # the same SuperNode processes reconnected by themselves (no restart)
         assert pf is not None and pf.running()
         # (Flower's "Connection successful after" log line is not always written: the same pid, the
@@ -310,6 +362,21 @@ def test_restart_with_same_database_sites_reconnect_and_new_run_works(fed):
     if "run1_epsilon" in fed:  # each site's ledger carried over: epsilon grew, never reset
         for name, eps in summary["privacy"]["sites"].items():
             assert eps["epsilon"] > fed["run1_epsilon"][name]
+
+
+def test_revoking_a_listed_site_stops_it_without_a_coordinator_restart(fed):
+    """Last on the shared federation: `certs revoke site-a` on the running endpoint; site-a's SuperNode is refused and exits."""
+    ep = daemons.Pidfile.read(fed["root"] / "coord" / daemons.ENDPOINT_PIDFILE)
+    node = daemons.Pidfile.read(fed["root"] / "sites" / "site-a" / daemons.SUPERNODE_PIDFILE)
+    assert ep is not None and ep.running() and node is not None and node.running()
+    res = fedseek("certs", "revoke", "site-a", "--certs", str(fed["certs"]))
+    assert res.returncode == 0 and "revoked 1 certificate" in res.stdout, res.stdout + res.stderr
+    deadline = time.monotonic() + 120
+    while node.running() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not node.running(), "site-a's SuperNode still runs after its certificate was revoked"
+    assert "of 'site-a'" in (fed["root"] / "coord" / "endpoint.log").read_text()
+    assert ep.running()  # the same endpoint process: no restart
 
 
 # ------------------------------------------------------------------ bad site configs (no daemons needed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -56,7 +56,7 @@ class SuperLinkSpec(StrictSpec):
     """
 
     host: str = "127.0.0.1"
-    port: int = Field(9092, ge=1, le=65535)
+    port: int = Field(9192, ge=1, le=65535, description="loopback port (the endpoint or gateway forwards to it)")
     state_dir: str = Field("state", description="pidfile, CLI home, default database and log")
     database: str | None = Field(None, description="sqlite file; default STATE_DIR/superlink.db")
     certs_dir: str = Field("certs", description="ca.crt, coordinator.crt, coordinator.key (fedseek certs init)")
@@ -70,6 +70,20 @@ class GatewaySpec(StrictSpec):
     host: str = Field("0.0.0.0", description="public interface the sites reach")
     port: int = Field(9092, ge=1, le=65535)
     max_body_mb: int = Field(512, ge=1, description="largest request (a site's update) forwarded")
+
+
+class EndpointSpec(StrictSpec):
+    """The coordinator endpoint (fedseek.ops.transport.endpoint): gRPC with mutual TLS, the only public listener."""
+
+    host: str = Field("0.0.0.0", description="public interface the sites reach")
+    port: int = Field(9092, ge=1, le=65535)
+    max_message_mb: int | None = Field(None, ge=1, le=2048, description="largest message; default from the model size")
+    max_concurrent_calls: int = Field(64, ge=1, le=10_000)
+    max_connections: int = Field(256, ge=1, le=100_000)
+    call_timeout_s: float = Field(120.0, gt=0.0)
+
+
+Transport = Literal["grpc", "https-gateway", "https"]
 
 
 class AllowedSite(StrictSpec):
@@ -86,7 +100,11 @@ class CoordinatorConfig(FederationSpec):
 
     task: TaskSpec
     superlink: SuperLinkSpec = Field(default_factory=SuperLinkSpec)
-    gateway: GatewaySpec | None = Field(None, description="expose only the Fleet API (recommended beyond one host)")
+    transport: Transport | None = Field(None, description="grpc (default: mutual TLS endpoint), https-gateway "
+                                        "(the older HTTPS Fleet gateway) or https (sites reach the SuperLink directly)")
+    endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    gateway: GatewaySpec | None = Field(None, description="the older HTTPS Fleet-only gateway (transport https-gateway, "
+                                        "or beside the endpoint for sites that cannot run the proxy)")
     sites: list[AllowedSite] = Field(default_factory=list)
     expected_sites: int | None = Field(None, ge=1, description="sites awaited before round 1; default strategy.min_sites")
     node_wait_s: float = Field(300.0, gt=0.0)
@@ -103,10 +121,25 @@ class CoordinatorConfig(FederationSpec):
             raise ValueError(f"site names must be unique; repeated: {', '.join(dup)}")
         if self.sites and self.expected_sites > len(self.sites):
             raise ValueError(f"expected_sites ({self.expected_sites}) exceeds the {len(self.sites)} allowed sites")
+        if self.transport is None:
+            self.transport = "https-gateway" if self.gateway is not None else "grpc"
+        if self.transport == "https-gateway" and self.gateway is None:
+            self.gateway = GatewaySpec()
+        if self.transport == "grpc":
+            if self.superlink.host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(f"with transport grpc, superlink.host must be loopback (127.0.0.1), not {self.superlink.host!r}: "
+                                 "the endpoint is the only public entry")
+            if self.endpoint.port == self.superlink.port:
+                raise ValueError(f"endpoint.port and superlink.port are both {self.endpoint.port}: give the SuperLink another "
+                                 "port (default 9192)")
+            if not self.sites:
+                raise ValueError("transport grpc needs the sites list (their certificates and node keys are checked per call)")
         if self.gateway is not None:
             if self.superlink.host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError(f"with a gateway, superlink.host must be loopback (127.0.0.1), not {self.superlink.host!r}: "
                                  "the gateway is the only public entry")
+            if self.transport == "grpc" and self.gateway.port == self.endpoint.port:
+                raise ValueError(f"gateway.port and endpoint.port are both {self.gateway.port}")
             if self.gateway.port == self.superlink.port:
                 raise ValueError(f"gateway.port and superlink.port are both {self.gateway.port}: give the SuperLink another port")
         if self.sites and self.strategy.min_sites > len(self.sites):
@@ -174,7 +207,13 @@ class SiteConfig(StrictSpec):
     name: str
     coordinator: str = Field(description="host:port of the coordinator, no scheme")
     root_certificates: str = Field(description="the federation's CA certificate (verifies the coordinator)")
-    auth_private_key: str = Field(description="the site's OpenSSH ECDSA private key (fedseek certs add-site)")
+    auth_private_key: str = Field(description="the site's OpenSSH ECDSA private key (fedseek certs request)")
+    transport: Literal["grpc", "https"] = Field("grpc", description="grpc: through the local site proxy with mutual TLS; "
+                                                "https: the SuperNode reaches the coordinator directly")
+    tls_certificate: str | None = Field(None, description="this site's certificate, NAME.crt (fedseek certs sign)")
+    tls_private_key: str | None = Field(None, description="this site's TLS key, NAME.tls.key (fedseek certs request)")
+    proxy_port: int = Field(9095, ge=1, le=65535, description="the site proxy's loopback port: unique per site on one host")
+    max_message_mb: int = Field(64, ge=1, le=2048, description="largest message the site proxy carries")
     data: SiteDataSpec
     privacy: PrivacySpec | None = None
     holdout_fraction: float = Field(
@@ -190,10 +229,21 @@ class SiteConfig(StrictSpec):
     _name = field_validator("name")(check_site_name)
     _coordinator = field_validator("coordinator")(check_address)
 
+    @model_validator(mode="after")
+    def _grpc_needs_certificate(self) -> SiteConfig:
+        if self.transport == "grpc" and (not self.tls_certificate or not self.tls_private_key):
+            raise ValueError("transport grpc needs tls_certificate (NAME.crt from the coordinator) and tls_private_key "
+                             "(NAME.tls.key from `fedseek certs request`)")
+        if self.proxy_port == self.runtime_port:
+            raise ValueError(f"proxy_port and runtime_port are both {self.proxy_port}")
+        return self
+
     def resolve_paths(self, base: Path) -> SiteConfig:
         """Make every path absolute against `base` and fill the state-dir default."""
         self.root_certificates = str(resolve_path(base, self.root_certificates))
         self.auth_private_key = str(resolve_path(base, self.auth_private_key))
+        self.tls_certificate = resolve_path(base, self.tls_certificate)
+        self.tls_private_key = resolve_path(base, self.tls_private_key)
         self.data.path = resolve_path(base, self.data.path)
         self.state_dir = resolve_path(base, self.state_dir) or str((base / "state" / self.name).resolve())
         return self

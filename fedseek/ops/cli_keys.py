@@ -1,4 +1,4 @@
-"""Commands for key material: `certs init|add-site|show` (the federation's PKI) and `watermark keygen|verify`."""
+"""Commands for key material: `certs init|request|sign|renew|revoke|add-site|show` and `watermark keygen|verify`."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def certs_add_site(
     coordinator: Annotated[str, typer.Option("--coordinator", help="Coordinator address host:port.")] = "127.0.0.1:9092",
     force: Force = False,
 ) -> int:
-    """Create a site's key pair and bundle."""
+    """One-machine shortcut: make a site's keys here, sign them and write its bundle (between organisations use request + sign)."""
     from fedseek.ops import pki
 
     try:
@@ -60,6 +60,89 @@ def certs_add_site(
     print(f"site bundle for {name}:")
     for k, v in bundle.__dict__.items():
         print(f"  {k}: {v}")
+    return 0
+
+
+@certs_app.command("request")
+def certs_request(
+    name: Annotated[str, typer.Argument(help="This site's name (as the coordinator lists it).")],
+    out: Annotated[str, typer.Option("--out", help="Directory for the site's keys and request.")] = "certs/site",
+    force: Force = False,
+) -> int:
+    """At the site: make this site's keys (they never leave it) and a certificate request for the coordinator."""
+    from fedseek.ops import pki
+    from fedseek.ops.pki.requests import request_site
+
+    try:
+        req = request_site(Path(out), name, force=force)
+    except pki.PkiError as exc:
+        return _pki_error(exc)
+    print(f"site {name}: keys and request in {Path(out)}")
+    print(f"  keep here (private, 0600): {req.node_key}  {req.tls_key}")
+    print(f"  send to the coordinator:   {req.csr}  {req.node_pub}")
+    print(f"  node key fingerprint (read it to the coordinator operator out of band): {req.fingerprint}")
+    return 0
+
+
+@certs_app.command("sign")
+def certs_sign(
+    csr: Annotated[str, typer.Argument(help="The site's NAME.csr.")],
+    pub: Annotated[str, typer.Option("--pub", help="The site's node public key NAME.pub.")],
+    certs: CertsDir = "certs",
+    days: Annotated[int, typer.Option("--days", help="Validity of the site certificate in days (short-lived).")] = 30,
+    force: Force = False,
+) -> int:
+    """At the coordinator: check a site's request and issue its certificate (only public keys are kept)."""
+    from fedseek.ops import pki
+    from fedseek.ops.pki.keys import ssh_fingerprint
+    from fedseek.ops.pki.requests import sign_request
+
+    try:
+        signed = sign_request(Path(certs), Path(csr), Path(pub), days=days, force=force)
+        fingerprint = ssh_fingerprint(signed.node_pub.read_bytes())
+    except pki.PkiError as exc:
+        return _pki_error(exc)
+    print(f"site {signed.name}: certificate serial {signed.serial}, valid until {signed.not_after:%Y-%m-%d %H:%M} UTC")
+    print(f"  node key fingerprint {fingerprint}: compare it with the site's before you list the site")
+    print(f"  send back to the site: {signed.cert}  {signed.ca}")
+    print(f"  list it in the coordinator config: sites: [{{name: {signed.name}, public_key: {signed.node_pub}}}]")
+    return 0
+
+
+@certs_app.command("renew")
+def certs_renew(
+    name: Annotated[str, typer.Argument(help="The site's name.")],
+    certs: CertsDir = "certs",
+    days: Annotated[int, typer.Option("--days", help="Validity in days.")] = 30,
+) -> int:
+    """At the coordinator: a fresh certificate for a site's kept request (the site keeps its keys)."""
+    from fedseek.ops import pki
+    from fedseek.ops.pki.requests import renew_site
+
+    try:
+        signed = renew_site(Path(certs), name, days=days)
+    except pki.PkiError as exc:
+        return _pki_error(exc)
+    print(f"site {name}: new certificate serial {signed.serial}, valid until {signed.not_after:%Y-%m-%d %H:%M} UTC: "
+          f"send {signed.cert} to the site (it restarts its proxy: `fedseek site start`)")
+    return 0
+
+
+@certs_app.command("revoke")
+def certs_revoke(
+    name: Annotated[str, typer.Argument(help="The site's name.")],
+    certs: CertsDir = "certs",
+) -> int:
+    """At the coordinator: revoke every certificate issued to a site; the running endpoint refuses it at once."""
+    from fedseek.ops import pki
+    from fedseek.ops.pki.requests import revoke_site
+
+    try:
+        serials = revoke_site(Path(certs), name)
+    except pki.PkiError as exc:
+        return _pki_error(exc)
+    print(f"site {name}: revoked {len(serials)} certificate(s) {', '.join(serials) or '(already revoked)'}; "
+          f"the endpoint refuses its calls from now on (no restart). Remove it from sites to unregister its node key.")
     return 0
 
 

@@ -1,10 +1,12 @@
-"""The coordinator service: a Flower SuperLink over TLS with site authentication, and its Fleet-only gateway.
+"""The coordinator service: a Flower SuperLink on loopback and the sites' one public entry (gRPC mTLS endpoint).
 
 `fedseek coordinator start|stop|status --config server/coordinator.yaml`: a SuperLink with TLS
 (`certs_dir`: ca.crt, coordinator.crt/.key), SuperNode authentication and a sqlite database,
 detached in its own session with a pidfile in `superlink.state_dir`; every allowed site's
-public key is registered through the Control API at start (fedseek.ops.registration). What
-Flower 1.41 leaves open (the Control API shares the Fleet port) is in docs/deployment.md.
+public key is registered through the Control API at start (fedseek.ops.registration). With the default
+transport (`grpc`) the coordinator endpoint (fedseek.ops.transport.endpoint) is the only public
+listener: mutual TLS, Fleet RPCs only, each call's certificate and node key checked against
+`sites`. What Flower 1.41 leaves open (the Control API shares the Fleet port) is in docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import Any
 from rich.console import Console
 
 from fedseek.config import CoordinatorConfig
-from fedseek.ops.daemons import GATEWAY_PIDFILE, SUPERLINK_PIDFILE, DeployError, Pidfile, launch_detached, running_pidfile, stop_pidfile
+from fedseek.ops.daemons import (
+    ENDPOINT_PIDFILE,
+    GATEWAY_PIDFILE,
+    SUPERLINK_PIDFILE,
+    DeployError,
+    Pidfile,
+    launch_detached,
+    running_pidfile,
+    stop_pidfile,
+)
 from fedseek.ops.flower_control import flower_env, flwr_bin, write_connection
 from fedseek.ops.follow import tail
 from fedseek.ops.processes import port_open, wait_for_port
@@ -141,6 +152,84 @@ def launch_gateway(cfg: CoordinatorConfig, *, wait_s: float = 30.0) -> Pidfile:
     return pf
 
 
+MIN_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def message_limit(cfg: CoordinatorConfig) -> int:
+    """The endpoint's largest message: endpoint.max_message_mb, else 3x the fp32 model plus 4 MiB (at least 16 MiB).
+
+    Flower sends a message's arrays as separate objects, so no single call is larger than the model.
+    """
+    if cfg.endpoint.max_message_mb:
+        return cfg.endpoint.max_message_mb * 1024 * 1024
+    from fedseek.train.models import build_model
+
+    shape, classes = _task_shape(cfg)
+    model = build_model(cfg.model.kind, shape, classes, cfg.model.hidden)
+    model_bytes = 4 * sum(p.numel() for p in model.parameters())
+    return max(MIN_MESSAGE_BYTES, 3 * model_bytes + 4 * 1024 * 1024)
+
+
+def _task_shape(cfg: CoordinatorConfig) -> tuple[tuple[int, ...], int]:
+    """The model's input shape and class count from the coordinator's task (given, its test table, or the dataset)."""
+    t = cfg.task
+    if t.input_shape is not None and t.num_classes is not None:
+        return tuple(int(d) for d in t.input_shape), int(t.num_classes)
+    from fedseek.data import DataError, load_builtin, load_table
+
+    try:
+        if t.test_file:
+            test = load_table(t.test_file, str(t.label_column), t.feature_columns, standardize=t.standardize, classes=t.classes)
+        else:
+            _, test = load_builtin(str(t.dataset), cfg.seed, test_fraction=t.test_fraction, **t.options)
+    except (DataError, ValueError, OSError) as exc:
+        raise DeployError(f"task: {' '.join(str(exc).split())}", 2) from None
+    return tuple(test.input_shape), int(test.num_classes)
+
+
+def endpoint_command(cfg: CoordinatorConfig, paths: CoordinatorPaths, sites_file: Path, max_message_bytes: int) -> list[str]:
+    """The coordinator endpoint's command line (public gRPC listener with mutual TLS -> loopback SuperLink)."""
+    ep = cfg.endpoint
+    host = f"[{ep.host}]" if ":" in ep.host else ep.host
+    return [sys.executable, "-m", "fedseek.ops.transport.endpoint", "--listen", f"{host}:{ep.port}",
+            "--upstream", admin_address(cfg), "--certfile", str(paths.cert), "--keyfile", str(paths.key),
+            "--cafile", str(paths.ca), "--sites", str(sites_file), "--revoked", str(paths.ca.parent / "revoked.json"),
+            "--max-message-bytes", str(max_message_bytes), "--max-concurrent-calls", str(ep.max_concurrent_calls),
+            "--max-connections", str(ep.max_connections), "--call-timeout-s", str(ep.call_timeout_s)]
+
+
+def launch_endpoint(cfg: CoordinatorConfig, keys: dict[str, bytes], *, wait_s: float = 30.0) -> Pidfile:
+    """Write the endpoint's sites file, start it detached (state_dir/endpoint.pid) and wait for its port."""
+    from fedseek.ops.transport.access import write_sites
+
+    paths = coordinator_paths(cfg)
+    ep = cfg.endpoint
+    probe = "127.0.0.1" if ep.host in WILDCARD_HOSTS else ep.host
+    if port_open(probe, ep.port):
+        raise DeployError(f"endpoint port {ep.port} on {ep.host} is already in use")
+    sites_file = paths.state_dir / "endpoint-sites.json"
+    write_sites(sites_file, keys)
+    cmd = endpoint_command(cfg, paths, sites_file, message_limit(cfg))
+    log = paths.state_dir / "endpoint.log"
+    proc, pf = launch_detached(cmd, flower_env(paths.flwr_home), log, paths.state_dir / ENDPOINT_PIDFILE, f"{ep.host}:{ep.port}")
+    try:
+        wait_for_port(probe, ep.port, wait_s, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        stop_pidfile(paths.state_dir / ENDPOINT_PIDFILE)
+        raise DeployError(f"the endpoint did not start ({exc}); see {log}:\n{tail(log)}") from None
+    return pf
+
+
+def _ensure_endpoint(cfg: CoordinatorConfig, paths: CoordinatorPaths, keys: dict[str, bytes], console: Console) -> None:
+    epf = running_pidfile(paths.state_dir / ENDPOINT_PIDFILE)
+    if epf is not None:
+        console.print(f"endpoint already running (pid {epf.pid}) on {epf.address}")
+        return
+    epf = launch_endpoint(cfg, keys)
+    console.print(f"endpoint started (pid {epf.pid}) on {epf.address}: sites connect here over gRPC with mutual TLS; "
+                  f"only Fleet calls from listed sites pass, the SuperLink stays on {admin_address(cfg)}")
+
+
 def _ensure_superlink(cfg: CoordinatorConfig, paths: CoordinatorPaths, console: Console, wait_s: float) -> None:
     pf = running_pidfile(paths.pidfile)
     if pf is not None:
@@ -152,8 +241,8 @@ def _ensure_superlink(cfg: CoordinatorConfig, paths: CoordinatorPaths, console: 
                   f"database {cfg.superlink.database}")
     if cfg.superlink.host in WILDCARD_HOSTS:
         console.print("[yellow]warning:[/] the SuperLink listens on every interface: its Control API (run, stop, "
-                      "register, logs) is reachable by anyone who can reach the Fleet API. Use a gateway: "
-                      "see docs/deployment.md.")
+                      "register, logs) is reachable by anyone who can reach the Fleet API. Keep it on 127.0.0.1 "
+                      "behind the default gRPC endpoint: see docs/deployment.md.")
 
 
 def _ensure_gateway(cfg: CoordinatorConfig, paths: CoordinatorPaths, console: Console) -> None:
@@ -175,14 +264,17 @@ def start_coordinator(cfg: CoordinatorConfig, console: Console, *, wait_s: float
     check_coordinator_certs(cfg, paths)
     keys = load_site_keys(cfg)
     _ensure_superlink(cfg, paths, console, wait_s)
+    if cfg.transport == "grpc":
+        _ensure_endpoint(cfg, paths, keys, console)
     if cfg.gateway is not None:
         _ensure_gateway(cfg, paths, console)
     return register_sites(cfg, paths.flwr_home, keys, console)
 
 
 def stop_coordinator(cfg: CoordinatorConfig) -> Pidfile | None:
-    """Stop the gateway (if any), then the SuperLink and everything it spawned; None if the SuperLink was not running."""
+    """Stop the endpoint and gateway (if any), then the SuperLink and everything it spawned; None if it was not running."""
     paths = coordinator_paths(cfg)
+    stop_pidfile(paths.state_dir / ENDPOINT_PIDFILE)
     stop_pidfile(paths.state_dir / GATEWAY_PIDFILE)
     return stop_pidfile(paths.pidfile)
 
@@ -198,6 +290,10 @@ def coordinator_status(cfg: CoordinatorConfig) -> dict[str, Any]:
         gpf = Pidfile.read(paths.state_dir / GATEWAY_PIDFILE)
         out["gateway"] = {"running": bool(gpf and gpf.running()), "pid": gpf.pid if gpf else None,
                           "address": f"{cfg.gateway.host}:{cfg.gateway.port}"}
+    if cfg.transport == "grpc":
+        epf = Pidfile.read(paths.state_dir / ENDPOINT_PIDFILE)
+        out["endpoint"] = {"running": bool(epf and epf.running()), "pid": epf.pid if epf else None,
+                           "address": f"{cfg.endpoint.host}:{cfg.endpoint.port}"}
     if not out["running"]:
         return out
     try:

@@ -19,6 +19,8 @@ from fedseek.ops.processes import is_running, start_time, stop_detached
 SUPERLINK_PIDFILE = "superlink.pid"
 SUPERNODE_PIDFILE = "supernode.pid"
 GATEWAY_PIDFILE = "gateway.pid"
+ENDPOINT_PIDFILE = "endpoint.pid"
+PROXY_PIDFILE = "proxy.pid"
 
 
 class DeployError(RuntimeError):

@@ -13,8 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedseek.ops.pki.checks import cert_sha256, utc_now, verify_chain
 from fedseek.ops.pki.errors import PkiError
-from fedseek.ops.pki.files import PRIVATE_MODE, load_cert, public_mode, refuse_existing, write_file
-from fedseek.ops.pki.keys import new_site_key, ssh_fingerprint
+from fedseek.ops.pki.files import load_cert, public_mode, refuse_existing, write_file
 from fedseek.ops.pki.layout import BUNDLE_JSON, CA_CRT, COORDINATOR_CRT, SITE_YAML, SITES_DIR, SiteBundle
 
 _SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -85,6 +84,8 @@ def _site_yaml(bundle: SiteBundle, ca_fingerprint: str) -> str:
         f"  coordinator: {json.dumps(bundle.coordinator_address)}\n"
         f"  root_certificates: {json.dumps(CA_CRT)}\n"
         f"  auth_private_key: {json.dumps(name)}\n"
+        f"  tls_certificate: {json.dumps(name + '.crt')}\n"
+        f"  tls_private_key: {json.dumps(name + '.tls.key')}\n"
     )
 
 
@@ -94,7 +95,13 @@ def add_site(
     coordinator_address: str,
     force: bool = False,
 ) -> SiteBundle:
-    """Create a site's ECDSA P-384 OpenSSH key pair and its bundle (CA copy, site.yaml, bundle.json) under sites/NAME/."""
+    """Create a site's keys, certificate and bundle (CA copy, site.yaml, bundle.json) under sites/NAME/ in one step.
+
+    A shortcut for one machine (demos, tests): the site's private keys are made on the coordinator's
+    host. Between organisations use `request_site` at the site and `sign_request` here instead.
+    """
+    from fedseek.ops.pki.requests import request_site, sign_request
+
     certs_dir = Path(certs_dir)
     validate_site_name(name)
     host, _port = parse_address(coordinator_address)
@@ -105,15 +112,13 @@ def add_site(
         raise PkiError(f"invalid site name {name!r}: clashes with a bundle file name")
     refuse_existing(bundle.files, force)
 
-    private_ssh, public_ssh = new_site_key(name)
-    bundle = replace(bundle, fingerprint=ssh_fingerprint(public_ssh))
-    facts = _facts(bundle, ca_cert)
     (certs_dir / SITES_DIR).mkdir(exist_ok=True, mode=0o700)
-    bundle.dir.mkdir(exist_ok=True, mode=0o700)
+    req = request_site(bundle.dir, name, force=True)
+    sign_request(certs_dir, req.csr, req.node_pub, force=True)
+    bundle = replace(bundle, fingerprint=req.fingerprint)
+    facts = _facts(bundle, ca_cert)
     public = public_mode()
-    write_file(bundle.private_key, private_ssh, PRIVATE_MODE, overwrite=force)
-    write_file(bundle.public_key, public_ssh, public, overwrite=force)
-    write_file(bundle.ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), public, overwrite=force)
+    write_file(bundle.ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), public, overwrite=True)
     write_file(bundle.site_yaml, _site_yaml(bundle, facts["ca_fingerprint"]).encode(), public, overwrite=force)
     write_file(bundle.bundle_json, (json.dumps(facts, indent=2) + "\n").encode(), public, overwrite=force)
     return bundle

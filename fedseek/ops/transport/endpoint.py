@@ -1,0 +1,214 @@
+"""The coordinator endpoint: the federation's only public listener (gRPC, mutual TLS, Fleet RPCs only).
+
+A caller without a client certificate from the federation CA (or with an expired one) is refused
+in the TLS handshake, before any HTTP/2 frame is parsed. Each call is then checked by
+`access.SiteAccess` (site certificate, listed in `sites`, not revoked, same site as the Flower
+node key) and only then forwarded to the SuperLink on loopback over HTTPS; the SuperLink's status,
+headers and body go back unchanged. Bounds: message size (from the model), concurrent calls,
+connections, handshake and idle time, per-call deadline.
+
+Run by `fedseek coordinator start`: `python -m fedseek.ops.transport.endpoint --listen 0.0.0.0:9092
+--upstream 127.0.0.1:9192 --certfile ... --keyfile ... --cafile ... --sites FILE --revoked FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+
+from fedseek.ops.transport.access import PUBLIC_KEY_HEADER, Denied, RevocationList, SiteAccess, load_sites
+from fedseek.ops.transport.fleet import FLEET_PREFIX, FLEET_RPCS, SERVICE, STATUS_KEY, from_metadata, metadata_value, response_metadata
+
+log = logging.getLogger("fedseek.ops.transport.endpoint")
+
+
+@dataclass
+class EndpointLimits:
+    """What one caller can make the endpoint hold: sizes, concurrency, time."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_calls: int = 64
+    max_connections: int = 256
+    call_timeout_s: float = 120.0
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    max_metadata_bytes: int = 16 * 1024
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """gRPC core channel arguments implementing these limits."""
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_concurrent_streams", max(1, min(self.max_concurrent_calls, 16))),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1000)),
+            ("grpc.max_metadata_size", self.max_metadata_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+
+
+@dataclass
+class EndpointStats:
+    """Counters an operator (and the abuse tests) read: forwarded calls and refusals by reason."""
+
+    forwarded: int = 0
+    denied: Counter[str] = field(default_factory=Counter)
+    upstream_errors: Counter[str] = field(default_factory=Counter)
+
+
+def upstream_ssl(cafile: str) -> ssl.SSLContext:
+    """TLS to the SuperLink on loopback, verified with the federation CA."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class Endpoint:
+    """One gRPC server forwarding authorised Fleet calls to the SuperLink."""
+
+    def __init__(self, listen: str, upstream: str, *, certfile: str, keyfile: str, cafile: str, access: SiteAccess,
+                 limits: EndpointLimits | None = None, upstream_scheme: str = "https"):
+        self.listen, self.upstream = listen, upstream
+        self.certfile, self.keyfile, self.cafile = certfile, keyfile, cafile
+        self.access = access
+        self.limits = limits or EndpointLimits()
+        self.stats = EndpointStats()
+        self.port = 0
+        self._scheme = upstream_scheme
+        self._server: grpc.aio.Server | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        creds = grpc.ssl_server_credentials(
+            [(Path(self.keyfile).read_bytes(), Path(self.certfile).read_bytes())],
+            root_certificates=Path(self.cafile).read_bytes(), require_client_auth=True)
+        transport = httpx.AsyncHTTPTransport(
+            verify=upstream_ssl(self.cafile) if self._scheme == "https" else False,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            limits=httpx.Limits(max_connections=self.limits.max_concurrent_calls, max_keepalive_connections=16))
+        self._client = httpx.AsyncClient(base_url=f"{self._scheme}://{self.upstream}", transport=transport,
+                                         timeout=self.limits.call_timeout_s)
+        self._server = grpc.aio.server(options=self.limits.server_options(),
+                                       maximum_concurrent_rpcs=self.limits.max_concurrent_calls)
+        handlers = {rpc: grpc.unary_unary_rpc_method_handler(self._handler(rpc)) for rpc in FLEET_RPCS}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.port = self._server.add_secure_port(self.listen, creds)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.listen}")
+        await self._server.start()
+        log.info("endpoint on %s (port %d) -> %s://%s; max message %d bytes, %d concurrent calls, %d connections",
+                 self.listen, self.port, self._scheme, self.upstream, self.limits.max_message_bytes,
+                 self.limits.max_concurrent_calls, self.limits.max_connections)
+        return self.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop accepting, let running calls finish for `grace` seconds, close the upstream client."""
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def wait(self) -> None:
+        """Until the server stops."""
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    def _deny(self, reason: str, peer: str) -> None:
+        key = reason.split(":")[0] if reason.startswith("site") else reason.split(" (")[0][:60]
+        self.stats.denied[key] += 1
+        log.warning("refused a call from %s: %s", peer, reason)
+
+    def _handler(self, rpc: str):  # type: ignore[no-untyped-def]
+        async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            metadata = context.invocation_metadata()
+            pem = (context.auth_context().get("x509_pem_cert") or [None])[0]
+            try:
+                caller = self.access.check(pem, metadata_value(metadata, PUBLIC_KEY_HEADER))
+            except Denied as exc:
+                self._deny(str(exc), context.peer())
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                raise  # pragma: no cover - abort raises
+            headers = from_metadata(metadata)
+            remaining = context.time_remaining()
+            timeout = min(self.limits.call_timeout_s, remaining) if remaining is not None else self.limits.call_timeout_s
+            assert self._client is not None
+            try:
+                resp = await self._client.post(FLEET_PREFIX + rpc, content=request, headers=headers, timeout=timeout)
+            except httpx.TimeoutException as exc:
+                self.stats.upstream_errors["timeout"] += 1
+                log.warning("%s %s: SuperLink timed out (%s)", caller.site, rpc, type(exc).__name__)
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the coordinator's SuperLink did not answer in time")
+                raise  # pragma: no cover
+            except httpx.TransportError as exc:
+                self.stats.upstream_errors["unavailable"] += 1
+                log.warning("%s %s: SuperLink unreachable (%s)", caller.site, rpc, exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator's SuperLink is unreachable")
+                raise  # pragma: no cover
+            if len(resp.content) > self.limits.max_message_bytes:
+                self.stats.upstream_errors["too_large"] += 1
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "response larger than the endpoint's message limit")
+            self.stats.forwarded += 1
+            context.set_trailing_metadata([(STATUS_KEY, str(resp.status_code)),
+                                           *response_metadata(resp.headers.multi_items())])
+            return resp.content
+
+        return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: serve until SIGTERM/SIGINT."""
+    p = argparse.ArgumentParser(prog="fedseek-endpoint", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", required=True, help="host:port the sites connect to")
+    p.add_argument("--upstream", required=True, help="the SuperLink's loopback host:port")
+    p.add_argument("--certfile", required=True)
+    p.add_argument("--keyfile", required=True)
+    p.add_argument("--cafile", required=True, help="federation CA: verifies site certificates and the SuperLink")
+    p.add_argument("--sites", required=True, help="JSON list of {name, public_key} (written by coordinator start)")
+    p.add_argument("--revoked", default=None, help="revoked.json, re-read when it changes")
+    p.add_argument("--max-message-bytes", type=int, default=EndpointLimits.max_message_bytes)
+    p.add_argument("--max-concurrent-calls", type=int, default=EndpointLimits.max_concurrent_calls)
+    p.add_argument("--max-connections", type=int, default=EndpointLimits.max_connections)
+    p.add_argument("--call-timeout-s", type=float, default=EndpointLimits.call_timeout_s)
+    p.add_argument("--handshake-timeout-s", type=float, default=EndpointLimits.handshake_timeout_s)
+    p.add_argument("--idle-timeout-s", type=float, default=EndpointLimits.idle_timeout_s)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = SiteAccess(load_sites(Path(a.sites)), RevocationList(Path(a.revoked) if a.revoked else None))
+    limits = EndpointLimits(max_message_bytes=a.max_message_bytes, max_concurrent_calls=a.max_concurrent_calls,
+                            max_connections=a.max_connections, call_timeout_s=a.call_timeout_s,
+                            handshake_timeout_s=a.handshake_timeout_s, idle_timeout_s=a.idle_timeout_s)
+    ep = Endpoint(a.listen, a.upstream, certfile=a.certfile, keyfile=a.keyfile, cafile=a.cafile, access=access, limits=limits)
+
+    async def run() -> None:
+        await ep.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: %d call(s) forwarded, refused %s", ep.stats.forwarded, dict(ep.stats.denied))
+        await ep.stop()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"fedseek endpoint: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
