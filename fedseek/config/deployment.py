@@ -214,6 +214,10 @@ class SiteConfig(StrictSpec):
     tls_private_key: str | None = Field(None, description="this site's TLS key, NAME.tls.key (fedseek certs request)")
     proxy_port: int = Field(9095, ge=1, le=65535, description="the site proxy's loopback port: unique per site on one host")
     max_message_mb: int = Field(64, ge=1, le=2048, description="largest message the site proxy carries")
+    poll_interval_s: float = Field(0.5, ge=0.05, le=30.0, description="how often an idle SuperNode asks for work "
+                                   "(Flower's own: 3 s)")
+    warm_clientapp: bool = Field(True, description="start each ClientApp process by forking a pre-imported worker "
+                                 "instead of a fresh interpreter (still one process per message)")
     data: SiteDataSpec
     privacy: PrivacySpec | None = None
     holdout_fraction: float = Field(

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from fedseek.config import SiteConfig
 from fedseek.ops.daemons import PROXY_PIDFILE, SUPERNODE_PIDFILE, DeployError, Pidfile, launch_detached, running_pidfile, stop_pidfile
-from fedseek.ops.flower_control import flower_env, flwr_bin
+from fedseek.ops.flower_control import flower_env
 from fedseek.ops.processes import port_open
 
 
@@ -136,7 +136,9 @@ def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
         superlink, roots = f"127.0.0.1:{cfg.proxy_port}", str(site_paths(cfg).loopback_dir / "loopback-ca.crt")
     else:
         superlink, roots = cfg.coordinator, cfg.root_certificates
-    cmd = [flwr_bin("flower-supernode"),
+    import sys
+
+    cmd = [sys.executable, "-m", "fedseek.ops.site_runner", "supernode", "--poll-s", str(cfg.poll_interval_s), "--",
            "--superlink", superlink,
            "--root-certificates", roots,
            "--auth-supernode-private-key", cfg.auth_private_key,
@@ -213,8 +215,7 @@ def start_site(cfg: SiteConfig, config_path: Path, console: Console, *, wait_s: 
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     offset = paths.log.stat().st_size if paths.log.exists() else 0
     proxy_offset = paths.proxy_log.stat().st_size if paths.proxy_log.exists() else 0
-    proc, pf = launch_detached(supernode_command(cfg, config_path), flower_env(paths.flwr_home), paths.log, paths.pidfile,
-                               cfg.coordinator)
+    proc, pf = launch_detached(supernode_command(cfg, config_path), supernode_env(cfg), paths.log, paths.pidfile, cfg.coordinator)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         text = _read_from(paths.log, offset)
@@ -234,6 +235,19 @@ def start_site(cfg: SiteConfig, config_path: Path, console: Console, *, wait_s: 
     limits = "without limit" if cfg.max_retries is None and cfg.max_wait_s is None else "within its limits"
     console.print(f"site {cfg.name} started (pid {pf.pid}), still connecting to {cfg.coordinator}; it retries {limits}; log {paths.log}")
     return "connecting"
+
+
+def supernode_env(cfg: SiteConfig) -> dict[str, str]:
+    """Flower's environment for the SuperNode; with warm_clientapp, state_dir/bin (the warm SuperExec shim) first on PATH."""
+    import os
+
+    from fedseek.ops.site_runner import write_superexec_shim
+
+    paths = site_paths(cfg)
+    env = flower_env(paths.flwr_home)
+    if cfg.warm_clientapp:
+        env["PATH"] = str(write_superexec_shim(paths.state_dir / "bin").parent) + os.pathsep + env["PATH"]
+    return env
 
 
 def proxy_command(cfg: SiteConfig) -> list[str]:

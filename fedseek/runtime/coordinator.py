@@ -22,6 +22,7 @@ from fedseek.outputs.schema import CompressionSummary, FederatedEvalRow, Metrics
 from fedseek.outputs.store import RunOutputs
 from fedseek.runtime import checkpoint
 from fedseek.runtime.bookkeeping import RunBook
+from fedseek.runtime.exchange import send_and_receive
 from fedseek.runtime.federated_eval import FederatedEvaluator, due
 from fedseek.runtime.global_model import GlobalModel
 from fedseek.runtime.log import flwr_log
@@ -130,7 +131,7 @@ class Coordinator:
             self.audit("stopped_early", round=rnd, reason=self.stop_reason)
             return None
         timeout = max(self.cfg.round_timeout_s - self.nodes.round.query_seconds, 0.0)
-        replies = self.grid.send_and_receive(msgs, timeout=timeout) if msgs else []
+        replies = send_and_receive(self.grid, msgs, timeout=timeout) if msgs else []
         aggregate, _ = self.strategy.aggregate_train(rnd, replies)
         outcome = self.strategy.outcome
         self.nodes.after_round(outcome.sampled, outcome.timed_out)

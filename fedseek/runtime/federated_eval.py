@@ -28,6 +28,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedseek.outputs.schema import FederatedEvalRow, SiteEval
+from fedseek.runtime.exchange import send_and_receive
 from fedseek.runtime.log import flwr_log
 from fedseek.runtime.nodes import Audit, NodeTracker
 from fedseek.wire.data_schema import DataSchema
@@ -173,7 +174,7 @@ class FederatedEvaluator:
         t0 = time.time()
         nodes = self.targets(excluded)
         msgs, bytes_down = self.messages(rnd, model, nodes)
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout_s)) if msgs else []
+        replies = send_and_receive(self.grid, msgs, timeout=self.timeout_s) if msgs else []
         sites, answers = self.collect(msgs, replies)
         pooled = pool(answers)
         statuses = [s.status for s in sites.values()]

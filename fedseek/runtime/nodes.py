@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedseek.runtime.exchange import send_and_receive
 from fedseek.runtime.identity import Backoff, SiteKeys, claim_problem
 from fedseek.runtime.log import flwr_log
 from fedseek.wire.records import SITE, site_name
@@ -121,7 +122,7 @@ class NodeTracker:
         content = RecordDict({"config": ConfigRecord({"run-id": self.run_id})})
         msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in new]
         t0 = time.monotonic()
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.query_timeout_s))
+        replies = send_and_receive(self.grid, msgs, timeout=self.query_timeout_s)
         self.round.query_seconds += time.monotonic() - t0
         dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs if m.metadata.message_id}
         answered = set()
