@@ -9,10 +9,12 @@ A real deployment on 127.0.0.1 (CA, site certificates and keys, `fedseek coordin
 * `https-fast`: direct HTTPS with fedseek's timings (0.5 s idle poll, 0.2 s pull, warm forked ClientApps);
 * `grpc-fast`: fedseek's default (tunnel + fedseek's timings).
 
-Per variant: each round's `round_seconds` (metrics.jsonl); steady = median of rounds 2..R. The
-breakdown adds the separately measured parts: the import a fresh ClientApp pays (torch, Opacus,
+Per variant: each round's `round_seconds` (metrics.jsonl); steady = median of rounds 2..R; with warm
+ClientApps, the median seconds one forked ClientApp task runs (fork to exit, from the sites' logs:
+FAB install, app load, DP training, reply push). The breakdown adds the separately measured parts: the import a fresh ClientApp pays (torch, Opacus,
 fedseek; median of 3 fresh interpreters), and the tunnel's per-call overhead (median over 200
-calls at 40 KB, loopback: site proxy -> endpoint -> an HTTPS stand-in, vs the stand-in directly).
+calls at 40 KB, loopback: site proxy and endpoint as their own processes -> an HTTPS stand-in for the
+SuperLink, vs the same client to the stand-in directly).
 
 Writes benchmarks/results/deploy_latency.json.
 Run: .venv/bin/python benchmarks/deploy_latency.py [--rounds 4] [--variants grpc-fast,flower-defaults]
@@ -108,10 +110,15 @@ def run_variant(name: str, v: dict[str, Any], rounds: int, root: Path) -> dict[s
             fedseek("site", "stop", "--config", str(cfg))
         fedseek("coordinator", "stop", "--config", str(coord))
     rows = [json.loads(ln) for ln in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    import re
+
+    task_s = [float(m) for s in SITES for m in re.findall(r"ClientApp task \d+ ran ([0-9.]+)s",
+                                                           (root / "sites" / s / "supernode.log").read_text())]
     secs = [round(r["round_seconds"], 2) for r in rows]
     summary = json.loads((root / "out" / "summary.json").read_text())
     return {"variant": name, **v, "round_seconds": secs, "steady_round_s": round(statistics.median(secs[1:] or secs), 2),
-            "run_wall_s": round(wall, 1), "final_accuracy": summary.get("final_accuracy"), "status": summary.get("status")}
+            "clientapp_task_s_median": round(statistics.median(task_s), 2) if task_s else None,
+            "clientapp_tasks": len(task_s), "run_wall_s": round(wall, 1), "final_accuracy": summary.get("final_accuracy"), "status": summary.get("status")}
 
 
 def import_cost(n: int = 3) -> float:
@@ -126,20 +133,40 @@ def import_cost(n: int = 3) -> float:
 
 
 def tunnel_overhead(calls: int = 200, size: int = 40 * 1024) -> dict[str, float]:
-    """Median ms per Fleet call at `size` bytes: through site proxy + endpoint vs straight to the HTTPS stand-in."""
+    """Median ms per Fleet call at `size` bytes: through the site proxy and endpoint (each its own process, as deployed)
+    to an HTTPS stand-in for the SuperLink, vs the same client straight to the stand-in."""
+    import ssl
+
     import httpx
 
-    from tests.transport_rig import build_rig, stop_rig
+    from fedseek.ops.processes import wait_for_port
+    from fedseek.ops.transport.access import write_sites
+    from fedseek.wire.identity import read_site_keys
+    from tests.transport_rig import Recorder, make_site, start_upstream
 
-    rig = build_rig(Path(tempfile.mkdtemp(prefix="fedseek-tunnel-")), registered=("site-a",), extra=())
+    root = Path(tempfile.mkdtemp(prefix="fedseek-tunnel-"))
+    certs = root / "certs"
+    pki.init_ca(certs, hosts=[], ips=[])
+    site = make_site(root, certs, "site-a")
+    write_sites(root / "sites.json", read_site_keys([("site-a", site.node_pub)]))
+    upstream, up_port = start_upstream(certs, Recorder())
+    ep_port, proxy_port = free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "fedseek.ops.transport.endpoint", "--listen", f"127.0.0.1:{ep_port}",
+                               "--upstream", f"127.0.0.1:{up_port}", "--certfile", str(certs / pki.COORDINATOR_CRT),
+                               "--keyfile", str(certs / pki.COORDINATOR_KEY), "--cafile", str(certs / pki.CA_CRT),
+                               "--sites", str(root / "sites.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([sys.executable, "-m", "fedseek.ops.transport.site_proxy", "--port", str(proxy_port),
+                               "--coordinator", f"127.0.0.1:{ep_port}", "--cafile", str(certs / pki.CA_CRT),
+                               "--certfile", str(site.cert), "--keyfile", str(site.tls_key), "--loopback-dir", str(root / "lb")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        site = rig.sites["site-a"]
-        _, port, lb_ca = rig.proxies["site-a"]
+        wait_for_port("127.0.0.1", ep_port, 60, procs[0])
+        wait_for_port("127.0.0.1", proxy_port, 60, procs[1])
         body = os.urandom(size)
         headers = {"content-type": "application/protobuf", "flwr-public-key": site.node_key_header()}
 
         def timed(client: httpx.Client, url: str) -> float:
-            for _ in range(10):
+            for _ in range(20):
                 client.post(url, content=body, headers=headers)
             out = []
             for _ in range(calls):
@@ -149,14 +176,15 @@ def tunnel_overhead(calls: int = 200, size: int = 40 * 1024) -> dict[str, float]
                 assert r.status_code == 200
             return statistics.median(out)
 
-        import ssl
-
-        with httpx.Client(verify=ssl.create_default_context(cafile=str(lb_ca))) as c:
-            tunnel = timed(c, f"https://127.0.0.1:{port}/v1/fleet/push-object")
-        with httpx.Client(verify=ssl.create_default_context(cafile=str(rig.certs / pki.CA_CRT))) as c:
-            direct = timed(c, f"https://127.0.0.1:{rig.upstream_port}/v1/fleet/push-object")
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(root / "lb" / "loopback-ca.crt"))) as c:
+            tunnel = timed(c, f"https://127.0.0.1:{proxy_port}/v1/fleet/push-object")
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(certs / pki.CA_CRT))) as c:
+            direct = timed(c, f"https://127.0.0.1:{up_port}/v1/fleet/push-object")
     finally:
-        stop_rig(rig)
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=15)
+        upstream.stop()
     return {"tunnel_ms": round(tunnel, 2), "direct_https_ms": round(direct, 2), "overhead_ms": round(tunnel - direct, 2),
             "bytes": size, "calls": calls}
 
@@ -173,7 +201,7 @@ def main() -> None:
     print("tunnel per call:", results["tunnel_per_call"], flush=True)
     results["fresh_clientapp_import_s"] = import_cost()
     print("fresh ClientApp import:", results["fresh_clientapp_import_s"], "s", flush=True)
-    for name in a.variants.split(","):
+    for name in [v for v in a.variants.split(",") if v]:
         with tempfile.TemporaryDirectory(prefix=f"fedseek-latency-{name}-") as d:
             r = run_variant(name, VARIANTS[name], a.rounds, Path(d))
         print(json.dumps(r), flush=True)

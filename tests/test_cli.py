@@ -257,3 +257,19 @@ def test_print_summary_from_the_typed_summary(tmp_path, monkeypatch):
     for expected in ("final accuracy", "0.9500", "final ROC AUC", "0.9900", "3/3", "1,234,567 / 89", "12.3s", "report.html"):
         assert expected in text, expected
     assert SiteRoundView(status="trained").epsilon is None
+
+
+def test_certs_request_sign_renew_revoke_from_the_command_line(tmp_path):
+    certs, site = tmp_path / "coord-certs", tmp_path / "site"
+    assert fedseek("certs", "init", "--out", str(certs)).returncode == 0
+    res = fedseek("certs", "request", "hospital-a", "--out", str(site))
+    assert res.returncode == 0 and "send to the coordinator" in res.stdout and "SHA256:" in res.stdout, res.stderr
+    res = fedseek("certs", "sign", str(site / "hospital-a.csr"), "--pub", str(site / "hospital-a.pub"), "--certs", str(certs),
+                  "--days", "7")
+    assert res.returncode == 0 and "certificate serial" in res.stdout and "send back to the site" in res.stdout, res.stderr
+    res = fedseek("certs", "renew", "hospital-a", "--certs", str(certs))
+    assert res.returncode == 0 and "new certificate serial" in res.stdout, res.stderr
+    res = fedseek("certs", "revoke", "hospital-a", "--certs", str(certs))
+    assert res.returncode == 0 and "revoked 2 certificate(s)" in res.stdout, res.stdout + res.stderr
+    res = fedseek("certs", "sign", str(site / "hospital-a.pub"), "--pub", str(site / "hospital-a.pub"), "--certs", str(certs))
+    assert res.returncode == 2 and len(lines(res.stderr)) == 1 and "not a PEM certificate request" in res.stderr, res.stderr

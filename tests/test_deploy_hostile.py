@@ -83,7 +83,8 @@ def hostile_fed(tmp_path_factory):
         for cfg in site_cfgs.values():
             fedseek("site", "stop", "--config", str(cfg))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}")]:
+        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, root / "coord" / daemons.ENDPOINT_PIDFILE,
+                     *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}"), *(root / "sites").glob(f"*/{daemons.PROXY_PIDFILE}")]:
             pf = daemons.Pidfile.read(path)  # nothing may outlive the module
             if pf is not None and pf.running():
                 stop_detached(pf.pid, pf.started)
@@ -93,9 +94,10 @@ def _run(fed: dict, name: str) -> tuple[RunSummary, Path, str]:
     out = fed["root"] / name
     t0 = time.monotonic()
     res = fedseek("run", "--config", str(fed["coord"]), "--out", str(out), timeout=900)
-    print(f"{name}: {ROUNDS} rounds in {time.monotonic() - t0:.0f}s")
     assert res.returncode == 0, res.stderr[-4000:]
-    return RunSummary.model_validate_json((out / "summary.json").read_text()), out, res.stderr
+    summary = RunSummary.model_validate_json((out / "summary.json").read_text())
+    print(f"{name}: {ROUNDS} rounds in {time.monotonic() - t0:.0f}s, final accuracy {summary.final_accuracy}")
+    return summary, out, res.stderr
 
 
 def test_one_hostile_site_over_tls_is_rejected_every_round_and_the_run_completes(hostile_fed):

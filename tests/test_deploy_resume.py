@@ -66,7 +66,9 @@ def tiny_fed(tmp_path):
         for path in site_cfgs:
             fedseek("site", "stop", "--config", str(path))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for pidfile in [tmp_path / "coord" / daemons.SUPERLINK_PIDFILE, *(tmp_path / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}")]:
+        for pidfile in [tmp_path / "coord" / daemons.SUPERLINK_PIDFILE, tmp_path / "coord" / daemons.ENDPOINT_PIDFILE,
+                        *(tmp_path / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}"),
+                        *(tmp_path / "sites").glob(f"*/{daemons.PROXY_PIDFILE}")]:
             pf = daemons.Pidfile.read(pidfile)
             if pf is not None and pf.running():
                 stop_detached(pf.pid, pf.started)

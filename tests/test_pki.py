@@ -419,3 +419,94 @@ def test_rsa_key_type_works_for_tls(tmp_path: Path) -> None:
     assert pki.show(tmp_path)[1].key_type.startswith("RSA")
     with tls_server(paths.coordinator_crt, paths.coordinator_key) as port:
         assert _client(paths.ca_crt, port) == b"ok\n"
+
+
+# ------------------------------------------------------------------ site key custody: request at the site, sign here
+
+
+def _private_key_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+                  and (b"PRIVATE KEY" in p.read_bytes()))
+
+
+def test_request_and_sign_leave_no_site_private_key_on_the_coordinator(tmp_path):
+    from fedseek.ops.pki.requests import request_site, sign_request
+
+    certs, site_dir = tmp_path / "coordinator" / "certs", tmp_path / "hospital-a-host"
+    pki.init_ca(certs, hosts=[], ips=[])
+    req = request_site(site_dir, "hospital-a")
+    assert oct(req.node_key.stat().st_mode & 0o777) == "0o600" and oct(req.tls_key.stat().st_mode & 0o777) == "0o600"
+    signed = sign_request(certs, req.csr, req.node_pub)
+    assert _private_key_files(tmp_path / "coordinator") == ["certs/ca.key", "certs/coordinator.key"]
+    assert sorted(p.name for p in _private_key_files_paths(site_dir)) == ["hospital-a", "hospital-a.tls.key"]  # all here
+    cert = pki.load_cert(signed.cert)
+    pki.verify_chain(certs / pki.CA_CRT, cert)
+    assert "CN=hospital-a" in cert.subject.rfc4514_string()
+    tls_key = pki.load_private_key(req.tls_key)
+    from fedseek.ops.pki.keys import same_public_key
+
+    assert same_public_key(cert.public_key(), tls_key.public_key())
+    days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+    assert 29 <= days <= 31  # short-lived by default
+
+
+def _private_key_files_paths(root):
+    return [p for p in root.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+
+
+def test_sign_refuses_forged_requests_and_identity_swaps(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from fedseek.ops.pki.requests import request_site, sign_request
+
+    certs = tmp_path / "certs"
+    pki.init_ca(certs, hosts=[], ips=[])
+    a, b = request_site(tmp_path / "a", "site-a"), request_site(tmp_path / "b", "site-b")
+    forged = tmp_path / "forged.csr"
+    pem = bytearray(a.csr.read_bytes())
+    pem[len(pem) // 2] ^= 1  # one flipped bit in the base64 body
+    forged.write_bytes(bytes(pem))
+    with pytest.raises(pki.PkiError):
+        sign_request(certs, forged, a.node_pub)
+    with pytest.raises(pki.PkiError, match="not an OpenSSH public key"):
+        sign_request(certs, a.csr, a.csr)
+    sign_request(certs, a.csr, a.node_pub)
+    with pytest.raises(pki.PkiError, match="already registered with another node key"):
+        sign_request(certs, a.csr, b.node_pub)  # site-a's name with site-b's node key
+    assert (certs / "sites" / "site-a" / "site-a.pub").read_bytes() == a.node_pub.read_bytes()
+    rsa_pub = tmp_path / "rsa.pub"
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rsa_pub.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    with pytest.raises(pki.PkiError, match="ECDSA"):
+        sign_request(certs, b.csr, rsa_pub)
+
+
+def test_renew_issues_a_new_serial_for_the_same_key_and_revoke_lists_every_serial(tmp_path):
+    import json
+
+    from fedseek.ops.pki.requests import renew_site, request_site, revoke_site, sign_request
+
+    certs = tmp_path / "certs"
+    pki.init_ca(certs, hosts=[], ips=[])
+    req = request_site(tmp_path / "site", "bank-a")
+    first = sign_request(certs, req.csr, req.node_pub, days=1)
+    second = renew_site(certs, "bank-a", days=60)
+    assert first.serial != second.serial
+    assert pki.load_cert(second.cert).public_key().public_bytes(*_spki()) == \
+        pki.load_private_key(req.tls_key).public_key().public_bytes(*_spki())
+    assert sorted(revoke_site(certs, "bank-a")) == sorted([first.serial, second.serial])
+    revoked = json.loads((certs / "revoked.json").read_text())
+    assert set(revoked["serials"]) == {first.serial, second.serial} and "bank-a" in revoked["sites"]
+    assert revoke_site(certs, "bank-a") == []  # idempotent
+    with pytest.raises(pki.PkiError, match="no certificate was issued"):
+        revoke_site(certs, "bank-z")
+    with pytest.raises(pki.PkiError, match="no request kept"):
+        renew_site(certs, "bank-z")
+
+
+def _spki():
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

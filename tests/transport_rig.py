@@ -1,5 +1,5 @@
 """A loopback rig for the gRPC transport: federation PKI, an HTTPS stand-in for the SuperLink that records
-what reaches it, the coordinator endpoint and a site proxy, each in its own thread with its own event loop.
+what reaches it, the coordinator endpoint and the site proxies, each serving from its own threads.
 
 The stand-in plays the SuperLink's part only (answering Fleet paths with the status and headers a
 test asks for); the endpoint, the site proxy, TLS and gRPC are the real ones.
@@ -90,22 +90,6 @@ class ThreadServer:
         self.thread.join(timeout=10)
 
 
-class LoopThread:
-    """An asyncio loop in a thread (for the endpoint)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-
-
 @dataclass
 class SiteFiles:
     name: str
@@ -159,7 +143,6 @@ class Rig:
     upstream_port: int
     endpoint: Endpoint
     endpoint_port: int
-    loop: LoopThread
     proxies: dict[str, tuple[ThreadServer, int, Path]]  # server, port, the loopback CA the SuperNode trusts
 
     def proxy_url(self, site: str, rpc: str) -> str:
@@ -190,22 +173,20 @@ def build_rig(root: Path, *, max_message_bytes: int = 80 * 1024 * 1024, call_tim
     keys = read_site_keys((n, sites[n].node_pub) for n in registered)
     rec = Recorder()
     upstream, up_port = start_upstream(certs, rec)
-    loop = LoopThread()
     limits = EndpointLimits(max_message_bytes=max_message_bytes, call_timeout_s=call_timeout_s, max_connections=32)
     ep = Endpoint("127.0.0.1:0", f"127.0.0.1:{up_port}", certfile=str(certs / pki.COORDINATOR_CRT),
                   keyfile=str(certs / pki.COORDINATOR_KEY), cafile=str(certs / pki.CA_CRT),
                   access=SiteAccess(keys, RevocationList(certs / "revoked.json")), limits=limits)
-    ep_port = loop.run(ep.start())
+    ep_port = ep.start()
     proxies = {n: start_proxy(root, certs, sites[n], ep_port, max_message_bytes=max_message_bytes,
                               call_timeout_s=call_timeout_s) for n in sites}
-    return Rig(root, certs, sites, rec, upstream, up_port, ep, ep_port, loop, proxies)
+    return Rig(root, certs, sites, rec, upstream, up_port, ep, ep_port, proxies)
 
 
 def stop_rig(rig: Rig) -> None:
     for srv, _, _ in rig.proxies.values():
         srv.stop()
-    rig.loop.run(rig.endpoint.stop(0.5))
-    rig.loop.close()
+    rig.endpoint.stop(0.5)
     rig.upstream.stop()
 
 

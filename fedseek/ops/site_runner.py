@@ -27,8 +27,27 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fedseek.ops.site_runner")
-PRELOAD = ("torch", "opacus", "numpy", "sklearn", "flwr.supernode.runtime.run_clientapp", "fedseek.runtime.site",
-           "fedseek.runtime.site_eval", "fedseek.privacy", "fedseek.train")
+PRELOAD = ("torch", "opacus", "numpy", "sklearn", "flwr_datasets", "flwr.supernode.runtime.run_clientapp", "fedseek.runtime.site",
+           "fedseek.runtime.site_eval", "fedseek.privacy", "fedseek.train", "fedseek.data")
+
+
+def _warm_up() -> None:
+    """Trigger torch's lazy imports (an optimizer's first step imports torch._dynamo, ~0.8 s) on 1-element tensors.
+
+    Tensors this small never enter a parallel region, so no OpenMP or intra-op threads exist when
+    the workers are forked (a forked child cannot use a parent's thread pool).
+    """
+    import threading
+
+    import torch
+
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    (w * 2.0).sum().backward()
+    opt.step()
+    if threading.active_count() > 1:
+        log.warning("warm-up left %d threads in the SuperExec: forked workers only inherit the main one",
+                    threading.active_count())
 
 
 class _PollClock:
@@ -104,6 +123,7 @@ def _fork_executor() -> Any:
 def _run_clientapp_child(spec: Any) -> None:
     """In the forked worker: run one ClientApp task exactly as `flwr-clientapp --token ...` would, then exit."""
     code = 1
+    t0 = _time.monotonic()
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -123,6 +143,8 @@ def _run_clientapp_child(spec: Any) -> None:
 
         traceback.print_exc()
     finally:
+        print(f"fedseek: ClientApp task {spec.task_id} ran {_time.monotonic() - t0:.2f}s in forked worker {os.getpid()} "
+              f"(exit {code})", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -137,6 +159,7 @@ def run_superexec(argv: list[str]) -> None:
             importlib.import_module(module)
         except ImportError as exc:  # a missing optional import only costs the worker that time
             log.warning("preload %s failed: %s", module, exc)
+    _warm_up()
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     import flwr.supercore.superexec.run_superexec as rs
     from flwr.supercore.cli.flower_superexec import flower_superexec

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -88,7 +89,11 @@ def _load_csr(path: Path) -> x509.CertificateSigningRequest:
         raise PkiError(f"{path}: cannot read ({exc.strerror})") from None
     except ValueError:
         raise PkiError(f"{path}: not a PEM certificate request (make it with `fedseek certs request NAME`)") from None
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+    except ValueError:  # an unreadable public key in the request
+        valid = False
+    if not valid:
         raise PkiError(f"{path}: the request's signature does not verify (corrupted or forged)")
     return csr
 
@@ -106,7 +111,7 @@ def _node_pub(path: Path) -> bytes:
         key = serialization.load_ssh_public_key(line)
     except OSError as exc:
         raise PkiError(f"{path}: cannot read ({exc.strerror})") from None
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise PkiError(f"{path}: not an OpenSSH public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise PkiError(f"{path}: Flower node keys are ECDSA on a NIST curve")
