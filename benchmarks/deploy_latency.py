@@ -16,7 +16,8 @@ fedseek; median of 3 fresh interpreters), and the tunnel's per-call overhead (me
 calls at 40 KB, loopback: site proxy and endpoint as their own processes -> an HTTPS stand-in for the
 SuperLink, vs the same client to the stand-in directly).
 
-Writes benchmarks/results/deploy_latency.json.
+Writes benchmarks/results/deploy_latency.json. `FEDSEEK_KEEP=DIR` keeps each deployment's files (logs) in DIR;
+with `FEDSEEK_TRANSPORT_TRACE=1` the site proxies and the endpoint log every call's milliseconds.
 Run: .venv/bin/python benchmarks/deploy_latency.py [--rounds 4] [--variants grpc-fast,flower-defaults]
 """
 
@@ -109,6 +110,10 @@ def run_variant(name: str, v: dict[str, Any], rounds: int, root: Path) -> dict[s
         for cfg in site_cfgs:
             fedseek("site", "stop", "--config", str(cfg))
         fedseek("coordinator", "stop", "--config", str(coord))
+        if os.environ.get("FEDSEEK_KEEP"):
+            import shutil
+
+            shutil.copytree(root, os.environ["FEDSEEK_KEEP"], dirs_exist_ok=True)
     rows = [json.loads(ln) for ln in (root / "out" / "metrics.jsonl").read_text().splitlines()]
     import re
 

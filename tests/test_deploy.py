@@ -1,7 +1,7 @@
 """Real deployment on 127.0.0.1: coordinator (SuperLink, TLS, site keys) + site daemons (SuperNodes), via the CLI.
 
-One coordinator and three sites are shared by the module (Flower's deployment engine polls
-every ~3 s, so each round costs ~6-15 s). Every process is stopped by its pidfile pid in the
+One coordinator and three sites are shared by the module (one per transport: gRPC tunnel, HTTPS gateway,
+direct; rounds take ~3-5 s with fedseek's poll and warm ClientApps). Every process is stopped by its pidfile pid in the
 fixtures' finally blocks, also when a test fails.
 """
 
@@ -107,6 +107,18 @@ def site_yaml(path: Path, name: str, port: int, certs: Path, data: Path, state: 
     return write_yaml(path, cfg)
 
 
+def stop_leftovers(coord_state: Path, sites_state: Path) -> None:
+    """Belt and braces after `site stop` / `coordinator stop`: no daemon of a test federation may outlive it."""
+    from fedseek.ops.processes import stop_detached
+
+    for path in [coord_state / daemons.SUPERLINK_PIDFILE, coord_state / daemons.ENDPOINT_PIDFILE,
+                 coord_state / daemons.GATEWAY_PIDFILE, *sites_state.glob(f"*/{daemons.SUPERNODE_PIDFILE}"),
+                 *sites_state.glob(f"*/{daemons.PROXY_PIDFILE}")]:
+        pf = daemons.Pidfile.read(path)
+        if pf is not None and pf.running():
+            stop_detached(pf.pid, pf.started)
+
+
 def status(cfg_path: Path) -> dict:
     res = fedseek("coordinator", "status", "--config", str(cfg_path), "--json", timeout=60)
     return json.loads(res.stdout)
@@ -158,13 +170,7 @@ def fed(tmp_path_factory):
         for cfg in site_cfgs:
             fedseek("site", "stop", "--config", str(cfg))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, root / "coord" / daemons.ENDPOINT_PIDFILE,
-                     *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}"), *(root / "sites").glob(f"*/{daemons.PROXY_PIDFILE}")]:
-            pf = daemons.Pidfile.read(path)  # belt and braces: nothing may outlive the module
-            if pf is not None and pf.running():
-                from fedseek.ops.processes import stop_detached
-
-                stop_detached(pf.pid, pf.started)
+        stop_leftovers(root / "coord", root / "sites")
 
 
 def test_tls_site_auth_two_rounds_with_dp(fed):

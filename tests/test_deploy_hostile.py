@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedseek.ops import daemons, pki
-from fedseek.ops.processes import free_port, stop_detached
+from fedseek.ops import pki
+from fedseek.ops.processes import free_port
 from fedseek.outputs.schema import RunSummary, read_rows
 from tests.conftest import ROOT
-from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, wait_online
+from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, stop_leftovers, wait_online
 
 pytestmark = pytest.mark.slow
 
@@ -83,11 +83,7 @@ def hostile_fed(tmp_path_factory):
         for cfg in site_cfgs.values():
             fedseek("site", "stop", "--config", str(cfg))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, root / "coord" / daemons.ENDPOINT_PIDFILE,
-                     *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}"), *(root / "sites").glob(f"*/{daemons.PROXY_PIDFILE}")]:
-            pf = daemons.Pidfile.read(path)  # nothing may outlive the module
-            if pf is not None and pf.running():
-                stop_detached(pf.pid, pf.started)
+        stop_leftovers(root / "coord", root / "sites")
 
 
 def _run(fed: dict, name: str) -> tuple[RunSummary, Path, str]:

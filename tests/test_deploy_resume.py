@@ -23,7 +23,7 @@ import yaml
 from fedseek.ops import daemons, pki
 from fedseek.ops.processes import ProcessTree, free_port, is_running, stop_detached
 from tests.conftest import ROOT
-from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, lines, site_yaml, wait_online
+from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, lines, site_yaml, stop_leftovers, wait_online
 from tests.test_site_loss import _session_members
 
 pytestmark = pytest.mark.slow
@@ -66,12 +66,7 @@ def tiny_fed(tmp_path):
         for path in site_cfgs:
             fedseek("site", "stop", "--config", str(path))
         fedseek("coordinator", "stop", "--config", str(coord))
-        for pidfile in [tmp_path / "coord" / daemons.SUPERLINK_PIDFILE, tmp_path / "coord" / daemons.ENDPOINT_PIDFILE,
-                        *(tmp_path / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}"),
-                        *(tmp_path / "sites").glob(f"*/{daemons.PROXY_PIDFILE}")]:
-            pf = daemons.Pidfile.read(pidfile)
-            if pf is not None and pf.running():
-                stop_detached(pf.pid, pf.started)
+        stop_leftovers(tmp_path / "coord", tmp_path / "sites")
         for pid, started in ctx["leftovers"].items():  # what the killed SuperLink left in its session (SuperExec, ServerApp)
             if is_running(pid, started):
                 stop_detached(pid, started, timeout_s=5)

@@ -134,22 +134,27 @@ def gateway_command(cfg: CoordinatorConfig, paths: CoordinatorPaths) -> list[str
             "--max-body-mb", str(gw.max_body_mb)]
 
 
+def _launch_listener(cmd: list[str], paths: CoordinatorPaths, name: str, host: str, port: int, wait_s: float) -> Pidfile:
+    """Start a public listener (endpoint or gateway) detached with state_dir/NAME.pid and NAME.log; wait for its port."""
+    probe = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    if port_open(probe, port):
+        raise DeployError(f"{name} port {port} on {host} is already in use")
+    log, pidfile = paths.state_dir / f"{name}.log", paths.state_dir / f"{name}.pid"
+    proc, pf = launch_detached(cmd, flower_env(paths.flwr_home), log, pidfile, f"{host}:{port}")
+    try:
+        wait_for_port(probe, port, wait_s, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        stop_pidfile(pidfile)
+        raise DeployError(f"the {name} did not start ({exc}); see {log}:\n{tail(log)}") from None
+    return pf
+
+
 def launch_gateway(cfg: CoordinatorConfig, *, wait_s: float = 30.0) -> Pidfile:
     """Start the gateway detached with its pidfile (state_dir/gateway.pid) and wait for its port."""
     paths = coordinator_paths(cfg)
     gw = cfg.gateway
     assert gw is not None
-    probe = "127.0.0.1" if gw.host in WILDCARD_HOSTS else gw.host
-    if port_open(probe, gw.port):
-        raise DeployError(f"gateway port {gw.port} on {gw.host} is already in use")
-    proc, pf = launch_detached(gateway_command(cfg, paths), flower_env(paths.flwr_home), paths.state_dir / "gateway.log",
-                               paths.state_dir / GATEWAY_PIDFILE, f"{gw.host}:{gw.port}")
-    try:
-        wait_for_port(probe, gw.port, wait_s, proc)
-    except (RuntimeError, TimeoutError) as exc:
-        stop_pidfile(paths.state_dir / GATEWAY_PIDFILE)
-        raise DeployError(f"the gateway did not start ({exc}); see {paths.state_dir / 'gateway.log'}") from None
-    return pf
+    return _launch_listener(gateway_command(cfg, paths), paths, "gateway", gw.host, gw.port, wait_s)
 
 
 MIN_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -203,21 +208,10 @@ def launch_endpoint(cfg: CoordinatorConfig, keys: dict[str, bytes], *, wait_s: f
     from fedseek.ops.transport.access import write_sites
 
     paths = coordinator_paths(cfg)
-    ep = cfg.endpoint
-    probe = "127.0.0.1" if ep.host in WILDCARD_HOSTS else ep.host
-    if port_open(probe, ep.port):
-        raise DeployError(f"endpoint port {ep.port} on {ep.host} is already in use")
     sites_file = paths.state_dir / "endpoint-sites.json"
     write_sites(sites_file, keys)
     cmd = endpoint_command(cfg, paths, sites_file, message_limit(cfg))
-    log = paths.state_dir / "endpoint.log"
-    proc, pf = launch_detached(cmd, flower_env(paths.flwr_home), log, paths.state_dir / ENDPOINT_PIDFILE, f"{ep.host}:{ep.port}")
-    try:
-        wait_for_port(probe, ep.port, wait_s, proc)
-    except (RuntimeError, TimeoutError) as exc:
-        stop_pidfile(paths.state_dir / ENDPOINT_PIDFILE)
-        raise DeployError(f"the endpoint did not start ({exc}); see {log}:\n{tail(log)}") from None
-    return pf
+    return _launch_listener(cmd, paths, "endpoint", cfg.endpoint.host, cfg.endpoint.port, wait_s)
 
 
 def _ensure_endpoint(cfg: CoordinatorConfig, paths: CoordinatorPaths, keys: dict[str, bytes], console: Console) -> None:

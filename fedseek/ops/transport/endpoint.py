@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
 import threading
+import time
 from collections import Counter
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -154,6 +156,7 @@ class Endpoint:
             remaining = context.time_remaining()
             timeout = min(self.limits.call_timeout_s, remaining) if remaining is not None else self.limits.call_timeout_s
             assert self._client is not None
+            t0 = time.perf_counter()
             try:
                 resp = self._client.post(FLEET_PREFIX + rpc, content=request, headers=from_metadata(metadata), timeout=timeout)
             except httpx.TimeoutException as exc:
@@ -168,6 +171,7 @@ class Endpoint:
                 self._count(self.stats.upstream_errors, "too_large")
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "response larger than the endpoint's message limit")
             self._count()
+            log.debug("%s %s: SuperLink answered %d in %.1f ms", caller.site, rpc, resp.status_code, (time.perf_counter() - t0) * 1000)
             context.set_trailing_metadata([(STATUS_KEY, str(resp.status_code)),
                                            *response_metadata(resp.headers.multi_items())])
             return resp.content
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--handshake-timeout-s", type=float, default=EndpointLimits.handshake_timeout_s)
     p.add_argument("--idle-timeout-s", type=float, default=EndpointLimits.idle_timeout_s)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if os.environ.get("FEDSEEK_TRANSPORT_TRACE") == "1" else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     access = SiteAccess(load_sites(Path(a.sites)), RevocationList(Path(a.revoked) if a.revoked else None))
     limits = EndpointLimits(max_message_bytes=a.max_message_bytes, max_concurrent_calls=a.max_concurrent_calls,
                             max_connections=a.max_connections, call_timeout_s=a.call_timeout_s,

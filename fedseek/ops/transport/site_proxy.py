@@ -6,6 +6,9 @@ coordinator endpoint on one gRPC channel authenticated with the site's certifica
 SuperLink's status, headers and body come back unchanged; transport faults become the codes Flower
 retries (503 outage, 504 deadline), a refused identity becomes 401 (the SuperNode stops).
 
+`FEDSEEK_TRANSPORT_TRACE=1` in its environment logs every call (RPC, sizes, status, milliseconds); the
+endpoint logs the SuperLink's own time per call the same way.
+
 Run by `fedseek site start`: `python -m fedseek.ops.transport.site_proxy --port P --coordinator HOST:PORT
 --cafile ca.crt --certfile NAME.crt --keyfile NAME.tls.key --loopback-dir DIR`.
 """
@@ -15,7 +18,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +102,10 @@ class SiteProxy:
         except ValueError as exc:
             await _respond(send, 400, [], f"{exc}\n".encode())
             return
+        t0 = time.perf_counter()
         status, headers, content = await self._forward(rpc, body, metadata)
         await _respond(send, status, headers, content)
+        log.debug("%s %d bytes -> %d, %d bytes in %.1f ms", rpc, len(body), status, len(content), (time.perf_counter() - t0) * 1000)
 
     async def _forward(self, rpc: str, body: bytes, metadata: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]], bytes]:
         import asyncio
@@ -160,7 +167,7 @@ def uvicorn_config(app: SiteProxy, port: int, certfile: str, keyfile: str) -> An
     import uvicorn
 
     return uvicorn.Config(app, host="127.0.0.1", port=port, ssl_certfile=certfile, ssl_keyfile=keyfile, lifespan="on",
-                          log_level="warning", access_log=False, http="h11", timeout_keep_alive=30,
+                          log_level="warning", access_log=False, timeout_keep_alive=30,
                           limit_concurrency=64, server_header=False, date_header=False)
 
 
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--call-timeout-s", type=float, default=120.0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if os.environ.get("FEDSEEK_TRANSPORT_TRACE") == "1" else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tls = ensure_loopback_tls(Path(a.loopback_dir))
     app = SiteProxy(a.coordinator, cafile=a.cafile, certfile=a.certfile, keyfile=a.keyfile,
                     max_message_bytes=a.max_message_bytes, call_timeout_s=a.call_timeout_s)
