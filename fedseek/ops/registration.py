@@ -74,7 +74,8 @@ def register_sites(cfg: CoordinatorConfig, flwr_home: Path, keys: dict[str, byte
         if known is not None:
             if known["status"] == "unregistered":
                 problems.append(f"site {site.name}: its key was unregistered and Flower refuses to register a key twice: "
-                                f"issue a new one (fedseek certs add-site {site.name} --force) and update sites[].public_key")
+                                f"issue a new one (`fedseek certs request {site.name} --force` at the site, "
+                                f"`fedseek certs sign ... --force` here) and update sites[].public_key")
             else:
                 console.print(f"site {site.name}: registered (node {known['node_id']}, {known['status']})")
             continue

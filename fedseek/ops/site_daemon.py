@@ -68,7 +68,7 @@ def _check_key(cfg: SiteConfig, where: str) -> None:
 
     key_path = Path(cfg.auth_private_key)
     if not key_path.is_file():
-        raise DeployError(f"{where}: auth_private_key {key_path}: file not found (the site key from `fedseek certs add-site`)", 2)
+        raise DeployError(f"{where}: auth_private_key {key_path}: file not found (the node key from `fedseek certs request`)", 2)
     try:
         key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
     except OSError as exc:

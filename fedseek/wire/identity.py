@@ -46,7 +46,7 @@ def openssh_spki(data: bytes) -> bytes:
     try:
         key = serialization.load_ssh_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
-        raise ValueError("is not an OpenSSH public key (fedseek certs add-site writes NAME.pub)") from None
+        raise ValueError("is not an OpenSSH public key (fedseek certs request writes NAME.pub)") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError("must be an ECDSA key on a NIST curve (Flower's SuperNode auth)")
     return spki(key)
