@@ -72,7 +72,7 @@ class SiteProxy:
                    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
                    ("grpc.max_reconnect_backoff_ms", 3000),
                    ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
-        # the synchronous channel, called from worker threads: measured ~2.5 ms less per call than grpc.aio at 40 KB
+        # the synchronous channel, called from worker threads (it measured a little faster per call than grpc.aio here)
         self._channel = grpc.secure_channel(self.coordinator, self._creds, options=options)
         self._calls = {rpc: self._channel.unary_unary(method_path(rpc)) for rpc in FLEET_RPCS}
 
