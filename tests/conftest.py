@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,24 @@ def write_yaml(tmp_path: Path):
         return p
 
     return _write
+
+
+
+@contextlib.contextmanager
+def flower_task_identity() -> Iterator[None]:
+    """Flower Messages need the process' task identity (Flower sets it inside a ServerApp/ClientApp process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """A test's Flower task identity (see flower_task_identity)."""
+    with flower_task_identity():
+        yield

@@ -27,13 +27,8 @@ META = ModelMeta(kind="mlp", hidden=[8], input_shape=[30], num_classes=2)
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+def _task_identity(task_identity):
+    """Flower Messages need the process' task identity (tests/conftest.py)."""
 
 
 def _site(tmp: Path, **privacy) -> Context:

@@ -19,6 +19,7 @@ import pytest
 from flwr.app import Message, MessageType, RecordDict
 
 from fedseek.outputs.schema import RunSummary, read_rows
+from tests.conftest import flower_task_identity
 from tests.hostile_replies import nested_json, num_examples, scaled, wrong_shapes
 from tests.test_coordinator import FakeGrid, _coordinator, _run_config, _scenario, in_process_sites
 
@@ -29,13 +30,9 @@ ROUNDS = 3
 
 @pytest.fixture(autouse=True, scope="module")
 def _task_identity():
-    """Flower Messages need the process' task identity (set by Flower inside a ServerApp)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    """Flower Messages need the process' task identity (tests/conftest.py), for the module's shared runs."""
+    with flower_task_identity():
+        yield
 
 
 MODES: dict[str, tuple[Callable[[RecordDict], None], str]] = {  # mode -> (generator, what the rejection reason names)

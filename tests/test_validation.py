@@ -13,14 +13,8 @@ from fedseek.wire.transfer import pack_update
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower Messages need the process' task identity (set by Flower inside a ServerApp)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+def _task_identity(task_identity):
+    """Flower Messages need the process' task identity (tests/conftest.py)."""
 
 
 GLOBAL = {"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
