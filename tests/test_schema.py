@@ -59,11 +59,15 @@ def test_agreeing_tables_match(tmp_path, coordinator_schema):
 
 def test_class_lists_must_agree_and_the_fix_is_named():
     expected = schema_of((3,), 3, None, ["a", "b", "c"])
-    assert "not among the coordinator's classes" in str(schema_mismatch(expected, schema_of((3,), 3, None, ["a", "b", "z"])))
+    extra = str(schema_mismatch(expected, schema_of((3,), 3, None, ["a", "b", "secret-label"])))
+    assert "do not map to the coordinator's classes ['a', 'b', 'c']" in extra and "set data.classes" in extra
+    assert "secret-label" not in extra  # a site's label values come from its records: never sent
     shifted = schema_mismatch(expected, schema_of((3,), 2, None, ["a", "c"]))  # a site without class b, mapped by sorted order
     assert shifted is not None and "set data.classes" in shifted
     assert "input shape [4], expected [3]" == schema_mismatch(expected, schema_of((4,), 3, None, None))
-    assert "2 classes, expected 3" == schema_mismatch(expected, schema_of((3,), 2, None, None))
+    counted = schema_mismatch(schema_of((3,), 3, None, None), schema_of((3,), 2, None, None))
+    assert counted == "this site's labels do not map to the coordinator's 3 classes (set data.classes to the coordinator's list)"
+    assert "2" not in counted  # nor how many distinct labels the site has
 
 
 def test_duplicated_csv_columns_are_an_error(tmp_path):
@@ -120,4 +124,5 @@ def test_a_site_whose_data_differs_refuses_evaluation(tmp_path):
     cfg = EvalConfig.from_record(msg.content.config_records[CONFIG])
     msg.content[CONFIG] = EvalConfig(server_round=1, model=cfg.model, data_schema=schema_of((30,), 3, None, None)).to_record()
     assert msg.metadata.message_type == MessageType.EVALUATE
-    assert refusal_reason(_send(msg, ctx).content) == "data schema differs from the coordinator's: 2 classes, expected 3"
+    assert refusal_reason(_send(msg, ctx).content) == ("data schema differs from the coordinator's: this site's labels do not "
+                                                       "map to the coordinator's 3 classes (set data.classes to the coordinator's list)")

@@ -8,6 +8,7 @@ dataset, with its state under OUT/sites/site-NNN.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from fedseek.config import PrivacySpec, ScenarioConfig, SiteConfig, load_scenari
 from fedseek.data.holdout import holdout_key, holdout_mask
 from fedseek.data.site_data import load_site_data
 from fedseek.wire.data_schema import DataSchema, schema_mismatch
+
+log = logging.getLogger("fedseek.runtime.site_runtime")
 
 
 @dataclass
@@ -47,7 +50,11 @@ def schema_refusal(site: SiteRuntime, announced: DataSchema | None) -> str | Non
     if announced is None or site.schema is None:
         return None
     problem = schema_mismatch(announced, site.schema)
-    return f"data schema differs from the coordinator's: {problem}" if problem else None
+    if not problem:
+        return None
+    log.warning("data schema differs from the coordinator's: %s (this site: classes %s, %d of them; shape %s)",
+                problem, site.schema.classes, site.schema.num_classes, site.schema.input_shape)  # the site's own log only
+    return f"data schema differs from the coordinator's: {problem}"
 
 
 def split_holdout(site: SiteRuntime, fraction: float, *, seed: int | None) -> SiteRuntime:

@@ -5,6 +5,8 @@ maps labels to the same class indices. The coordinator knows the expected schema
 table or its task config and sends it with every TRAIN/EVALUATE message; a site whose own table
 differs refuses with one line saying exactly what differs (no training, no privacy spend).
 Feature and class names are compared only where both sides know them; shape and class count always.
+Column names and shapes (from the table's header) are public; a refusal never names the site's
+label values or their count, which come from its records.
 """
 
 from __future__ import annotations
@@ -49,14 +51,14 @@ def _feature_problem(expected: list[str], actual: list[str]) -> str | None:
     return None
 
 
-def _class_problem(expected: list[str], actual: list[str]) -> str | None:
-    extra = [c for c in actual if c not in expected]
-    if extra:
-        return f"classes {_names(extra)} are not among the coordinator's classes {_names(expected, 10)}"
-    if expected != actual:
-        return (f"class labels map differently: the coordinator's classes are {_names(expected, 10)}, this site's {_names(actual, 10)} "
-                f"(set data.classes to the coordinator's list)")
-    return None
+def _class_problem(expected: list[str]) -> str:
+    """The public line for a class mismatch: it names the coordinator's classes, never the site's labels.
+
+    A site's label values (and, unless configured, how many there are) come from its records, so
+    they are neither DP-accounted nor public: they stay in the site's own log (site_runtime).
+    """
+    return (f"this site's labels do not map to the coordinator's classes {_names(expected, 10)} "
+            f"(set data.classes to the coordinator's list)")
 
 
 def schema_mismatch(expected: DataSchema, actual: DataSchema) -> str | None:
@@ -67,12 +69,11 @@ def schema_mismatch(expected: DataSchema, actual: DataSchema) -> str | None:
             return problem
     if expected.input_shape != actual.input_shape:
         return f"input shape {actual.input_shape}, expected {expected.input_shape}"
-    if expected.classes is not None and actual.classes is not None:
-        problem = _class_problem(expected.classes, actual.classes)
-        if problem:
-            return problem
-    if expected.num_classes != actual.num_classes:
-        return f"{actual.num_classes} classes, expected {expected.num_classes}"
+    if (expected.classes is not None and actual.classes is not None and expected.classes != actual.classes) \
+            or expected.num_classes != actual.num_classes:
+        return _class_problem(expected.classes) if expected.classes is not None else (
+            f"this site's labels do not map to the coordinator's {expected.num_classes} classes "
+            f"(set data.classes to the coordinator's list)")
     if expected.dtype != actual.dtype:
         return f"dtype {actual.dtype}, expected {expected.dtype}"
     return None
