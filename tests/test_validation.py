@@ -186,6 +186,20 @@ def test_adaptive_norm_bound_rejects_only_the_outlier():
     assert _round(strategy, [0.1], rnd=3) == pytest.approx(0.1)
 
 
+def test_two_replies_do_not_set_the_reference_so_a_tiny_hostile_update_cannot_get_an_honest_one_rejected():
+    strategy, _ = _strategy()
+    # no reference yet: two replies alone set no bound, whatever their norms
+    assert _round(strategy, [1e-6, 0.1]) == pytest.approx((1e-6 + 0.1) / 2)
+    assert strategy.outcome.screened.rejected == []
+    assert _round(strategy, [0.1, 0.12, 0.09], rnd=2) == pytest.approx(0.103333, rel=1e-4)  # three replies: reference 0.1
+    # a near-zero update from a hostile site beside one honest site: the honest one (3.7x the tiny one) is kept,
+    # held to the last three-reply reference instead
+    assert _round(strategy, [1e-6, 0.25], rnd=3) == pytest.approx((1e-6 + 0.25) / 2)
+    assert strategy.outcome.screened.rejected == []
+    assert _round(strategy, [1e-6, 0.5], rnd=4) == pytest.approx(1e-6)  # 5x the last reference: still rejected
+    assert "last round's median" in strategy.outcome.screened.rejected[0].reason
+
+
 def test_norm_bounds_can_be_fixed_or_off_and_an_exploding_aggregate_is_never_taken():
     fixed, _ = _strategy(norm_bound="off", max_update_norm=3.0)  # norms: 0.387 per 0.1 of delta (15 coordinates)
     assert _round(fixed, [0.1, 0.12, 0.5]) == pytest.approx(0.24)  # 0.5 is 4x the median: allowed with the adaptive bound off

@@ -7,7 +7,10 @@ come from the `validation` config:
   the round's reference norm is rejected, not clipped (a sign-flipped update clipped to the
   bound would still pull the model backwards). The reference is the lower median of the
   round's norms (the ceil(n/2)-th smallest): fewer than half of the replies can move it
-  outside the range of the honest ones. A round with one reply uses the last reference.
+  outside the range of the honest ones. That needs three or more replies: with two, the lower
+  median is simply the smaller norm, which one hostile site sets (a near-zero update would get
+  the honest one rejected), so a round with fewer than three replies uses the last reference
+  from a round that had three or more, and has no norm bound before there is one.
 - weight (`weight_multiple`, `max_examples`): a reply counts for at most `weight_multiple` x
   the round's lower median num-examples, and at most its site's declared maximum; the reported
   count stays in the metrics, the bound is logged, audited and listed in the metrics row.
@@ -27,6 +30,7 @@ from fedseek.config import ValidationSpec
 from fedseek.wire.screening import Issue, Screened, SiteReply
 
 log = logging.getLogger(__name__)
+MIN_REPLIES_FOR_REFERENCE = 3  # fewer replies: one hostile site would be (half of) the median
 
 
 def lower_median(values: Sequence[float]) -> float | None:
@@ -49,10 +53,10 @@ class InfluenceBounds:
         return self._cap_weights(screened.accepted)
 
     def norm_bound(self, norms: Sequence[float]) -> tuple[float | None, str]:
-        """(the round's adaptive norm bound or None, how it was set); updates the reference when the round has 2+ replies."""
+        """(the round's adaptive norm bound or None, how it was set); updates the reference when the round has 3+ replies."""
         if self.spec.norm_bound == "off":
             return None, ""
-        if len(norms) >= 2:
+        if len(norms) >= MIN_REPLIES_FOR_REFERENCE:
             ref, source = lower_median(norms), "the round's median update norm"
             self.reference = ref if ref else self.reference
         else:
