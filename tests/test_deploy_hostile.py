@@ -29,7 +29,7 @@ from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, sit
 pytestmark = pytest.mark.slow
 
 SITES, ATTACKER, HONEST = ("site-a", "site-b", "site-c"), "site-c", {"site-a", "site-b"}
-ROUND_TIMEOUT_S = 30
+ROUND_TIMEOUT_S = 20
 # round -> attack, and a word the rejection reason must contain
 SCHEDULE: dict[int, tuple[str, str]] = {
     1: ("nested_json", "header"),

@@ -51,7 +51,7 @@ def test_nan_and_wrong_shape_sites_are_rejected_and_counted(tmp_path):
 def test_byzantine_sign_flip_default_bound_and_robust_rule_hold_unbounded_fedavg_degrades(tmp_path):
     """30% of sites send their update sign-flipped x4: the default adaptive norm bound rejects them (FedAvg holds);
     with the bound switched off FedAvg degrades, and FedMedian alone holds."""
-    body = ("seed: 5\nnum_sites: 10\nrounds: 8\ndata: {{dataset: digits}}\npartition: {{scheme: iid}}\nmodel: {{kind: cnn}}\n"
+    body = ("seed: 5\nnum_sites: 10\nrounds: 8\ndata: {{dataset: digits}}\npartition: {{scheme: iid}}\nmodel: {{kind: mlp}}\n"
             "strategy: {{name: {rule}, min_sites: 10}}\ntrain: {{local_epochs: 2, lr: 0.05, batch_size: 16, momentum: 0.9}}\n"
             "validation: {{norm_bound: {bound}}}\nfaults: {{byzantine: {{fraction: {frac}, attack: sign_flip}}}}\n")
     runs = {"clean": ("fedavg", "adaptive", 0.0), "fedavg": ("fedavg", "adaptive", 0.3), "unbounded": ("fedavg", "off", 0.3),

@@ -1,4 +1,4 @@
-"""A simulation scenario: N virtual sites on a built-in dataset, partitioned non-IID, with simulated faults."""
+"""A simulation scenario: N virtual sites on a built-in dataset or your own tables, non-IID, with simulated faults."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from fedseek.config.federation import FederationSpec, PrivacySpec
-from fedseek.config.loading import StrictSpec, load_yaml, parse
+from fedseek.config.loading import ConfigError, StrictSpec, load_yaml, parse, resolve_path
 from fedseek.names import Attack, DatasetName, Device, PartitionScheme, Precision
 
 
@@ -21,11 +21,58 @@ class PartitionSpec(StrictSpec):
 
 
 class DataSpec(StrictSpec):
-    """A built-in dataset (simulation and central test set)."""
+    """The simulation's data: a built-in dataset, or your own tables (CSV/Parquet).
+
+    Own tables, one of: `tables` (one file per site, in site order), `table` + `site_column`
+    (one file, each value of the column is a site: a natural split), or `table` alone (split
+    across `num_sites` by the scenario's `partition`). `test_table` is the coordinator's central
+    test set; without it a lone `table` keeps `test_fraction` of its rows (stratified) as the
+    test set, and per-site tables have none (federated evaluation still works). Paths are relative
+    to the scenario file. Each site scales its features by its own statistics (`standardize`),
+    as a deployed site daemon does with the same loader.
+    """
 
     dataset: DatasetName = "breast_cancer"
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     options: dict[str, Any] = Field(default_factory=dict, description="extra builtin args")
+    tables: list[str] | None = Field(None, min_length=1, description="one CSV/Parquet file per site")
+    table: str | None = Field(None, description="one CSV/Parquet file for every site")
+    site_column: str | None = Field(None, description="column of `table` naming each row's site (natural split)")
+    test_table: str | None = Field(None, description="the coordinator's central test table")
+    label_column: str = "label"
+    feature_columns: list[str] | None = Field(None, description="default: every column but the label (and site_column)")
+    classes: list[str] | None = Field(None, description="label values in class order; default: every value seen, sorted")
+    standardize: bool = True
+
+    @property
+    def own_tables(self) -> bool:
+        """True when the scenario trains on the user's tables instead of a built-in dataset."""
+        return self.tables is not None or self.table is not None
+
+    @property
+    def source_name(self) -> str:
+        """What the scenario trains on, for headers and reports: the built-in name or the table's file name."""
+        if self.tables is not None:
+            return f"{len(self.tables)} tables"
+        return Path(self.table).name if self.table else self.dataset
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if self.tables is not None and self.table is not None:
+            raise ValueError("give either tables (one file per site) or table (one file), not both")
+        if self.own_tables and ("dataset" in self.model_fields_set or self.options):
+            raise ValueError("dataset/options name a built-in dataset: leave them out when the scenario names its own tables")
+        if self.site_column is not None and self.table is None:
+            raise ValueError("site_column splits `table` by site: it needs table")
+        if not self.own_tables and (self.test_table or self.site_column or self.classes or self.feature_columns
+                                    or "label_column" in self.model_fields_set):
+            raise ValueError("test_table, site_column, label_column, feature_columns and classes apply to own tables "
+                             "(tables or table)")
+        if self.site_column is not None and self.site_column == self.label_column:
+            raise ValueError(f"site_column and label_column are both {self.label_column!r}")
+        if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):
+            raise ValueError("classes must be distinct")
+        return self
 
 
 class SimulationSpec(StrictSpec):
@@ -72,6 +119,17 @@ class ScenarioConfig(FederationSpec):
                 "train.class_weighting 'balanced' is computed from each site's private label counts and is refused under DP; "
                 "use 'none' or privacy.class_weights"
             )
+        d = self.data
+        if d.tables is not None or d.site_column is not None:
+            if "partition" in self.model_fields_set:
+                raise ValueError("partition does not apply when each site has its own table (tables, or table + site_column)")
+            self.partition = PartitionSpec(scheme="natural")
+        if d.tables is not None:
+            if "num_sites" not in self.model_fields_set:
+                self.num_sites = len(d.tables)
+            elif self.num_sites != len(d.tables):
+                raise ValueError(f"num_sites ({self.num_sites}) differs from the {len(d.tables)} files in data.tables "
+                                 "(one file per site): leave num_sites out or make them agree")
         if self.strategy.min_sites > self.num_sites:
             raise ValueError(
                 f"strategy.min_sites ({self.strategy.min_sites}) exceeds num_sites ({self.num_sites})"
@@ -80,5 +138,33 @@ class ScenarioConfig(FederationSpec):
 
 
 def load_scenario(path: str | Path) -> ScenarioConfig:
-    """Load and validate a simulation scenario file."""
-    return parse(ScenarioConfig, load_yaml(path), path)
+    """Load and validate a simulation scenario file; table paths become absolute (relative to the file).
+
+    With `data.table` + `data.site_column`, num_sites is the number of distinct values in that
+    column (read here, so a mismatch is one ConfigError before anything starts).
+    """
+    raw = load_yaml(path)
+    if not raw:
+        raise ConfigError(f"{path}: empty scenario: give at least a name, or the keys you change from the defaults "
+                          "(see simulations/hospitals.yaml)")
+    cfg = parse(ScenarioConfig, raw, path)
+    d, base = cfg.data, Path(path).resolve().parent
+    if d.tables is not None:
+        d.tables = [str(resolve_path(base, t)) for t in d.tables]
+    d.table, d.test_table = resolve_path(base, d.table), resolve_path(base, d.test_table)
+    if d.site_column is not None:
+        from fedseek.data.scenario_data import site_values  # reads the table (pandas): only for this kind of scenario
+
+        try:
+            n = len(site_values(str(d.table), d.site_column))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: key 'data.table': {exc}") from None
+        if "num_sites" not in cfg.model_fields_set:
+            cfg.num_sites = n
+        elif cfg.num_sites != n:
+            raise ConfigError(f"{path}: key 'num_sites': {cfg.num_sites} differs from the {n} sites in column "
+                              f"{d.site_column!r} of {d.table}: leave num_sites out or make them agree")
+        if cfg.strategy.min_sites > cfg.num_sites:
+            raise ConfigError(f"{path}: key 'strategy.min_sites': {cfg.strategy.min_sites} exceeds the {n} sites "
+                              f"in column {d.site_column!r}")
+    return cfg

@@ -150,6 +150,83 @@ def _feature_matrix(path: Path, df: Any, label_column: str, feature_columns: lis
     return np.asarray(x)
 
 
+def read_table(path: str | Path) -> Any:  # pandas.DataFrame
+    """A .csv/.parquet table with its column names as text; DataError (one line) for anything unreadable."""
+    path = Path(path)
+    if path.is_file():
+        _refuse_duplicate_columns(path)
+    df = _read_table(path)
+    df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def _label_hint(path: Path, columns: list[str]) -> str:
+    """A hint when the header looks like another delimiter than the comma fedseek reads."""
+    if len(columns) == 1 and any(d in columns[0] for d in (";", "\t", "|")):
+        sep = next(d for d in (";", "\t", "|") if d in columns[0])
+        return f"; the file looks {'tab' if sep == chr(9) else repr(sep)}-separated: fedseek reads comma-separated CSV"
+    return ""
+
+
+def label_values(path: str | Path, df: Any, label_column: str) -> np.ndarray:
+    """The raw label column of a table (DataError naming the file when it is missing, empty or not class-like)."""
+    path = Path(path)
+    columns = [str(c) for c in df.columns]
+    if label_column not in columns:
+        raise DataError(
+            f"{path}: label column {label_column!r} not found (available: {', '.join(columns)}){_label_hint(path, columns)}"
+        )
+    raw = df[label_column].to_numpy()
+    check_class_labels(path, raw, label_column)
+    return np.asarray(raw)
+
+
+def check_class_labels(path: Path, raw: np.ndarray, label_column: str) -> None:
+    """Refuse a continuous label: a float column with non-integer values is not a set of classes."""
+    if raw.dtype.kind != "f":
+        return
+    finite = raw[np.isfinite(raw)]
+    if finite.size and not np.all(finite == np.round(finite)):
+        n = int(np.unique(finite).size)
+        raise DataError(
+            f"{path}: label column {label_column!r} holds non-integer numbers ({n} distinct values): it is a continuous "
+            f"target, not classes; fedseek trains classifiers (binary or multi-class) from integer or text labels"
+        )
+
+
+def table_dataset(
+    path: str | Path,
+    df: Any,
+    label_column: str,
+    feature_columns: list[str] | None = None,
+    standardize: bool = True,
+    classes: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> ArrayDataset:
+    """Rows of a table already read (`df`, from `path`) as an ArrayDataset; see `load_table`. `exclude`: columns never features."""
+    path = Path(path)
+    columns = [str(c) for c in df.columns]
+    raw = label_values(path, df, label_column)
+    if len(df) == 0:
+        raise DataError(f"{path}: empty table (no rows)")
+    if feature_columns is None:
+        feature_columns = [c for c in columns if c != label_column and c not in exclude]
+    feature_columns = _feature_columns(path, columns, label_column, feature_columns)
+    x = _feature_matrix(path, df, label_column, feature_columns)
+    y, names = _class_mapping(path, raw, classes)
+    if classes is None and len(names) < 2:
+        raise DataError(
+            f"{path}: label column {label_column!r} has a single class {names[0]!r}; "
+            f"need at least 2 (or configure the federation's classes)"
+        )
+    if standardize:
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        std[std < 1e-12] = 1.0
+        x = (x - mean) / std
+    return ArrayDataset(x.astype(np.float32), y, len(names), name=path.stem, classes=names, features=feature_columns)
+
+
 def load_table(
     path: str | Path,
     label_column: str,
@@ -163,6 +240,7 @@ def load_table(
       Pass `classes` (from the site/federation config) to fix the mapping: every site must
       map labels identically, which sorted order cannot guarantee when a site lacks a class.
       Without `classes`, a single-class table is an error (the mapping would be meaningless).
+      A float label with non-integer values is refused (a continuous target is not classes).
     - Features: `feature_columns`, or every column except the label. Boolean columns become
       0/1. Non-numeric columns are rejected, not one-hot encoded: local one-hot encoding
       gives each site a different feature layout depending on which categories it has seen,
@@ -172,33 +250,7 @@ def load_table(
       constant columns are left centred). Use False when the federation agrees on shared
       public statistics and the table is already scaled.
     """
-    path = Path(path)
-    if path.is_file():
-        _refuse_duplicate_columns(path)
-    df = _read_table(path)
-    columns = [str(c) for c in df.columns]
-    df.columns = columns
-    if label_column not in columns:
-        raise DataError(
-            f"{path}: label column {label_column!r} not found (available: {', '.join(columns)})"
-        )
-    if len(df) == 0:
-        raise DataError(f"{path}: empty table (no rows)")
-    feature_columns = _feature_columns(path, columns, label_column, feature_columns)
-    x = _feature_matrix(path, df, label_column, feature_columns)
-    y, names = _class_mapping(path, df[label_column].to_numpy(), classes)
-    if classes is None and len(names) < 2:
-        raise DataError(
-            f"{path}: label column {label_column!r} has a single class {names[0]!r}; "
-            f"need at least 2 (or configure the federation's classes)"
-        )
-
-    if standardize:
-        mean = x.mean(axis=0)
-        std = x.std(axis=0)
-        std[std < 1e-12] = 1.0
-        x = (x - mean) / std
-    return ArrayDataset(x.astype(np.float32), y, len(names), name=path.stem, classes=names, features=feature_columns)
+    return table_dataset(path, read_table(path), label_column, feature_columns, standardize, classes)
 
 
 def load_image_folder(

@@ -162,11 +162,10 @@ def _key_shape(scenario: str | None, input_shape: str | None, num_classes: int |
     """The model's input shape and classes, from a scenario's dataset or given; None if neither."""
     if scenario:
         from fedseek.config import load_scenario
-        from fedseek.data import load_builtin
+        from fedseek.data.scenario_data import scenario_shapes
 
-        cfg = load_scenario(scenario)
-        _, test = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
-        return tuple(test.input_shape), int(test.num_classes)
+        _, shaped = scenario_shapes(load_scenario(scenario))
+        return tuple(shaped.input_shape), int(shaped.num_classes)
     if input_shape and num_classes:
         return tuple(int(d) for d in input_shape.split(",")), int(num_classes)
     return None

@@ -126,12 +126,15 @@ def follow_run(
     site_word: str = "sites",
     on_poll: Callable[[], None] | None = None,
     wake: threading.Event | None = None,
-) -> RunStatus:
+    outputs_done: Callable[[], bool] | None = None,
+) -> RunStatus | None:
     """Poll the run status, print one progress line per round, return the final status.
 
     `check_alive` is called every poll; a non-None return (e.g. "the SuperLink exited") aborts
     with RunError. On timeout the run is stopped and RunError raised. `on_poll` runs after each
-    poll's new rows; `wake`, once set, makes the polls short.
+    poll's new rows; `wake`, once set, makes the polls short. `outputs_done` (optional): once it
+    returns True the run's outputs are complete and None is returned without waiting for Flower
+    to tear the run down (the caller owns the SuperLink and stops it).
     """
     deadline = time.monotonic() + timeout_s
     metrics = MetricsTail(out / "metrics.jsonl")
@@ -150,6 +153,8 @@ def follow_run(
                 on_poll()
             if status.finished:
                 return status
+            if outputs_done is not None and outputs_done():
+                return None
             if dead is not None:
                 raise LostSuperLink(dead)
             if time.monotonic() > deadline:

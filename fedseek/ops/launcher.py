@@ -45,6 +45,9 @@ class RunRequest:
     check_alive: Callable[[], str | None] | None = None
     error: type[RunError] = RunError
     resume_hint: str = ""  # how to continue after a lost SuperLink (appended to that one-line error)
+    # The command owns the SuperLink (simulation): end the follow as soon as the outputs are complete (summary.json
+    # written, the ServerApp's last log line streamed) instead of waiting seconds for Flower to stop Ray.
+    finish_on_outputs: bool = False
 
 
 @dataclass
@@ -55,6 +58,38 @@ class Outcome:
     data: dict[str, Any]
     ahead: ReportAhead | None = None
     error: type[RunError] = RunError  # raised by `report` when the run did not complete (summary status)
+
+
+#: Bound on waiting for the ServerApp's last log line once summary.json exists (it uploads logs every 0.2 s).
+LAST_LOG_WAIT_S = 3.0
+#: The ServerApp's last log line (fedseek.runtime.coordinator: "[fedseek] done (...)").
+LAST_LOG_MARK = b"[fedseek] done ("
+
+
+class OutputsDone:
+    """True once summary.json exists and run.log holds the ServerApp's last line (or LAST_LOG_WAIT_S later)."""
+
+    def __init__(self, out: Path, run_log: Path, wake: threading.Event | None = None) -> None:
+        """Watch OUT/summary.json and the streamed run.log; set `wake` (short polls) once summary.json exists."""
+        self.summary, self.run_log, self.wake = out / "summary.json", run_log, wake
+        self._since: float | None = None
+
+    def __call__(self) -> bool:
+        """Whether the run's outputs are complete."""
+        if self._since is None:
+            if not self.summary.exists():
+                return False
+            self._since = time.monotonic()
+            if self.wake is not None:
+                self.wake.set()
+        if time.monotonic() - self._since >= LAST_LOG_WAIT_S:
+            return True
+        try:
+            with open(self.run_log, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, 2) - 4096))
+                return LAST_LOG_MARK in fh.read()
+        except OSError:
+            return False
 
 
 class ReportAhead:
@@ -128,8 +163,13 @@ class Launcher:
             self.console.print(f"run {run_id} submitted; ServerApp log: {self.run_log}")
         log = RunLog(req.flwr_home, req.connection, run_id, self.run_log)
         ahead = ReportAhead(req.out)
+        drain_s = 2.0  # the log stream ends with the run: let it drain
         try:
-            status = self._follow(run_id, on_round, ahead, log.ended)
+            done = OutputsDone(req.out, self.run_log, log.ended) if req.finish_on_outputs else None
+            status = self._follow(run_id, on_round, ahead, log.ended, done)
+            if status is None:  # outputs complete, Flower not done tearing the run down: end it (the SuperLink's
+                self._stop_run()  # open log stream would otherwise hold its shutdown) and do not wait for the stream
+                drain_s = 0.0
             outcome = self._outcome(run_id, status)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
@@ -137,17 +177,17 @@ class Launcher:
             ahead.result(timeout_s=30)  # never leave a report half-written behind an error
             raise
         finally:
-            log.stop()
+            log.stop(wait_s=drain_s)
         outcome.ahead = ahead
         return outcome
 
     def _follow(self, run_id: int, on_round: Callable[[MetricsRow], None] | None, ahead: ReportAhead,
-                wake: threading.Event) -> RunStatus:
+                wake: threading.Event, done: Callable[[], bool] | None) -> RunStatus | None:
         req = self.req
         try:
             return follow_run(req.out, self.client, run_id, rounds=req.rounds, sites=req.sites, console=self.console,
                               timeout_s=req.timeout_s, on_round=on_round, check_alive=req.check_alive, site_word=req.site_word,
-                              on_poll=ahead.poll, wake=wake)
+                              on_poll=ahead.poll, wake=wake, outputs_done=done)
         except LostSuperLink as exc:
             raise req.error(f"{exc}; {req.resume_hint}" if req.resume_hint else str(exc)) from None
         except RunError as exc:
@@ -155,8 +195,9 @@ class Launcher:
                 raise
             raise req.error(str(exc)) from None
 
-    def _outcome(self, run_id: int, status: RunStatus) -> Outcome:
-        if not status.ok:
+    def _outcome(self, run_id: int, status: RunStatus | None) -> Outcome:
+        """The run's Outcome; `status` None: the outputs were complete before Flower's teardown (summary.json decides)."""
+        if status is not None and not status.ok:
             raise self.req.error(f"run {run_id} ended {status}" + (f": {status.details}" if status.details else "")
                                  + f"\n--- last lines of {self.run_log} ---\n{tail(self.run_log)}")
         path = self.req.out / "summary.json"

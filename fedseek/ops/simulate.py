@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedseek.config import ScenarioConfig, load_scenario
+from fedseek.config import ConfigError, ScenarioConfig, load_scenario
 from fedseek.ops.flower_control import RunConfigValue, flower_env, flwr_bin, write_connection
 from fedseek.ops.follow import RunError, tail
 from fedseek.ops.launcher import Launcher, RunRequest, prepare_out, report
@@ -34,7 +34,7 @@ class SimulationError(RunError):
 def _header(cfg: ScenarioConfig) -> str:
     dp = f", DP eps<={cfg.privacy.epsilon_budget:g}" if cfg.privacy and cfg.privacy.enabled else ""
     return (f"[bold]fedseek[/] simulate [cyan]{cfg.name}[/]: {cfg.num_sites} sites, {cfg.rounds} rounds, "
-            f"{cfg.data.dataset}, {cfg.strategy.name}{dp}")
+            f"{cfg.data.source_name}, {cfg.strategy.name}{dp}")
 
 
 def _request(cfg: ScenarioConfig, scenario_path: Path, out: Path, port: int, *, state_dir: str | Path | None,
@@ -50,8 +50,14 @@ def _request(cfg: ScenarioConfig, scenario_path: Path, out: Path, port: int, *, 
         timeout_s=timeout_s or (cfg.round_timeout_s * cfg.rounds + cfg.simulation.node_wait_s + 300),
         federation_config={"num-supernodes": cfg.num_sites, "client-resources-num-cpus": cfg.simulation.cpus_per_site,
                            "init-args-num-cpus": ray_cpus},
-        site_word="virtual sites", error=SimulationError,
+        site_word="virtual sites", error=SimulationError, finish_on_outputs=True,
         resume_hint=f"continue from the last checkpoint with `fedseek simulate {scenario_path} --out {out} --resume`")
+
+
+#: SIGTERM grace for the private SuperLink and its Ray processes before SIGKILL. They hold nothing worth keeping (the
+#: run's outputs, checkpoint and ledgers are fedseek's files), and a SuperLink whose run was ended early (see
+#: RunRequest.finish_on_outputs) sometimes waits seconds (up to ~10 s measured) for open connections before exiting on SIGTERM.
+STOP_GRACE_S = 1.0
 
 
 def _start_superlink(flwr_home: Path, port: int, log_fh: Any) -> ProcessTree:
@@ -93,6 +99,13 @@ def simulate(
     console = console or Console(stderr=True)
     scenario_path = Path(scenario_path).resolve()
     cfg = load_scenario(scenario_path)  # ConfigError surfaces before anything starts
+    if cfg.data.own_tables:  # every table read, split and checked here: a bad file is one line, before any process
+        from fedseek.data.scenario_data import check_scenario_data
+
+        try:
+            check_scenario_data(cfg)
+        except ValueError as exc:  # DataError included
+            raise ConfigError(f"{scenario_path}: data: {exc}") from None
     out = prepare_out(Path(out_dir).resolve(), resume=resume)
     port = free_port()
     req = _request(cfg, scenario_path, out, port, state_dir=state_dir, timeout_s=timeout_s, resume=resume)
@@ -115,7 +128,7 @@ def simulate(
         finally:
             if launcher is not None:
                 launcher.close()
-            superlink.stop()
+            superlink.stop(timeout_s=STOP_GRACE_S)
     return report(console, outcome, out, t0)
 
 

@@ -75,20 +75,10 @@ def _scenario(path: str, mtime: float) -> ScenarioConfig:
 
 @functools.lru_cache(maxsize=8)
 def _partitions(path: str, mtime: float) -> tuple[Any, list[np.ndarray]]:
-    from fedseek.data import load_builtin, partition_indices
+    from fedseek.data.scenario_data import scenario_data
 
-    cfg = _scenario(path, mtime)
-    train, _ = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
-    parts = partition_indices(
-        train.y,
-        cfg.num_sites,
-        cfg.partition.scheme,
-        alpha=cfg.partition.alpha,
-        seed=cfg.seed,
-        min_partition_size=cfg.partition.min_partition_size,
-        groups=getattr(train, "groups", None),
-    )
-    return train, parts
+    data = scenario_data(_scenario(path, mtime))
+    return data.train, data.parts
 
 
 @functools.lru_cache(maxsize=4)

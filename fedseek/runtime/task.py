@@ -58,11 +58,11 @@ def model_meta(fed: FederationSpec, task: Task) -> ModelMeta:
 
 
 def scenario_task(cfg: ScenarioConfig) -> Task:
-    """A scenario's task: the built-in dataset's held-out split is the central test set."""
-    from fedseek.data import load_builtin
+    """A scenario's task: the built-in dataset's held-out split, or the scenario's test table, is the central test set."""
+    from fedseek.data.scenario_data import scenario_shapes
 
-    _, test = load_builtin(cfg.data.dataset, cfg.seed, test_fraction=cfg.data.test_fraction, **cfg.data.options)
-    return Task(tuple(test.input_shape), int(test.num_classes), test, cfg.data.dataset)
+    test, shaped = scenario_shapes(cfg)
+    return Task(tuple(shaped.input_shape), int(shaped.num_classes), test, cfg.data.source_name, schema=shaped.schema())
 
 
 def coordinator_task(cfg: CoordinatorConfig) -> Task:
