@@ -339,8 +339,8 @@ def test_old_rows_read_without_the_field_and_prometheus_shows_it():
         body = urllib.request.urlopen(f"http://127.0.0.1:{prom.port}/metrics", timeout=5).read().decode()
     finally:
         prom.close()
-    assert "fedseek_federated_accuracy 0.8" in body and "fedseek_federated_accuracy_std 0.01" in body
-    assert 'fedseek_site_evaluation_epsilon{site="a"} 0.25' in body
+    assert 'fedseek_federated_accuracy{run="fedseek"} 0.8' in body and 'fedseek_federated_accuracy_std{run="fedseek"} 0.01' in body
+    assert 'fedseek_site_evaluation_epsilon{run="fedseek",site="a"} 0.25' in body
 
 
 def test_unknown_or_duplicate_replies_are_ignored():

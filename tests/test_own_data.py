@@ -180,7 +180,7 @@ def test_simulate_on_per_site_csvs_matches_a_pooled_logistic_regression(tmp_path
     test.to_csv(tmp_path / "test.csv", index=False)
     scen = _write(tmp_path, "name: centres\nseed: 1\nrounds: 12\nstrategy: {min_sites: 4}\n"
                             "data: {tables: [c0.csv, c1.csv, c2.csv, c3.csv], label_column: y, test_table: test.csv}\n"
-                            "train: {local_epochs: 2, lr: 0.05, batch_size: 16}\n")
+                            "train: {local_epochs: 2, lr: 0.05, batch_size: 16}\nselection: {metric: loss}\n")
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "fedseek", "simulate", str(scen), "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -192,3 +192,205 @@ def test_simulate_on_per_site_csvs_matches_a_pooled_logistic_regression(tmp_path
     print("own tables: fedseek", summary["final_accuracy"], "pooled logistic regression", central)
     assert summary["final_accuracy"] >= central - 0.03
     assert summary["rounds_completed"] == 12 and summary["name"] == "centres"
+    sel = summary["selection"]
+    assert sel["metric"] == "loss" and 1 <= sel["round"] <= 12 and "lowest central loss" in sel["reason"]
+    assert summary["baseline"]["warning"] is None and summary["warnings"] == []
+    card = json.loads((out / "model.json").read_text())
+    assert card["features"] == [f"f{i}" for i in range(30)] and card["classes"] == ["0", "1"]
+    assert card["preprocessing"]["scaling"] == "local" and card["training"]["round"] == sel["round"]
+    assert (out / "model_last.pt").exists()
+
+    # fedseek predict on the held-out table equals the card's preprocessing + model.pt applied by hand
+    res = subprocess.run([sys.executable, "-m", "fedseek", "predict", "--model", str(out), "--input", str(tmp_path / "test.csv"),
+                          "--out", str(tmp_path / "pred.csv")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    import torch
+
+    from fedseek.train.models import build_model
+
+    model = build_model("mlp", (30,), 2, card["hidden"], seed=0)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    x = test.drop(columns="y").to_numpy(dtype=np.float64)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.as_tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)), dim=1).numpy()
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    assert np.allclose(pred[["prob_0", "prob_1"]].to_numpy(), p, atol=1e-5)
+    assert (pred["predicted"].astype(int).to_numpy() == p.argmax(1)).all()
+    assert abs(float((pred["predicted"].astype(int) == test["y"].to_numpy()).mean()) - sel["central"]["accuracy"]) < 1e-9
+
+    # the same tables under DP-SGD: each site within its budget, the card says so
+    dp = _write(tmp_path, scen.read_text().replace("rounds: 12", "rounds: 4")
+                + "privacy: {epsilon_budget: 3.0, delta: 1.0e-4, planning_rounds: 4}\n", "dp.yaml")
+    res = subprocess.run([sys.executable, "-m", "fedseek", "simulate", str(dp), "--out", str(tmp_path / "dp")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    dps = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert dps["privacy"]["enabled"] and 0 < dps["privacy"]["max_epsilon"] <= 3.0
+    dcard = json.loads((tmp_path / "dp" / "model.json").read_text())
+    assert dcard["privacy"]["dp"] and dcard["privacy"]["max_epsilon"] == dps["privacy"]["max_epsilon"]
+    print("own tables under DP (eps <= 3):", dps["final_accuracy"])
+
+
+# ------------------------------------------------------------------ selection, model card, predict, run directory
+
+
+def test_selection_keeps_the_best_round_and_stops_after_patience():
+    from fedseek.config.federation import SelectionSpec
+    from fedseek.runtime.selection import Selection
+
+    sel = Selection(SelectionSpec(metric="accuracy", patience=2, min_delta=0.001))
+    arrays = {"w": np.zeros(3, dtype=np.float32)}
+    history = [0.80, 0.90, 0.9005, 0.85]
+    stops = []
+    for rnd, acc in enumerate(history, start=1):
+        arrays["w"][:] = rnd
+        stops.append(sel.observe(rnd, {"accuracy": acc, "loss": 1 - acc}, arrays))
+    assert stops == [False, False, False, True]  # 0.9005 is not an improvement of >= 0.001
+    assert sel.best_round == 2 and sel.best_arrays is not None and sel.best_arrays["w"][0] == 2.0
+    s = sel.summary(4)
+    assert s.round == 2 and s.value == pytest.approx(0.90) and s.early_stopped_after == 4 and "highest central accuracy" in s.reason
+    restored = Selection(SelectionSpec(metric="accuracy"))
+    restored.load_state_dict(sel.state_dict())
+    assert restored.best_round == 2 and restored.rounds_without_gain == 2
+    loss = Selection(SelectionSpec(metric="loss"))
+    for rnd, v in enumerate([0.5, 0.3, 0.4], start=1):
+        loss.observe(rnd, {"loss": v}, arrays)
+    assert loss.best_round == 2
+    with pytest.raises(ValueError, match="patience needs a metric"):
+        SelectionSpec(patience=3)
+
+
+def test_baseline_check_warns_for_a_majority_class_model():
+    from fedseek.data import ArrayDataset
+    from fedseek.runtime.selection import baseline_check
+
+    test = ArrayDataset(np.zeros((10, 2)), np.array([0] * 8 + [1] * 2), 2, classes=["healthy", "sick"])
+    majority = baseline_check(test, {"accuracy": 0.8, "balanced_accuracy": 0.5}, np.zeros(10, dtype=int))
+    assert majority is not None and majority.warning is not None and "'healthy' for everyone" in majority.warning
+    assert majority.recall == {"healthy": 1.0, "sick": 0.0} and majority.majority_accuracy == 0.8
+    good = baseline_check(test, {"accuracy": 0.9, "balanced_accuracy": 0.75}, np.array([0] * 8 + [1, 0]))
+    assert good is not None and good.warning is None and good.recall["sick"] == 0.5
+
+
+def _run_dir_with_model(tmp_path: Path, scaling: str = "local") -> tuple[Path, object]:
+    import torch
+
+    from fedseek.outputs.model_card import ModelCard, Preprocessing
+    from fedseek.train.models import build_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = build_model("mlp", (6,), 2, [8], seed=3)
+    torch.save(model.state_dict(), run / "model.pt")
+    card = ModelCard(kind="mlp", hidden=[8], input_shape=[6], num_classes=2, features=[f"f{i}" for i in range(6)],
+                     classes=["benign", "malignant"],
+                     preprocessing=Preprocessing(scaling=scaling, columns=[f"f{i}" for i in range(6)]))
+    (run / "model.json").write_text(card.model_dump_json())
+    return run, model
+
+
+def test_predict_applies_the_card_preprocessing_and_writes_probabilities(tmp_path):
+    import torch
+
+    run, model = _run_dir_with_model(tmp_path)
+    df = _cancer_frame().iloc[:50]
+    df = df[["diagnosis", *reversed([f"f{i}" for i in range(6)])]]  # other column order, plus the label: both fine
+    df.to_csv(tmp_path / "new.csv", index=False)
+    res = subprocess.run([sys.executable, "-m", "fedseek", "predict", "--model", str(run), "--input", str(tmp_path / "new.csv"),
+                          "--out", str(tmp_path / "pred.csv")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    x = df[[f"f{i}" for i in range(6)]].to_numpy(dtype=np.float64)
+    std = x.std(axis=0)
+    by_hand = (x - x.mean(axis=0)) / np.where(std < 1e-12, 1.0, std)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.as_tensor(by_hand, dtype=torch.float32)), dim=1).numpy()  # type: ignore[operator]
+    assert np.allclose(pred[["prob_benign", "prob_malignant"]].to_numpy(), p, atol=1e-5)
+    assert list(pred["predicted"]) == [["benign", "malignant"][k] for k in p.argmax(1)]
+    assert list(pred["diagnosis"]) == list(df["diagnosis"])  # the input rows are kept
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no_card", "model.json: not found"),
+    ("missing_feature", "feature columns ['f5'] not found"),
+    ("one_row", "needs a batch of rows"),
+    ("builtin", "preprocessing 'builtin'"),
+])
+def test_predict_refuses_bad_inputs_with_one_line_and_exit_2(tmp_path, case, message):
+    run, _ = _run_dir_with_model(tmp_path, scaling="builtin" if case == "builtin" else "local")
+    df = _cancer_frame().iloc[: 1 if case == "one_row" else 20]
+    if case == "missing_feature":
+        df = df.drop(columns="f5")
+    if case == "no_card":
+        (run / "model.json").unlink()
+    df.to_csv(tmp_path / "in.csv", index=False)
+    res = subprocess.run([sys.executable, "-m", "fedseek", "predict", "--model", str(run), "--input", str(tmp_path / "in.csv"),
+                          "--out", str(tmp_path / "p.csv")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.csv").exists()
+
+
+def test_a_busy_run_directory_is_refused_and_a_finished_run_is_not_resumed(tmp_path):
+    out = tmp_path / "out"
+    hold = ("import sys, time; from pathlib import Path; from fedseek.ops.launcher import lock_out; "
+            "lock_out(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        res = subprocess.run([sys.executable, "-m", "fedseek", "simulate", "simulations/hospitals.yaml", "--out", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and f"in use by another fedseek run (pid {holder.pid})" in res.stderr, res.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    (out / "summary.json").write_text(json.dumps({"name": "x", "rounds": 3, "rounds_completed": 3, "status": "completed",
+                                                  "num_sites": 2, "strategy": "fedavg", "seed": 0, "final_accuracy": 0.9}))
+    res = subprocess.run([sys.executable, "-m", "fedseek", "simulate", "simulations/hospitals.yaml", "--out", str(out), "--resume"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "already completed (3/3 rounds" in res.stderr and "nothing to resume" in res.stderr
+    assert not (out / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_declared_preprocessing_one_hot_fill_and_given_scaling_travel_to_predict(tmp_path):
+    """A categorical column one-hot from its declared vocabulary (a site lacking a value still gets the column), a declared
+    fill for missing numbers, given scaling statistics: the same feature vector at every site and in `fedseek predict`."""
+    from fedseek.config.preprocess import PreprocessSpec
+    from fedseek.data.preprocess import prepare_features
+
+    spec = PreprocessSpec(categorical={"smoker": ["no", "yes", "former"]}, fill={"chol": 200.0}, scaling="given",
+                          mean={"age": 50.0, "chol": 210.0}, std={"age": 10.0, "chol": 40.0})
+    df = pd.DataFrame({"age": [40.0, 60.0], "smoker": ["yes", "no"], "chol": [np.nan, 250.0]})
+    x, names = prepare_features("t.csv", df, ["age", "smoker", "chol"], spec)
+    assert names == ["age", "smoker=no", "smoker=yes", "smoker=former", "chol"]
+    assert np.allclose(x, [[-1.0, 0, 1, 0, -0.25], [1.0, 1, 0, 0, 1.0]])
+    with pytest.raises(DataError, match=r"'smoker' has 1 values outside its declared vocabulary"):
+        prepare_features("t.csv", df.assign(smoker=["yes", "sometimes"]), ["age", "smoker", "chol"], spec)
+    with pytest.raises(DataError, match=r"missing values in columns: age \(1\)"):
+        prepare_features("t.csv", df.assign(age=[np.nan, 1.0]), ["age", "smoker", "chol"], spec)
+    with pytest.raises(ValueError, match="mean and std"):
+        PreprocessSpec(scaling="given", mean={"age": 1.0})
+    with pytest.raises(ValueError, match="YAML boolean"):
+        PreprocessSpec.model_validate({"categorical": {"smoker": [False, True]}})
+
+    # a scenario with this preprocessing: every site has the same 5 features, the card records it, predict applies it
+    rng = np.random.default_rng(0)
+    n = 120
+    table = pd.DataFrame({"age": rng.normal(50, 10, n), "smoker": rng.choice(["no", "yes", "former"], n),
+                          "chol": np.where(rng.random(n) < 0.1, np.nan, rng.normal(210, 40, n))})
+    table["y"] = np.where(table["age"] + 10 * (table["smoker"] == "yes") > 55, "high", "low")
+    table.iloc[:60].to_csv(tmp_path / "a.csv", index=False)
+    table.iloc[60:][table.iloc[60:]["smoker"] != "former"].to_csv(tmp_path / "b.csv", index=False)  # site b: no former smokers
+    cfg = load_scenario(_write(tmp_path, "data: {tables: [a.csv, b.csv], label_column: y, preprocessing: {categorical: {smoker: "
+                                         "['no', 'yes', former]}, fill: {chol: 200}, scaling: given, mean: {age: 50, chol: 210}, "
+                                         "std: {age: 10, chol: 40}}}\n"))
+    data = scenario_data(cfg)
+    assert data.train.features == names and data.train.columns == ["age", "smoker", "chol"]
+    task = scenario_task(cfg)
+    from fedseek.outputs.model_card import card_spec, preprocessing_facts
+
+    facts = preprocessing_facts(task.preprocess, task.columns, builtin=False)
+    assert facts.scaling == "given" and facts.columns == ["age", "smoker", "chol"] and facts.categorical["smoker"][2] == "former"
+    card = type("C", (), {"preprocessing": facts})()
+    again, again_names = prepare_features("a.csv", table.iloc[:60], facts.columns, card_spec(card))  # type: ignore[arg-type]
+    assert again_names == names and np.allclose(again, data.train.x[data.parts[0]], atol=1e-6)

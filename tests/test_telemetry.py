@@ -16,9 +16,14 @@ def _row(r: int, **over) -> MetricsRow:
     return MetricsRow.model_validate({"round": r, "time": 1.0, "round_seconds": 0.5, **over})
 
 
+def _scrape(prom: PrometheusMetrics) -> str:
+    return urllib.request.urlopen(prom.url, timeout=5).read().decode()
+
+
 def test_prometheus_endpoint_serves_round_metrics():
-    prom = PrometheusMetrics("127.0.0.1", 0)
+    prom = PrometheusMetrics("127.0.0.1", 0, run="wards", watermark=True)
     try:
+        before = _scrape(prom)
         prom.observe_round(_row(
             3, accepted=7, sampled=8, round_seconds=1.5, central={"accuracy": 0.91, "loss": 0.3},
             rejections=[{"site": "s1", "reason": "non-finite values"}], refused=1, failed=0, timed_out=1,
@@ -26,17 +31,53 @@ def test_prometheus_endpoint_serves_round_metrics():
             watermark={"steps": 1, "trigger_accuracy_before": 0.1, "trigger_accuracy": 1.0, "matches": 9, "n": 9, "p_value": 1e-30,
                        "detected": True, "seconds": 0.1},
         ))
-        body = urllib.request.urlopen(f"http://127.0.0.1:{prom.port}/metrics", timeout=5).read().decode()
+        body = _scrape(prom)
     finally:
         prom.close()
-    assert "fedseek_round 3.0" in body
-    assert "fedseek_round_participants 7.0" in body
-    assert "fedseek_accuracy 0.91" in body
-    assert 'fedseek_site_epsilon{site="site-001"} 1.25' in body
-    assert 'fedseek_rejected_updates_total{reason="non-finite"} 1.0' in body
-    assert 'fedseek_bytes_total{direction="up"} 1000.0' in body
-    assert "fedseek_failed_replies_total 1.0" in body
-    assert "fedseek_watermark_p_value 1e-30" in body
+    assert 'fedseek_run_up{run="wards"} 1.0' in before and 'fedseek_round{run="wards"} 0.0' in before  # up before round 1
+    assert 'fedseek_round{run="wards"} 3.0' in body
+    assert 'fedseek_round_participants{run="wards"} 7.0' in body
+    assert 'fedseek_accuracy{run="wards"} 0.91' in body
+    assert 'fedseek_site_epsilon{run="wards",site="site-001"} 1.25' in body
+    assert 'fedseek_rejected_updates_total{reason="non-finite",run="wards"} 1.0' in body
+    assert 'fedseek_bytes_total{direction="up",run="wards"} 1000.0' in body
+    assert 'fedseek_failed_replies_total{run="wards"} 1.0' in body
+    assert 'fedseek_watermark_p_value{run="wards"} 1e-30' in body
+    assert prom.up.labels(run="wards")._value.get() == 0.0  # close() marks the run ended
+
+
+def test_no_watermark_series_without_a_watermark():
+    prom = PrometheusMetrics("127.0.0.1", 0, run="plain")
+    try:
+        body = _scrape(prom)
+    finally:
+        prom.close()
+    assert "watermark" not in body and 'fedseek_run_up{run="plain"} 1.0' in body
+
+
+def test_grafana_dashboard_queries_only_exported_series():
+    """docs/grafana-dashboard.json: valid JSON, and every fedseek_* name in a query is a series the endpoint exports."""
+    import re
+
+    from tests.conftest import ROOT
+
+    dash = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 8
+    prom = PrometheusMetrics("127.0.0.1", 0, run="r", watermark=True)
+    try:
+        prom.observe_round(_row(1, rejections=[{"site": "s", "reason": "x"}], sites={"a": {"status": "trained", "epsilon": 1.0}},
+                                central={"accuracy": 0.9, "loss": 0.2},
+                                watermark={"steps": 1, "trigger_accuracy_before": 0.1, "trigger_accuracy": 1.0, "matches": 9, "n": 9,
+                                           "p_value": 1e-9, "detected": True, "seconds": 0.1},
+                                federated={"round": 1, "accuracy": 0.5, "sites": {"a": {"status": "evaluated", "epsilon": 0.1}}}))
+        body = _scrape(prom)
+    finally:
+        prom.close()
+    exported = {ln.split("{")[0].split(" ")[0] for ln in body.splitlines() if ln and not ln.startswith("#")}
+    used = {name for e in exprs for name in re.findall(r"fedseek_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
+    assert all('run=~"$run"' in e for e in exprs)  # every panel follows the dashboard's run selector
 
 
 def test_metrics_truncate_and_audit(tmp_path):

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fedseek.config.federation import FederationSpec, PrivacySpec
 from fedseek.config.loading import StrictSpec, check_address, check_site_name, load_yaml, parse, resolve_path
+from fedseek.config.preprocess import PreprocessSpec
 from fedseek.names import DatasetName, Device, PartitionScheme, SitePrecision
 
 
@@ -28,6 +29,7 @@ class TaskSpec(StrictSpec):
     label_column: str | None = None
     feature_columns: list[str] | None = None
     standardize: bool = True
+    preprocessing: PreprocessSpec | None = Field(None, description="the test table's preprocessing (replaces standardize)")
     classes: list[str] | None = Field(None, description="fixes the label order every site must use")
     input_shape: list[int] | None = None
     num_classes: int | None = Field(None, ge=2)
@@ -174,6 +176,8 @@ class SiteDataSpec(StrictSpec):
     label_column: str | None = None
     feature_columns: list[str] | None = None
     standardize: bool = True
+    preprocessing: PreprocessSpec | None = Field(None, description="categorical vocabularies, fill values, scaling "
+                                                 "(replaces standardize; the same at every site)")
     classes: list[str] | None = Field(None, description="label order shared by the federation")
     image_size: int | None = Field(None, ge=1)
     grayscale: bool = True

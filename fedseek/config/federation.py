@@ -207,6 +207,26 @@ class FederatedEvaluationSpec(StrictSpec):
     )
 
 
+class SelectionSpec(StrictSpec):
+    """Which round's model the run keeps as model.pt, judged on the coordinator's central test set.
+
+    `metric: last` keeps the last round (model_last.pt is then the same model). Otherwise the
+    best round by `metric` is model.pt and the last one model_last.pt; `patience` stops the run
+    after that many rounds without an improvement of at least `min_delta`. Choosing a round on the
+    test set makes that set's score of the chosen model optimistic: judge it on another table.
+    """
+
+    metric: Literal["last", "accuracy", "balanced_accuracy", "auc", "loss"] = "last"
+    patience: int | None = Field(None, ge=1, le=100000, description="stop after this many rounds without improvement")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+
+    @model_validator(mode="after")
+    def _patience_needs_metric(self) -> SelectionSpec:
+        if self.patience is not None and self.metric == "last":
+            raise ValueError("patience needs a metric to watch (accuracy, balanced_accuracy, auc or loss), not 'last'")
+        return self
+
+
 class FederationSpec(StrictSpec):
     """What the coordinator runs: shared by scenarios and the deployed coordinator."""
 
@@ -223,3 +243,4 @@ class FederationSpec(StrictSpec):
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
     evaluation: FederatedEvaluationSpec = Field(default_factory=FederatedEvaluationSpec)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from fedseek.config.federation import FederationSpec, PrivacySpec
 from fedseek.config.loading import ConfigError, StrictSpec, load_yaml, parse, resolve_path
+from fedseek.config.preprocess import PreprocessSpec
 from fedseek.names import Attack, DatasetName, Device, PartitionScheme, Precision
 
 
@@ -43,6 +44,15 @@ class DataSpec(StrictSpec):
     feature_columns: list[str] | None = Field(None, description="default: every column but the label (and site_column)")
     classes: list[str] | None = Field(None, description="label values in class order; default: every value seen, sorted")
     standardize: bool = True
+    preprocessing: PreprocessSpec | None = Field(None, description="categorical vocabularies, fill values, scaling "
+                                                 "(replaces standardize)")
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        """The preprocessing every site applies: the declared one, else local or no scaling (`standardize`)."""
+        if self.preprocessing is not None:
+            return self.preprocessing
+        return PreprocessSpec(scaling="local" if self.standardize else "none")
 
     @property
     def own_tables(self) -> bool:
@@ -68,6 +78,10 @@ class DataSpec(StrictSpec):
                                     or "label_column" in self.model_fields_set):
             raise ValueError("test_table, site_column, label_column, feature_columns and classes apply to own tables "
                              "(tables or table)")
+        if self.preprocessing is not None and "standardize" in self.model_fields_set:
+            raise ValueError("give either standardize or preprocessing.scaling, not both")
+        if self.preprocessing is not None and not self.own_tables:
+            raise ValueError("preprocessing applies to own tables (tables or table)")
         if self.site_column is not None and self.site_column == self.label_column:
             raise ValueError(f"site_column and label_column are both {self.label_column!r}")
         if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):

@@ -33,6 +33,7 @@ class ArrayDataset:
     groups: np.ndarray | None = field(default=None, repr=False)
     classes: list[str] | None = None
     features: list[str] | None = None  # feature (column) names in order, when the source has them
+    columns: list[str] | None = None  # the source table's columns the features come from (before one-hot encoding)
 
     def __post_init__(self) -> None:
         """Coerce dtypes (x float32, y int64) and check shapes so errors surface at construction."""

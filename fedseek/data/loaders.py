@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from fedseek.config.preprocess import PreprocessSpec
 from fedseek.data.arrays import ArrayDataset, DataError
+from fedseek.data.preprocess import check_complete, prepare_features
 
 TABLE_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
@@ -121,35 +123,6 @@ def _feature_columns(path: Path, columns: list[str], label_column: str, feature_
     return feature_columns
 
 
-def _feature_matrix(path: Path, df: Any, label_column: str, feature_columns: list[str]) -> np.ndarray:
-    """The features as float64, refusing missing, non-numeric and infinite values (each named with its count)."""
-    import pandas as pd
-
-    used = [label_column, *feature_columns]
-    na_counts = df[used].isna().sum()
-    with_na = [f"{c} ({int(n)})" for c, n in na_counts.items() if n > 0]
-    if with_na:
-        raise DataError(f"{path}: missing values in columns: {', '.join(with_na)}")
-    feats = df[feature_columns]
-    non_numeric = [
-        c
-        for c in feature_columns
-        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
-    ]
-    if non_numeric:
-        raise DataError(
-            f"{path}: non-numeric feature columns {non_numeric} "
-            f"(encode them upstream with a vocabulary shared by all sites, or leave them out)"
-        )
-    x = feats.to_numpy(dtype=np.float64)
-    nonfinite = ~np.isfinite(x)
-    if nonfinite.any():
-        counts = nonfinite.sum(axis=0)
-        bad = [f"{c} ({int(n)})" for c, n in zip(feature_columns, counts, strict=True) if n > 0]
-        raise DataError(f"{path}: infinite values in columns: {', '.join(bad)}")
-    return np.asarray(x)
-
-
 def read_table(path: str | Path) -> Any:  # pandas.DataFrame
     """A .csv/.parquet table with its column names as text; DataError (one line) for anything unreadable."""
     path = Path(path)
@@ -202,9 +175,14 @@ def table_dataset(
     standardize: bool = True,
     classes: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    preprocessing: PreprocessSpec | None = None,
 ) -> ArrayDataset:
-    """Rows of a table already read (`df`, from `path`) as an ArrayDataset; see `load_table`. `exclude`: columns never features."""
+    """Rows of a table already read (`df`, from `path`) as an ArrayDataset; see `load_table`. `exclude`: columns never features.
+
+    `preprocessing` (categorical vocabularies, fill values, scaling) replaces `standardize` when given.
+    """
     path = Path(path)
+    spec = preprocessing if preprocessing is not None else PreprocessSpec(scaling="local" if standardize else "none")
     columns = [str(c) for c in df.columns]
     raw = label_values(path, df, label_column)
     if len(df) == 0:
@@ -212,19 +190,16 @@ def table_dataset(
     if feature_columns is None:
         feature_columns = [c for c in columns if c != label_column and c not in exclude]
     feature_columns = _feature_columns(path, columns, label_column, feature_columns)
-    x = _feature_matrix(path, df, label_column, feature_columns)
-    y, names = _class_mapping(path, raw, classes)
-    if classes is None and len(names) < 2:
+    check_complete(path, df, [label_column, *(c for c in feature_columns if c not in spec.categorical and c not in spec.fill)])
+    x, names = prepare_features(path, df, feature_columns, spec)
+    y, class_names = _class_mapping(path, raw, classes)
+    if classes is None and len(class_names) < 2:
         raise DataError(
-            f"{path}: label column {label_column!r} has a single class {names[0]!r}; "
+            f"{path}: label column {label_column!r} has a single class {class_names[0]!r}; "
             f"need at least 2 (or configure the federation's classes)"
         )
-    if standardize:
-        mean = x.mean(axis=0)
-        std = x.std(axis=0)
-        std[std < 1e-12] = 1.0
-        x = (x - mean) / std
-    return ArrayDataset(x.astype(np.float32), y, len(names), name=path.stem, classes=names, features=feature_columns)
+    return ArrayDataset(x.astype(np.float32), y, len(class_names), name=path.stem, classes=class_names, features=names,
+                        columns=list(feature_columns))
 
 
 def load_table(
@@ -233,6 +208,7 @@ def load_table(
     feature_columns: list[str] | None = None,
     standardize: bool = True,
     classes: Sequence[str] | None = None,
+    preprocessing: PreprocessSpec | None = None,
 ) -> ArrayDataset:
     """A site's .csv/.parquet table as an ArrayDataset (features float32, labels 0..K-1).
 
@@ -242,15 +218,19 @@ def load_table(
       Without `classes`, a single-class table is an error (the mapping would be meaningless).
       A float label with non-integer values is refused (a continuous target is not classes).
     - Features: `feature_columns`, or every column except the label. Boolean columns become
-      0/1. Non-numeric columns are rejected, not one-hot encoded: local one-hot encoding
-      gives each site a different feature layout depending on which categories it has seen,
-      which silently breaks a federated model; encode them upstream with a shared vocabulary.
-    - Missing or infinite values: rejected, naming each column and its count (never dropped).
+      0/1. Non-numeric columns are rejected unless `preprocessing.categorical` declares their
+      vocabulary: local one-hot encoding would give each site a different feature layout
+      depending on which categories it has seen, which silently breaks a federated model.
+    - Missing or infinite values: rejected, naming each column and its count (never dropped),
+      unless `preprocessing.fill` declares a constant for that column.
     - `standardize`: scale each feature by this table's own mean/std (local statistics;
       constant columns are left centred). Use False when the federation agrees on shared
       public statistics and the table is already scaled.
+    - `preprocessing` (fedseek.config.preprocess): declared categorical vocabularies (one-hot),
+      fill values for missing numbers and scaling (local / given statistics / none); replaces
+      `standardize` when given.
     """
-    return table_dataset(path, read_table(path), label_column, feature_columns, standardize, classes)
+    return table_dataset(path, read_table(path), label_column, feature_columns, standardize, classes, preprocessing=preprocessing)
 
 
 def load_image_folder(

@@ -10,7 +10,7 @@ virtual site maps labels identically.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,14 +67,15 @@ def _stack(sites: list[ArrayDataset], name: str) -> tuple[ArrayDataset, list[np.
                             "(every site needs the same columns; or list feature_columns)")
     sizes = np.cumsum([0, *(len(ds) for ds in sites)])
     train = ArrayDataset(np.concatenate([ds.x for ds in sites]), np.concatenate([ds.y for ds in sites]), sites[0].num_classes,
-                         name=name, classes=sites[0].classes, features=features,
+                         name=name, classes=sites[0].classes, features=features, columns=sites[0].columns,
                          groups=np.concatenate([np.full(len(ds), i) for i, ds in enumerate(sites)]))
     return train, [np.arange(sizes[i], sizes[i + 1], dtype=np.int64) for i in range(len(sites))]
 
 
 def _per_site_tables(cfg: ScenarioConfig, classes: list[str], frames: list[tuple[str, Any]]) -> tuple[ArrayDataset, list[np.ndarray]]:
     d = cfg.data
-    sites = [table_dataset(path, df, d.label_column, d.feature_columns, d.standardize, classes) for path, df in frames]
+    sites = [table_dataset(path, df, d.label_column, d.feature_columns, classes=classes, preprocessing=d.preprocess)
+             for path, df in frames]
     return _stack(sites, "tables")
 
 
@@ -85,7 +86,7 @@ def _split_by_column(cfg: ScenarioConfig, classes: list[str], path: str, df: Any
     sites = []
     for v in values:
         rows = df[df[column].astype(str) == v]
-        ds = table_dataset(path, rows, d.label_column, d.feature_columns, d.standardize, classes, exclude=(column,))
+        ds = table_dataset(path, rows, d.label_column, d.feature_columns, classes=classes, exclude=(column,), preprocessing=d.preprocess)
         ds.name = f"{Path(path).stem}[{column}={v}]"
         sites.append(ds)
     return _stack(sites, Path(path).stem)
@@ -96,12 +97,15 @@ def _partitioned(cfg: ScenarioConfig, classes: list[str], path: str, df: Any) ->
     from fedseek.data.partition import partition_indices
 
     d = cfg.data
-    whole = table_dataset(path, df, d.label_column, d.feature_columns, False, classes)
+    spec = d.preprocess
+    local = spec.scaling == "local"  # then each site (and the test set) scales its own rows, after the split
+    whole = table_dataset(path, df, d.label_column, d.feature_columns, classes=classes,
+                          preprocessing=spec.model_copy(update={"scaling": "none"}) if local else spec)
     test = None
     if d.test_table is None:
         train_idx, test_idx = stratified_split(len(whole), whole.y, d.test_fraction, cfg.seed)
         whole, test = whole.subset(train_idx), whole.subset(test_idx)
-        if d.standardize:
+        if local:
             test = _scaled(test)
     try:
         parts = partition_indices(whole.y, cfg.num_sites, cfg.partition.scheme, alpha=cfg.partition.alpha, seed=cfg.seed,
@@ -109,11 +113,11 @@ def _partitioned(cfg: ScenarioConfig, classes: list[str], path: str, df: Any) ->
     except ValueError as exc:
         raise DataError(f"{path}: cannot split {len(whole)} training rows into num_sites {cfg.num_sites} "
                         f"({cfg.partition.scheme}): {exc}") from None
-    if d.standardize:
+    if local:
         x = whole.x.copy()
         for idx in parts:
             x[idx] = _scaled(whole.subset(idx)).x
-        whole = ArrayDataset(x, whole.y, whole.num_classes, name=whole.name, classes=whole.classes, features=whole.features)
+        whole = replace(whole, x=x)
     return whole, parts, test
 
 
@@ -122,8 +126,7 @@ def _scaled(ds: ArrayDataset) -> ArrayDataset:
     x = ds.x.astype(np.float64)
     std = x.std(axis=0)
     std[std < 1e-12] = 1.0
-    return ArrayDataset(((x - x.mean(axis=0)) / std).astype(np.float32), ds.y, ds.num_classes, name=ds.name,
-                        classes=ds.classes, features=ds.features)
+    return replace(ds, x=((x - x.mean(axis=0)) / std).astype(np.float32))
 
 
 def _own_tables(cfg: ScenarioConfig) -> ScenarioData:
@@ -140,8 +143,9 @@ def _own_tables(cfg: ScenarioConfig) -> ScenarioData:
     else:
         train, parts, test = _partitioned(cfg, classes, *frames[0])
     if test_frame is not None:
-        test = table_dataset(test_frame[0], test_frame[1], d.label_column, train.features, d.standardize, classes,
-                             exclude=(d.site_column,) if d.site_column else ())
+        test = table_dataset(test_frame[0], test_frame[1], d.label_column, train.columns, classes=classes, preprocessing=d.preprocess)
+        if test.features != train.features:
+            raise DataError(f"{test_frame[0]}: features {test.features} differ from the sites' {train.features}")
     return ScenarioData(train, parts, test, Path(paths[0]).stem if len(paths) == 1 else "tables")
 
 

@@ -1,4 +1,4 @@
-"""Commands that run a federation or read what a run left: `simulate`, `run`, `report`, `privacy report`."""
+"""Commands that run a federation or use what a run left: `simulate`, `run`, `report`, `predict`, `privacy report`."""
 
 from __future__ import annotations
 
@@ -23,11 +23,15 @@ def simulate(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint after a crash.")] = False,
 ) -> int:
     """Run a scenario with N virtual sites (Flower simulation engine)."""
+    from fedseek.ops.launcher import AlreadyFinished
     from fedseek.ops.simulate import SimulationError
     from fedseek.ops.simulate import simulate as run_simulation
 
     try:
         run_simulation(scenario, out, state_dir=state_dir, timeout_s=timeout, resume=resume)
+    except AlreadyFinished as exc:
+        err.print(str(exc), highlight=False)
+        return 0
     except SimulationError as exc:
         err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
         return 1
@@ -44,9 +48,13 @@ def run(
     from fedseek.ops.daemons import DeployError
     from fedseek.ops.deployed_run import run_federation
     from fedseek.ops.follow import RunError
+    from fedseek.ops.launcher import AlreadyFinished
 
     try:
         run_federation(config, out, console=dep, timeout_s=timeout, resume=resume)
+    except AlreadyFinished as exc:
+        print(str(exc), file=sys.stderr)
+        return 0
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -64,6 +72,23 @@ def report(run_dir: Annotated[str, typer.Argument(help="A run's output directory
         print(f"error: {run_dir} is not a run directory", file=sys.stderr)
         return 2
     print(write_report(Path(run_dir)))
+    return 0
+
+
+def predict(
+    model: Annotated[str, typer.Option("--model", help="A finished run's directory (model.pt + model.json).")],
+    input: Annotated[str, typer.Option("--input", help="Table to predict (.csv/.parquet) with the model's feature columns.")],
+    out: Annotated[str, typer.Option("--out", help="CSV to write: the input rows + predicted + prob_<class>.")],
+) -> int:
+    """Apply a run's model to a table, with the preprocessing its model card names."""
+    from fedseek.ops.predict import PredictError, predict_table
+
+    try:
+        n = predict_table(model, input, out)
+    except PredictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{n} rows predicted: {out}", file=sys.stderr)
     return 0
 
 
@@ -117,4 +142,5 @@ def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate)
     app.command("run")(run)
     app.command("report")(report)
+    app.command("predict")(predict)
     app.add_typer(privacy_app, name="privacy")

@@ -69,6 +69,7 @@ def run_federation(
                      rounds=cfg.rounds, sites=int(cfg.expected_sites or 1),
                      timeout_s=timeout_s or (cfg.node_wait_s + cfg.round_timeout_s * cfg.rounds + 300),
                      quiet=True, announce=True, check_alive=_watch(cfg),
+                     metrics=cfg.metrics, run_name=cfg.name, watermark=cfg.watermark.enabled,
                      resume_hint=f"start the coordinator again (fedseek coordinator start --config {config_path}), "
                                  f"then continue from the last checkpoint with `{again} --resume`")
     t0 = time.time()

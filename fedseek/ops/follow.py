@@ -201,6 +201,10 @@ def _summary_rows(s: RunSummary) -> list[tuple[str, str]]:
     if s.watermark is not None:
         wm = s.watermark
         rows.append(("watermark", f"{wm.matches}/{wm.n} triggers, p = {wm.p_value:.3g}"))
+    sel = s.selection
+    if sel is not None and sel.metric != "last":
+        rows.append(("model.pt", f"round {sel.round}: {sel.reason}"))
+    rows += [("warning", w) for w in s.warnings]
     if s.status != "completed" or s.stop_reason:
         rows.append(("status", s.status + (f": {s.stop_reason}" if s.stop_reason else "")))
     return rows

@@ -16,15 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from fedseek.config import ConfigError, MetricsSpec
 from fedseek.ops import signals
 from fedseek.ops.app_stage import staged_app_dir
 from fedseek.ops.flower_control import ControlClient, RunConfigValue, RunLog, RunStatus
 from fedseek.ops.follow import LostSuperLink, RunError, follow_run, print_summary, report_row, tail
 from fedseek.outputs.schema import MetricsRow, RunSummary, SchemaError, read_summary
+
+if TYPE_CHECKING:
+    from fedseek.outputs.prometheus import PrometheusMetrics
 
 
 @dataclass
@@ -48,6 +52,9 @@ class RunRequest:
     # The command owns the SuperLink (simulation): end the follow as soon as the outputs are complete (summary.json
     # written, the ServerApp's last log line streamed) instead of waiting seconds for Flower to stop Ray.
     finish_on_outputs: bool = False
+    metrics: MetricsSpec | None = None  # Prometheus: served by this command from launch to end when a port is set
+    run_name: str = "fedseek"  # the `run` label of every Prometheus series
+    watermark: bool = False  # the run embeds a watermark: export its p-value series
 
 
 @dataclass
@@ -122,9 +129,56 @@ class ReportAhead:
         return self._result
 
 
-def prepare_out(out: Path, *, resume: bool = False) -> Path:
-    """Create OUT and remove the previous run's end-of-run files (metrics and audit too, unless resuming)."""
+class OutInUse(ConfigError):
+    """Another fedseek command is running into the same output directory (one line; exit 2)."""
+
+
+class AlreadyFinished(Exception):  # noqa: N818 - not an error: `--resume` of a finished run has nothing to do
+    """`--resume` on a run directory whose run completed: nothing to resume (the CLI says so and exits 0)."""
+
+
+LOCK_FILE = ".fedseek.lock"
+_HELD: dict[Path, IO[str]] = {}  # run directories this process holds (released when it exits)
+
+
+def lock_out(out: Path) -> None:
+    """Hold OUT for this process (an advisory lock): a second run into the same directory is refused while this one runs."""
+    import fcntl
+    import os
+
+    out = out.resolve()
+    if out in _HELD:
+        return
     out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process exits
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise OutInUse(f"{out} is in use by another fedseek run (pid {holder}); wait for it to end or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _HELD[out] = fh
+
+
+def prepare_out(out: Path, *, resume: bool = False) -> Path:
+    """Lock OUT and remove the previous run's end-of-run files (metrics and audit too, unless resuming).
+
+    `resume` of a run that completed raises AlreadyFinished before anything is touched.
+    """
+    if resume and (out / "summary.json").exists():
+        try:
+            done = read_summary(out / "summary.json")
+        except (SchemaError, ValueError):
+            done = None
+        if done is not None and done.status == "completed":
+            raise AlreadyFinished(f"the run in {out} already completed ({done.rounds_completed}/{done.rounds} rounds, "
+                                  f"final accuracy {done.final_accuracy}): nothing to resume")
+    lock_out(out)
     (out / "summary.json").unlink(missing_ok=True)
     if not resume:
         for stale in ("metrics.jsonl", "audit.jsonl"):
@@ -145,6 +199,22 @@ class Launcher:
         except RuntimeError as exc:
             raise req.error(str(exc)) from None
         self.client = ControlClient(req.flwr_home, req.connection, quiet=req.quiet)
+        self.prometheus = self._serve_metrics()
+
+    def _serve_metrics(self) -> PrometheusMetrics | None:
+        """The run's Prometheus endpoint, up from launch (its URL printed); None when the config sets no port."""
+        m = self.req.metrics
+        if m is None or m.prometheus_port is None:
+            return None
+        from fedseek.outputs.prometheus import PrometheusMetrics
+
+        try:
+            prom = PrometheusMetrics(m.prometheus_host, m.prometheus_port, run=self.req.run_name, watermark=self.req.watermark)
+        except OSError as exc:
+            raise self.req.error(f"cannot serve Prometheus metrics on {m.prometheus_host}:{m.prometheus_port} "
+                                 f"({exc.strerror or exc}); set metrics.prometheus_port to a free port or 0") from None
+        self.console.print(f"Prometheus metrics: {prom.url}", highlight=False)
+        return prom
 
     def submit(self) -> int:
         """Start the run (signals held back meanwhile, so a started run always has a known id to stop)."""
@@ -158,6 +228,14 @@ class Launcher:
     def follow(self, on_round: Callable[[MetricsRow], None] | None = None) -> Outcome:
         """Submit, stream the log, follow the run to its end; the Outcome, or the request's error type."""
         req = self.req
+        if self.prometheus is not None:
+            prom, user = self.prometheus, on_round
+
+            def on_round(row: MetricsRow) -> None:
+                prom.observe_round(row)
+                if user is not None:
+                    user(row)
+
         run_id = self.submit()
         if req.announce:
             self.console.print(f"run {run_id} submitted; ServerApp log: {self.run_log}")
@@ -216,8 +294,10 @@ class Launcher:
                 pass
 
     def close(self) -> None:
-        """Close the Control API client."""
+        """Close the Control API client and stop serving metrics."""
         self.client.close()
+        if self.prometheus is not None:
+            self.prometheus.close()
 
 
 def report(console: Console, outcome: Outcome, out: Path, started_at: float) -> dict[str, Any]:

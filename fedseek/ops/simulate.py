@@ -51,6 +51,7 @@ def _request(cfg: ScenarioConfig, scenario_path: Path, out: Path, port: int, *, 
         federation_config={"num-supernodes": cfg.num_sites, "client-resources-num-cpus": cfg.simulation.cpus_per_site,
                            "init-args-num-cpus": ray_cpus},
         site_word="virtual sites", error=SimulationError, finish_on_outputs=True,
+        metrics=cfg.metrics, run_name=cfg.name, watermark=cfg.watermark.enabled,
         resume_hint=f"continue from the last checkpoint with `fedseek simulate {scenario_path} --out {out} --resume`")
 
 

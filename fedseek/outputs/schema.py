@@ -231,6 +231,26 @@ class WatermarkSummary(_Record):
     embed_seconds: float
 
 
+class SelectionSummary(_Record):
+    """Which round model.pt holds and why (model_last.pt is the last round)."""
+
+    metric: str = "last"
+    round: int = 0
+    value: float | None = None
+    central: Metrics = {}  # the chosen round's central metrics (optimistic when chosen on this same test set)
+    reason: str = ""
+    early_stopped_after: int | None = None
+
+
+class BaselineCheck(_Record):
+    """The kept model against predicting the majority class for everyone, on the central test set."""
+
+    majority_class: str
+    majority_accuracy: float
+    recall: dict[str, float] = {}  # per class
+    warning: str | None = None
+
+
 class RunSummary(_Record):
     """summary.json: the run's outcome, written once at the end."""
 
@@ -263,6 +283,9 @@ class RunSummary(_Record):
     federated_evaluation: FederatedEvalSummary | None = None  # None: federated evaluation was off
     stop_reason: str | None = None  # one line: why the run stopped early or failed (None when completed)
     wall_seconds: float = 0.0
+    selection: SelectionSummary | None = None  # None: written by an older fedseek
+    baseline: BaselineCheck | None = None  # None: no central test set
+    warnings: list[str] = []  # what the operator should look at although the run completed
 
 
 def _check_version(data: Any, where: str) -> None:

@@ -1,4 +1,4 @@
-"""Run outputs (a stable contract): metrics.jsonl, summary.json, model.pt (+ model.json), checkpoint/.
+"""Run outputs (a stable contract): metrics.jsonl, summary.json, model.pt + model_last.pt (+ model.json), checkpoint/.
 
 Every write is atomic (temp file + fsync + rename) or an fsync'd append, so a crash leaves
 the last complete round on disk, never a half-written file.
@@ -26,6 +26,7 @@ class RunOutputs:
         self.summary_path = self.dir / "summary.json"
         self.model_path = self.dir / "model.pt"
         self.model_meta_path = self.dir / "model.json"
+        self.last_model_path = self.dir / "model_last.pt"
         self.checkpoint_dir = self.dir / "checkpoint"
 
     def reset_metrics(self) -> None:
@@ -51,15 +52,21 @@ class RunOutputs:
         """summary.json, atomically."""
         atomic_write_json(self.summary_path, dump(summary))
 
-    def save_model(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
-        """model.pt is a plain torch state_dict; model.json says how to rebuild the module."""
+    def save_model(self, state_dict: dict[str, Any], meta: dict[str, Any], last: dict[str, Any] | None = None) -> None:
+        """model.pt (the kept round) and model_last.pt (the last round; `last` None: the same weights) as plain torch
+        state_dicts; model.json, the model card, says how to rebuild and use them."""
         import io
 
         import torch
 
-        buf = io.BytesIO()
-        torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}, buf)
-        atomic_write_bytes(self.model_path, buf.getvalue())
+        def blob(arrays: dict[str, Any]) -> bytes:
+            buf = io.BytesIO()
+            torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}, buf)
+            return buf.getvalue()
+
+        kept = blob(state_dict)
+        atomic_write_bytes(self.model_path, kept)
+        atomic_write_bytes(self.last_model_path, kept if last is None else blob(last))
         atomic_write_json(self.model_meta_path, meta)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context
 from flwr.serverapp import Grid
 
+from fedseek.outputs.model_card import build_card, preprocessing_facts
 from fedseek.outputs.schema import CompressionSummary, FederatedEvalRow, MetricsRow, RunSummary, read_rows
 from fedseek.outputs.store import RunOutputs
 from fedseek.runtime import checkpoint
@@ -28,6 +29,7 @@ from fedseek.runtime.global_model import GlobalModel
 from fedseek.runtime.log import flwr_log
 from fedseek.runtime.nodes import QUERY_SHARE, NodeTracker
 from fedseek.runtime.rules import build_rule
+from fedseek.runtime.selection import Selection, baseline_check
 from fedseek.runtime.strategy import SiteStrategy
 from fedseek.runtime.task import RunPlan, model_meta, plan_from_context
 from fedseek.wire.records import RoundConfig
@@ -66,13 +68,15 @@ class Coordinator:
             from fedseek.runtime.watermarking import WatermarkStage
 
             self.watermark = WatermarkStage(cfg.watermark, task.input_shape, task.num_classes, self.out.dir, seed=cfg.seed, name=cfg.name)
+        self.selection = Selection(cfg.selection)
         self.round = 0
         self.initial: dict[str, float] | None = None
         self.stop_reason: str | None = None
 
     def parts(self) -> dict[str, checkpoint.Stateful]:
         """Every stateful part, as the checkpoint collects them."""
-        parts: dict[str, checkpoint.Stateful] = {"model": self.model, "strategy": self.strategy, "book": self.book, "nodes": self.nodes}
+        parts: dict[str, checkpoint.Stateful] = {"model": self.model, "strategy": self.strategy, "book": self.book, "nodes": self.nodes,
+                                                 "selection": self.selection}
         if self.watermark is not None:
             parts["watermark"] = self.watermark
         return parts
@@ -100,17 +104,15 @@ class Coordinator:
         flwr_log("%d sites connected; rounds %d..%d of %s", len(nodes), first, self.cfg.rounds, self.cfg.strategy.name)
         if self.initial is None:
             self.initial = self.model.evaluate(self.plan.task.test)
-        prom = self._prometheus()
-        try:
-            for rnd in range(first, self.cfg.rounds + 1):
-                row = self.run_round(rnd)
-                if row is None:
-                    break
-                if prom is not None:
-                    prom.observe_round(row)
-        finally:
-            if prom is not None:
-                prom.close()
+        for rnd in range(first, self.cfg.rounds + 1):
+            row = self.run_round(rnd)
+            if row is None:
+                break
+            if self.selection.observe(rnd, {k: v for k, v in row.central.items() if v is not None}, self.model.arrays):
+                flwr_log("early stop after round %d: no %s improvement in %d rounds", rnd, self.cfg.selection.metric,
+                         self.cfg.selection.patience)
+                self.audit("early_stopped", round=rnd, metric=self.cfg.selection.metric, patience=self.cfg.selection.patience)
+                break
         return self.finish(start)
 
     def run_round(self, rnd: int) -> MetricsRow | None:
@@ -185,23 +187,16 @@ class Coordinator:
         flwr_log("resuming after round %d from %s", self.round, self.out.checkpoint_dir)
         return self.round
 
-    def _prometheus(self) -> Any:
-        if self.cfg.metrics.prometheus_port is None:
-            return None
-        from fedseek.outputs.prometheus import PrometheusMetrics
-
-        prom = PrometheusMetrics(self.cfg.metrics.prometheus_host, self.cfg.metrics.prometheus_port)
-        flwr_log("Prometheus metrics on http://%s:%d/metrics", prom.host, prom.port)
-        self.audit("metrics_endpoint", host=prom.host, port=prom.port)
-        return prom
-
     def finish(self, started: float) -> RunSummary:
         """Evaluate the final model, save it and write summary.json."""
         cfg, totals, codec = self.cfg, self.book.totals, self.codec
         final = self.model.evaluate(self.plan.task.test)
-        self.out.save_model(self.model.arrays, self.meta.to_dict())
         rows = read_rows(self.out.metrics_path)
         status, reason = self.status(rows)
+        selected = self.selection.summary(rows[-1].round if rows else 0)
+        kept = self.selection.best_arrays if self.selection.active and self.selection.best_arrays is not None else self.model.arrays
+        kept_metrics, kept_pred = self.model.evaluate_arrays(kept, self.plan.task.test)
+        baseline = baseline_check(self.plan.task.test, kept_metrics, kept_pred)
         summary = RunSummary(
             name=cfg.name, run_id=self.plan.run_id, rounds=cfg.rounds, rounds_completed=len(rows), status=status,
             num_sites=self.plan.expected_sites, strategy=cfg.strategy.name, dataset=self.plan.task.name, seed=cfg.seed,
@@ -215,12 +210,23 @@ class Coordinator:
             refused_rounds=totals["refused"], failed_replies=totals["failed"], excluded_sites=dict(self.strategy.excluded),
             watermark=self.watermark.summary(self.model) if self.watermark is not None else None,
             federated_evaluation=self.book.federated.summary(cfg.evaluation.every), stop_reason=reason,
-            wall_seconds=time.time() - started)
+            wall_seconds=time.time() - started, selection=selected, baseline=baseline,
+            warnings=[baseline.warning] if baseline is not None and baseline.warning else [])
+        self.save_model(summary, kept)
         self.out.write_summary(summary)
         self.audit("run_finished", status=status, reason=reason or "")
         flwr_log("done (%s%s): final accuracy %.4f, summary at %s", status, f": {reason}" if reason else "",
                  final.get("accuracy", float("nan")), self.out.summary_path)
         return summary
+
+    def save_model(self, summary: RunSummary, kept: dict[str, Any]) -> None:
+        """model.pt (the kept round), model_last.pt and the model card, before summary.json (the run's last output)."""
+        schema = self.plan.task.schema
+        task = self.plan.task
+        card = build_card(self.meta.to_dict(), summary, features=schema.features if schema else None,
+                          classes=schema.classes if schema else None,
+                          preprocessing=preprocessing_facts(task.preprocess, task.columns, builtin=task.builtin))
+        self.out.save_model(kept, card.model_dump(), last=None if kept is self.model.arrays else self.model.arrays)
 
     def status(self, rows: list[MetricsRow]) -> tuple[str, str | None]:
         """completed; stopped (ended before the last round, the model trained); failed (no round changed the model): and why."""

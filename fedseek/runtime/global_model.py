@@ -14,7 +14,7 @@ import torch
 from fedseek.config import FederationSpec
 from fedseek.naming import canonical_name
 from fedseek.sparsity import init_mask, magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
-from fedseek.train.local import evaluate
+from fedseek.train.local import evaluate, predict_scores
 from fedseek.train.models import build_model
 from fedseek.wire.transfer import from_record, to_record
 
@@ -95,6 +95,19 @@ class GlobalModel:
         if test is None:
             return {}
         return evaluate(self.load_module(), test.x, test.y, test.num_classes)
+
+    def evaluate_arrays(self, arrays: Arrays, test: Any) -> tuple[dict[str, float], np.ndarray | None]:
+        """Central metrics and predicted classes of other weights (e.g. the best round's) on the test set; the module is restored."""
+        if test is None:
+            return {}, None
+        current = self.arrays
+        try:
+            self.arrays = arrays
+            module = self.load_module()
+            return evaluate(module, test.x, test.y, test.num_classes), predict_scores(module, test.x).argmax(1)
+        finally:
+            self.arrays = current
+            self.load_module()
 
     def state_dict(self) -> dict[str, Any]:
         """Weights and mask."""

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from flwr.app import Context
 
 from fedseek.config import CoordinatorConfig, FederationSpec, PrivacySpec, ScenarioConfig, load_coordinator, load_scenario
+from fedseek.config.preprocess import PreprocessSpec
 from fedseek.wire.data_schema import DataSchema, schema_of
 from fedseek.wire.identity import read_site_keys
 from fedseek.wire.records import ModelMeta
@@ -30,6 +31,9 @@ class Task:
     test: Any = None  # fedseek.data.ArrayDataset | None
     name: str = ""
     schema: DataSchema | None = None  # announced to every site; default: the test set's, else shape and class count
+    preprocess: PreprocessSpec | None = None  # how the sites turn table rows into features (None: built-in data or unknown)
+    columns: list[str] | None = None  # the table columns those features come from (model card, `fedseek predict`)
+    builtin: bool = False  # a built-in dataset (its loader scales it)
 
     def __post_init__(self) -> None:
         """Derive the announced data schema from the test set (names where it has them) or the shapes."""
@@ -62,7 +66,10 @@ def scenario_task(cfg: ScenarioConfig) -> Task:
     from fedseek.data.scenario_data import scenario_shapes
 
     test, shaped = scenario_shapes(cfg)
-    return Task(tuple(shaped.input_shape), int(shaped.num_classes), test, cfg.data.source_name, schema=shaped.schema())
+    if not cfg.data.own_tables:
+        return Task(tuple(shaped.input_shape), int(shaped.num_classes), test, cfg.data.source_name, schema=shaped.schema(), builtin=True)
+    return Task(tuple(shaped.input_shape), int(shaped.num_classes), test, cfg.data.source_name, schema=shaped.schema(),
+                preprocess=cfg.data.preprocess, columns=shaped.columns)
 
 
 def coordinator_task(cfg: CoordinatorConfig) -> Task:
@@ -72,12 +79,14 @@ def coordinator_task(cfg: CoordinatorConfig) -> Task:
         from fedseek.data import load_builtin
 
         _, test = load_builtin(t.dataset, cfg.seed, test_fraction=t.test_fraction, **t.options)
-        return Task(tuple(test.input_shape), int(test.num_classes), test, t.dataset)
+        return Task(tuple(test.input_shape), int(test.num_classes), test, t.dataset, builtin=True)
     if t.test_file:
         from fedseek.data import load_table
 
-        test = load_table(t.test_file, str(t.label_column), t.feature_columns, standardize=t.standardize, classes=t.classes)
-        return Task(tuple(test.input_shape), int(test.num_classes), test, Path(t.test_file).stem)
+        test = load_table(t.test_file, str(t.label_column), t.feature_columns, standardize=t.standardize, classes=t.classes,
+                          preprocessing=t.preprocessing)
+        spec = t.preprocessing or PreprocessSpec(scaling="local" if t.standardize else "none")
+        return Task(tuple(test.input_shape), int(test.num_classes), test, Path(t.test_file).stem, preprocess=spec, columns=test.columns)
     if t.input_shape is None or t.num_classes is None:
         raise ValueError("coordinator task needs dataset, test_file, or input_shape and num_classes")
     shape = tuple(int(d) for d in t.input_shape)
