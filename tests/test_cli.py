@@ -273,3 +273,16 @@ def test_certs_request_sign_renew_revoke_from_the_command_line(tmp_path):
     assert res.returncode == 0 and "revoked 2 certificate(s)" in res.stdout, res.stdout + res.stderr
     res = fedseek("certs", "sign", str(site / "hospital-a.pub"), "--pub", str(site / "hospital-a.pub"), "--certs", str(certs))
     assert res.returncode == 2 and len(lines(res.stderr)) == 1 and "not a PEM certificate request" in res.stderr, res.stderr
+
+
+def test_run_with_a_bad_coordinator_test_table_exits_2_before_anything_starts(tmp_path):
+    """The coordinator's test table is read before submission: a missing value is one line and exit 2, no output written."""
+    table = tmp_path / "test.csv"
+    table.write_text("a,b,y\n1.0,,0\n2.0,3.0,1\n")
+    cfg = tmp_path / "coordinator.yaml"
+    cfg.write_text(f"name: t\ntransport: https\nout_dir: {tmp_path / 'out'}\n"
+                   f"task: {{test_file: {table}, label_column: y}}\n")
+    res = fedseek("run", "--config", str(cfg))
+    assert res.returncode == 2, res.stderr
+    assert len(lines(res.stderr)) == 1 and "missing values in columns: b (1)" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()

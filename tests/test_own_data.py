@@ -394,3 +394,11 @@ def test_declared_preprocessing_one_hot_fill_and_given_scaling_travel_to_predict
     card = type("C", (), {"preprocessing": facts})()
     again, again_names = prepare_features("a.csv", table.iloc[:60], facts.columns, card_spec(card))  # type: ignore[arg-type]
     assert again_names == names and np.allclose(again, data.train.x[data.parts[0]], atol=1e-6)
+
+
+def test_more_sites_than_rows_of_a_builtin_dataset_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"num_sites \(10000\) exceeds the ~426 training rows of breast_cancer"):
+        load_scenario(_write(tmp_path, "num_sites: 10000\ndata: {dataset: breast_cancer}\n"))
+    assert load_scenario(_write(tmp_path, "num_sites: 400\ndata: {dataset: breast_cancer}\n", "ok.yaml")).num_sites == 400
+    with pytest.raises(ConfigError, match=r"privacy.delta 0.1 is not below 1/n"):
+        load_scenario(_write(tmp_path, "num_sites: 10\nprivacy: {delta: 0.1}\n", "dp.yaml"))

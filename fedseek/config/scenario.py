@@ -12,6 +12,23 @@ from fedseek.config.loading import ConfigError, StrictSpec, load_yaml, parse, re
 from fedseek.config.preprocess import PreprocessSpec
 from fedseek.names import Attack, DatasetName, Device, PartitionScheme, Precision
 
+#: Rows of the built-in datasets (sklearn's bundled tables), to check num_sites without loading them (scikit-learn costs ~1 s).
+BUILTIN_ROWS = {"breast_cancer": 569, "digits": 1797}
+
+
+def builtin_train_rows(dataset: str, test_fraction: float, options: dict[str, Any]) -> int | None:
+    """About how many training rows a built-in dataset gives (None when it cannot be told without generating it)."""
+    if dataset == "bank_fraud":
+        try:
+            total = int(options.get("num_banks", 10)) * int(options.get("rows_per_bank", 2000))
+        except (TypeError, ValueError):
+            return None
+    elif dataset in BUILTIN_ROWS:
+        total = BUILTIN_ROWS[dataset]
+    else:
+        return None
+    return int(total * (1.0 - test_fraction))
+
 
 class PartitionSpec(StrictSpec):
     """How a simulation splits a dataset across virtual sites."""
@@ -144,6 +161,15 @@ class ScenarioConfig(FederationSpec):
             elif self.num_sites != len(d.tables):
                 raise ValueError(f"num_sites ({self.num_sites}) differs from the {len(d.tables)} files in data.tables "
                                  "(one file per site): leave num_sites out or make them agree")
+        if not d.own_tables:
+            rows = builtin_train_rows(d.dataset, d.test_fraction, d.options)
+            if rows is not None and self.num_sites > rows:
+                raise ValueError(f"num_sites ({self.num_sites}) exceeds the ~{rows} training rows of {d.dataset}: "
+                                 "every site needs rows; lower num_sites")
+            p = self.privacy
+            if rows is not None and p is not None and p.enabled and p.delta * rows / self.num_sites >= 1.0:
+                raise ValueError(f"privacy.delta {p.delta} is not below 1/n for the ~{rows // self.num_sites} rows of an average site: "
+                                 "use a delta well below 1/n (a delta of 1/n lets a release expose a whole record)")
         if self.strategy.min_sites > self.num_sites:
             raise ValueError(
                 f"strategy.min_sites ({self.strategy.min_sites}) exceeds num_sites ({self.num_sites})"

@@ -58,6 +58,13 @@ def run_federation(
     console = console or Console(stderr=True)
     config_path = Path(config_path).resolve()
     cfg = load_coordinator(config_path)
+    if cfg.task.test_file:  # the coordinator's own test table, read and checked here: a bad file is one line before submission
+        from fedseek.runtime.task import coordinator_task
+
+        try:
+            coordinator_task(cfg)
+        except ValueError as exc:  # DataError included
+            raise DeployError(f"{config_path}: task.test_file: {exc}", exit_code=2) from None
     paths = coordinator_paths(cfg)
     if running_pidfile(paths.pidfile) is None and not port_open(admin_host(cfg), cfg.superlink.port):
         raise DeployError(f"the coordinator is not running on {admin_address(cfg)}: fedseek coordinator start --config {config_path}")
