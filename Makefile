@@ -7,6 +7,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedseek-installed
+# Test workers (pytest-xdist). Whole test files go to one worker (--dist loadfile), so a module's federation
+# fixture starts once; 2 matches CI's 2 cores (the suite's simulations are CPU-bound: more workers only contend).
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 .PHONY: demo check lint test bench venv clean
 
@@ -25,10 +29,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 check: lint
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 bench: $(STAMP)
 	@mkdir -p benchmarks/results

@@ -58,11 +58,13 @@ def run_federation(
     console = console or Console(stderr=True)
     config_path = Path(config_path).resolve()
     cfg = load_coordinator(config_path)
-    if cfg.task.test_file:  # the coordinator's own test table, read and checked here: a bad file is one line before submission
-        from fedseek.runtime.task import coordinator_task
+    t = cfg.task
+    if t.test_file:  # the coordinator's own test table, read and checked as its ServerApp will: one line before submission
+        from fedseek.data import load_table
 
         try:
-            coordinator_task(cfg)
+            load_table(t.test_file, str(t.label_column), t.feature_columns, standardize=t.standardize, classes=t.classes,
+                       preprocessing=t.preprocessing)
         except ValueError as exc:  # DataError included
             raise DeployError(f"{config_path}: task.test_file: {exc}", exit_code=2) from None
     paths = coordinator_paths(cfg)
