@@ -440,3 +440,17 @@ def test_shipped_wine_example_matches_a_pooled_logistic_regression(tmp_path):
     central_auc = roc_auc_score(y[test_idx], pooled.predict_proba(scaler.transform(x[test_idx])), multi_class="ovr")
     print(f"wine: fedseek accuracy {fed_acc:.4f} AUC {fed_auc:.4f}; pooled logistic regression {central_acc:.4f} / {central_auc:.4f}")
     assert fed_acc >= central_acc - 0.01 and fed_auc >= central_auc - 0.02
+
+
+def test_report_shows_the_kept_round_and_the_baseline_warning(tmp_path):
+    from fedseek.outputs.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({
+        "name": "x", "rounds": 5, "rounds_completed": 5, "num_sites": 2, "strategy": "fedavg", "seed": 0,
+        "selection": {"metric": "balanced_accuracy", "round": 3, "value": 0.5, "reason": "highest central balanced_accuracy"},
+        "warnings": ["the model does not beat the majority-class baseline: <b>"]}))
+    html = write_report(run).read_text()
+    assert "round 3: highest central balanced_accuracy" in html
+    assert "Warning: the model does not beat the majority-class baseline: &lt;b&gt;" in html  # escaped

@@ -55,6 +55,7 @@ class Header:
     stop_reason: str
     notes: list[str]
     status: str = ""  # summary.json's status (completed / stopped / failed); "" without a summary
+    warnings: list[str] = field(default_factory=list)  # summary.json's warnings (e.g. no better than the majority class)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,14 @@ def header(data: RunData, name: str) -> Header:
     if s is not None:
         facts += [("status", s.status), ("dataset", s.dataset), ("strategy", s.strategy), ("run id", s.run_id), ("seed", s.seed)]
     if data.model:
-        facts.append(("model", ", ".join(f"{k}={clean(v, 60)}" for k, v in data.model.items())))
+        arch = ("kind", "hidden", "input_shape", "num_classes")
+        facts.append(("model", ", ".join(f"{k}={clean(data.model[k], 60)}" for k in arch if k in data.model)))
+        pre = data.model.get("preprocessing")
+        if isinstance(pre, dict) and pre.get("scaling"):
+            facts.append(("preprocessing", f"scaling {pre['scaling']}" + (f", one-hot {', '.join(map(str, pre['categorical']))}"
+                                                                          if pre.get("categorical") else "")))
+    if s is not None and s.selection is not None:
+        facts.append(("model.pt", f"round {s.selection.round}: {s.selection.reason}"))
     privacy = data.privacy
     if privacy.enabled:
         p = privacy.summary
@@ -143,7 +151,7 @@ def header(data: RunData, name: str) -> Header:
     return Header(
         name=name, facts=[(k, clean(v, 200)) for k, v in facts if v not in (None, "")], cards=outcome_cards(data) + run_cards(data),
         no_summary=s is None, stop_reason=clean(s.stop_reason) if s is not None and s.stop_reason else "", notes=data.notes,
-        status=s.status if s is not None else "")
+        status=s.status if s is not None else "", warnings=[clean(w, 300) for w in s.warnings] if s is not None else [])
 
 
 def outcome_cards(data: RunData) -> list[tuple[str, str]]:
