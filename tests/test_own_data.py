@@ -454,3 +454,25 @@ def test_report_shows_the_kept_round_and_the_baseline_warning(tmp_path):
     html = write_report(run).read_text()
     assert "round 3: highest central balanced_accuracy" in html
     assert "Warning: the model does not beat the majority-class baseline: &lt;b&gt;" in html  # escaped
+
+
+def test_selection_on_the_federated_evaluation_judges_only_evaluated_rounds():
+    from fedseek.config import ScenarioConfig
+    from fedseek.config.federation import SelectionSpec
+    from fedseek.outputs.schema import FederatedEvalRow, MetricsRow
+    from fedseek.runtime.selection import Selection
+
+    sel = Selection(SelectionSpec(metric="balanced_accuracy", source="federated", patience=2))
+    arrays = {"w": np.zeros(1, dtype=np.float32)}
+
+    def row(rnd: int, fed: float | None) -> MetricsRow:
+        federated = FederatedEvalRow(round=rnd, evaluated=3, balanced_accuracy=fed) if fed is not None else None
+        return MetricsRow(round=rnd, time=0.0, round_seconds=1.0, central={"balanced_accuracy": 0.99}, federated=federated)
+
+    stops = [sel.observe(r, sel.judged(row(r, f)), arrays) for r, f in [(1, 0.6), (2, None), (3, 0.7), (4, None), (5, 0.65), (6, 0.69)]]
+    assert stops == [False, False, False, False, False, True]  # rounds without an evaluation do not use up patience
+    assert sel.best_round == 3 and "federated-evaluation balanced_accuracy" in sel.summary(6).reason
+    with pytest.raises(ValueError, match="needs a federated evaluation"):
+        ScenarioConfig.model_validate({"selection": {"metric": "accuracy", "source": "federated"}})
+    with pytest.raises(ValueError, match="not auc"):
+        SelectionSpec(metric="auc", source="federated")

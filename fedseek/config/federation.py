@@ -208,15 +208,20 @@ class FederatedEvaluationSpec(StrictSpec):
 
 
 class SelectionSpec(StrictSpec):
-    """Which round's model the run keeps as model.pt, judged on the coordinator's central test set.
+    """Which round's model the run keeps as model.pt: judged on the central test set or the federated evaluation.
 
     `metric: last` keeps the last round (model_last.pt is then the same model). Otherwise the
     best round by `metric` is model.pt and the last one model_last.pt; `patience` stops the run
-    after that many rounds without an improvement of at least `min_delta`. Choosing a round on the
-    test set makes that set's score of the chosen model optimistic: judge it on another table.
+    after that many judged rounds without an improvement of at least `min_delta`. `source:
+    central` judges every round on the coordinator's test set (whose score of the chosen model is
+    then optimistic: judge it on another table); `source: federated` judges the rounds with a
+    federated evaluation (`evaluation.every`) on the sites' held-out splits: noisy under DP, but
+    not the set the final figures are reported on, and already paid for in the sites' evaluation
+    ledgers (choosing a round from released numbers is post-processing).
     """
 
     metric: Literal["last", "accuracy", "balanced_accuracy", "auc", "loss"] = "last"
+    source: Literal["central", "federated"] = "central"
     patience: int | None = Field(None, ge=1, le=100000, description="stop after this many rounds without improvement")
     min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
 
@@ -224,6 +229,8 @@ class SelectionSpec(StrictSpec):
     def _patience_needs_metric(self) -> SelectionSpec:
         if self.patience is not None and self.metric == "last":
             raise ValueError("patience needs a metric to watch (accuracy, balanced_accuracy, auc or loss), not 'last'")
+        if self.source == "federated" and self.metric == "auc":
+            raise ValueError("the federated evaluation reports accuracy, balanced_accuracy and loss, not auc")
         return self
 
 
@@ -244,3 +251,9 @@ class FederationSpec(StrictSpec):
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
     evaluation: FederatedEvaluationSpec = Field(default_factory=FederatedEvaluationSpec)
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
+
+    @model_validator(mode="after")
+    def _federated_selection_needs_evaluation(self) -> FederationSpec:
+        if self.selection.source == "federated" and self.selection.metric != "last" and self.evaluation.every <= 0:
+            raise ValueError("selection.source federated needs a federated evaluation: set evaluation.every (e.g. 1)")
+        return self

@@ -237,7 +237,7 @@ class SelectionSummary(_Record):
     metric: str = "last"
     round: int = 0
     value: float | None = None
-    central: Metrics = {}  # the chosen round's central metrics (optimistic when chosen on this same test set)
+    central: Metrics = {}  # the chosen round's metrics from its source (central: optimistic, chosen on this same test set)
     reason: str = ""
     early_stopped_after: int | None = None
 

@@ -108,7 +108,7 @@ class Coordinator:
             row = self.run_round(rnd)
             if row is None:
                 break
-            if self.selection.observe(rnd, {k: v for k, v in row.central.items() if v is not None}, self.model.arrays):
+            if self.selection.observe(rnd, self.selection.judged(row), self.model.arrays):
                 flwr_log("early stop after round %d: no %s improvement in %d rounds", rnd, self.cfg.selection.metric,
                          self.cfg.selection.patience)
                 self.audit("early_stopped", round=rnd, metric=self.cfg.selection.metric, patience=self.cfg.selection.patience)

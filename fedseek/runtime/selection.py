@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedseek.config.federation import SelectionSpec
-from fedseek.outputs.schema import BaselineCheck, SelectionSummary
+from fedseek.outputs.schema import BaselineCheck, MetricsRow, SelectionSummary
 
 Arrays = dict[str, np.ndarray]
 LOWER_IS_BETTER = {"loss"}
@@ -41,9 +41,18 @@ class Selection:
         gain = self.best_value - value if self.spec.metric in LOWER_IS_BETTER else value - self.best_value
         return gain > self.spec.min_delta
 
-    def observe(self, rnd: int, central: dict[str, float], arrays: Arrays) -> bool:
-        """Record round `rnd`'s central metrics; True when the run should stop early (patience used up)."""
-        if not self.active:
+    def judged(self, row: MetricsRow) -> dict[str, float] | None:
+        """The metrics a round is judged on (its source's), None when that source did not evaluate this round."""
+        if self.spec.source == "central":
+            return {k: float(v) for k, v in row.central.items() if v is not None}
+        fed = row.federated
+        if fed is None or not fed.evaluated:
+            return None
+        return {k: float(v) for k in ("accuracy", "balanced_accuracy", "loss") if (v := getattr(fed, k)) is not None}
+
+    def observe(self, rnd: int, central: dict[str, float] | None, arrays: Arrays) -> bool:
+        """Record round `rnd`'s metrics (None: not judged this round); True when the run should stop early (patience used up)."""
+        if not self.active or central is None:
             return False
         value = central.get(self.spec.metric)
         if value is None or not np.isfinite(value):
@@ -66,7 +75,8 @@ class Selection:
             why = "metric 'last': the last round" if not self.active else f"no round had a finite {self.spec.metric}: the last round"
             return SelectionSummary(metric=self.spec.metric, round=last_round, reason=why)
         direction = "lowest" if self.spec.metric in LOWER_IS_BETTER else "highest"
-        reason = f"{direction} central {self.spec.metric} ({self.best_value:.4f}) over rounds 1..{last_round}"
+        where = "central" if self.spec.source == "central" else "federated-evaluation"
+        reason = f"{direction} {where} {self.spec.metric} ({self.best_value:.4f}) over rounds 1..{last_round}"
         if self.early_stopped_after is not None:
             reason += f"; stopped early after round {self.early_stopped_after} ({self.spec.patience} rounds without improvement)"
         return SelectionSummary(metric=self.spec.metric, round=self.best_round, value=self.best_value, central=self.best_central,
