@@ -143,8 +143,31 @@ def test_too_many_sites_and_a_large_delta_are_refused_before_start(tmp_path):
     ("missing_file", "file not found"),
     ("missing_values", "missing values in columns: f1 (3)"),
     ("bad_label", "label column 'diagnosis' not found"),
+    ("float_label", "continuous target, not classes"),
+    ("semicolons", "';'-separated: fedseek reads comma-separated CSV"),
+    ("duplicate_columns", "duplicated column names ['f1']"),
+    ("too_many_sites", "num_sites (10000) exceeds"),
+    ("large_delta", "privacy.delta 0.1 is not below 1/n"),
+    ("empty_yaml", "empty scenario"),
+    ("site_delta", "not below 1/n of the largest site (300 rows)"),
 ])
 def test_bad_tables_exit_2_with_one_line_and_leave_no_output(tmp_path, site_csvs, case, message):
+    scenario_text = None
+    if case == "float_label":
+        df = pd.read_csv(site_csvs[0])
+        df["diagnosis"] = np.linspace(0.1, 9.9, len(df))
+        df.to_csv(site_csvs[0], index=False)
+    if case == "semicolons":
+        pd.read_csv(site_csvs[2]).to_csv(site_csvs[2], index=False, sep=";")
+    if case == "duplicate_columns":
+        text = site_csvs[1].read_text().splitlines()
+        site_csvs[1].write_text("\n".join([text[0].replace("f2", "f1")] + text[1:]) + "\n")
+    if case == "too_many_sites":
+        scenario_text = "num_sites: 10000\nstrategy: {min_sites: 2}\n"
+    if case == "large_delta":
+        scenario_text = "num_sites: 10\nprivacy: {delta: 0.1}\n"
+    if case == "empty_yaml":
+        scenario_text = "# to be written\n"
     if case == "missing_values":
         df = pd.read_csv(site_csvs[1])
         df.loc[:2, "f1"] = np.nan
@@ -152,7 +175,9 @@ def test_bad_tables_exit_2_with_one_line_and_leave_no_output(tmp_path, site_csvs
     if case == "bad_label":
         pd.read_csv(site_csvs[0]).rename(columns={"diagnosis": "dx"}).to_csv(site_csvs[0], index=False)
     tables = [str(p) for p in site_csvs] + (["data/nope.csv"] if case == "missing_file" else [])
-    scen = _write(tmp_path, f"data: {{tables: {json.dumps(tables)}, label_column: diagnosis}}\n")
+    dp = "privacy: {delta: 0.01}\n" if case == "site_delta" else ""
+    scen = _write(tmp_path, scenario_text if scenario_text is not None
+                  else f"data: {{tables: {json.dumps(tables)}, label_column: diagnosis}}\n{dp}")
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "fedseek", "simulate", str(scen), "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

@@ -182,7 +182,8 @@ def check_scenario_data(cfg: ScenarioConfig) -> ScenarioData:
     """Everything about a scenario's own tables that can fail, checked before any process starts (DataError, one line).
 
     Reads every table, maps the labels, splits the sites, and refuses an empty site or a DP delta
-    that is not below 1/n of the smallest site (delta >= 1/n allows releasing a whole record).
+    that is not below 1/n of the largest site (each site refuses delta >= 1/n for its own n: that
+    would allow releasing a whole record).
     """
     data = scenario_data(cfg)
     sizes = [len(p) for p in data.parts]
@@ -191,7 +192,7 @@ def check_scenario_data(cfg: ScenarioConfig) -> ScenarioData:
         raise DataError(f"num_sites {cfg.num_sites}: {len(empty)} virtual sites would get no rows "
                         f"(only {len(data.train)} training rows); lower num_sites")
     priv = cfg.privacy
-    if priv is not None and priv.enabled and priv.delta >= 1.0 / min(sizes):
-        raise DataError(f"privacy.delta {priv.delta} is not below 1/n of the smallest site ({min(sizes)} rows): "
-                        f"use delta < {1.0 / min(sizes):.2g} (a delta of 1/n lets a release expose a whole record)")
+    if priv is not None and priv.enabled and priv.delta >= 1.0 / max(sizes):  # binds at the largest site: 1/n is smallest there
+        raise DataError(f"privacy.delta {priv.delta} is not below 1/n of the largest site ({max(sizes)} rows), which would refuse "
+                        f"every round: use delta < {1.0 / max(sizes):.2g} (a delta of 1/n lets a release expose a whole record)")
     return data
