@@ -8,9 +8,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedseek-installed
 # Test workers (pytest-xdist). Whole test files go to one worker (--dist loadfile), so a module's federation
-# fixture starts once; 2 matches CI's 2 cores (the suite's simulations are CPU-bound: more workers only contend).
+# fixture starts once, in the order tests/conftest.py gives them (heaviest files first, so no long file runs alone at
+# the end); 2 matches CI's 2 cores (the suite's simulations are CPU-bound: more workers only contend).
 WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo check lint test bench venv clean
 
