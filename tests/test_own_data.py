@@ -151,7 +151,10 @@ def test_too_many_sites_and_a_large_delta_are_refused_before_start(tmp_path):
     ("empty_yaml", "empty scenario"),
     ("site_delta", "not below 1/n of the largest site (300 rows)"),
 ])
-def test_bad_tables_exit_2_with_one_line_and_leave_no_output(tmp_path, site_csvs, case, message):
+def test_bad_tables_exit_2_with_one_line_and_leave_no_output(tmp_path, site_csvs, case, message, capsys):
+    """Through the CLI's entry point in-process (the same code as the console script, without a fresh interpreter each)."""
+    from fedseek.ops.cli import main
+
     scenario_text = None
     if case == "float_label":
         df = pd.read_csv(site_csvs[0])
@@ -179,11 +182,11 @@ def test_bad_tables_exit_2_with_one_line_and_leave_no_output(tmp_path, site_csvs
     scen = _write(tmp_path, scenario_text if scenario_text is not None
                   else f"data: {{tables: {json.dumps(tables)}, label_column: diagnosis}}\n{dp}")
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "fedseek", "simulate", str(scen), "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, res.stderr
+    code = main(["simulate", str(scen), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in stderr, stderr
     assert not out.exists()
 
 
