@@ -54,7 +54,7 @@ def _read_table(path: Path) -> Any:  # pandas.DataFrame (imported lazily)
         raise DataError(f"{path}: cannot read as {kind}: {_first_line(exc)}") from None
 
 
-def _class_mapping(
+def class_mapping(
     path: Path, raw: np.ndarray, classes: Sequence[str] | None
 ) -> tuple[np.ndarray, list[str]]:
     """Map raw labels to 0..K-1 (sorted natural order, or the given `classes` order)."""
@@ -192,7 +192,7 @@ def table_dataset(
     feature_columns = _feature_columns(path, columns, label_column, feature_columns)
     check_complete(path, df, [label_column, *(c for c in feature_columns if c not in spec.categorical and c not in spec.fill)])
     x, names = prepare_features(path, df, feature_columns, spec)
-    y, class_names = _class_mapping(path, raw, classes)
+    y, class_names = class_mapping(path, raw, classes)
     if classes is None and len(class_names) < 2:
         raise DataError(
             f"{path}: label column {label_column!r} has a single class {class_names[0]!r}; "

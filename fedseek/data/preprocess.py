@@ -63,13 +63,19 @@ def check_numeric(path: Path, df: Any, columns: list[str]) -> None:
                         "one-hot, the same at every site; or leave them out)")
 
 
+def scale_local(x: np.ndarray) -> np.ndarray:
+    """Each column scaled by its own mean and std (a constant column is only centred): what `scaling: local` does."""
+    x = np.asarray(x, dtype=np.float64)
+    std = x.std(axis=0)
+    std[std < 1e-12] = 1.0
+    return (x - x.mean(axis=0)) / std
+
+
 def _scale(path: Path, x: np.ndarray, names: list[str], numeric: list[bool], spec: PreprocessSpec) -> np.ndarray:
     if spec.scaling == "none" or x.shape[0] == 0:
         return x
     if spec.scaling == "local":
-        std = x.std(axis=0)
-        std[std < 1e-12] = 1.0
-        return (x - x.mean(axis=0)) / std
+        return scale_local(x)
     lacking = [n for n, num in zip(names, numeric, strict=True) if num and n not in spec.mean]
     if lacking:
         raise DataError(f"{path}: scaling: given has no mean/std for features {lacking}")

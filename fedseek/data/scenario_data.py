@@ -18,7 +18,8 @@ import numpy as np
 
 from fedseek.data.arrays import ArrayDataset, DataError
 from fedseek.data.builtin import stratified_split
-from fedseek.data.loaders import _class_mapping, label_values, read_table, table_dataset
+from fedseek.data.loaders import class_mapping, label_values, read_table, table_dataset
+from fedseek.data.preprocess import scale_local
 
 if TYPE_CHECKING:
     from fedseek.config import ScenarioConfig
@@ -51,7 +52,7 @@ def _classes(cfg: ScenarioConfig, frames: list[tuple[str, Any]]) -> list[str]:
     if d.classes is not None:
         return [str(c) for c in d.classes]
     raw = np.concatenate([label_values(path, df, d.label_column) for path, df in frames])
-    _, names = _class_mapping(Path(frames[0][0]), raw, None)
+    _, names = class_mapping(Path(frames[0][0]), raw, None)
     if len(names) < 2:
         raise DataError(f"{frames[0][0]}: label column {d.label_column!r} has a single class {names[0]!r} in every table; "
                         "need at least 2")
@@ -122,11 +123,8 @@ def _partitioned(cfg: ScenarioConfig, classes: list[str], path: str, df: Any) ->
 
 
 def _scaled(ds: ArrayDataset) -> ArrayDataset:
-    """`ds` with each feature scaled by its own mean/std (what a site's loader does with standardize)."""
-    x = ds.x.astype(np.float64)
-    std = x.std(axis=0)
-    std[std < 1e-12] = 1.0
-    return replace(ds, x=((x - x.mean(axis=0)) / std).astype(np.float32))
+    """`ds` with each feature scaled by its own mean/std (what a site's loader does with scaling: local)."""
+    return replace(ds, x=scale_local(ds.x).astype(np.float32))
 
 
 def _own_tables(cfg: ScenarioConfig) -> ScenarioData:
