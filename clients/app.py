@@ -8,7 +8,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseek.runtime.faults import simulated_faults
-from fedseek.runtime.site import handle_evaluate, handle_query, handle_train
+from fedseek.runtime.site import handle_evaluate, handle_query, handle_stats, handle_train
 
 app = ClientApp()
 
@@ -29,3 +29,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Tell the coordinator which site this node is."""
     return handle_query(msg, context)
+
+
+@app.query("stats")
+def stats(msg: Message, context: Context) -> Message:
+    """scaling: federated: this site's (DP-noised, ledger-charged) sums for the federation's scaling statistics."""
+    return handle_stats(msg, context)

@@ -14,7 +14,7 @@ from fedseek.privacy.sampling import SecurePoissonSampler, plan_sampling
 from fedseek.train.local import train_local
 from fedseek.train.models import build_model
 from fedseek.wire import release
-from fedseek.wire.records import EvalMetrics, RefusalMetrics, TrainMetrics
+from fedseek.wire.records import EvalMetrics, RefusalMetrics, StatsReply, TrainMetrics
 
 
 def _data(n: int, d: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +85,7 @@ def test_every_reply_field_has_a_declared_privacy_status():
     assert release.undeclared(set(TrainMetrics.model_fields), release.TRAIN_REPLY) == set()
     assert release.undeclared(set(RefusalMetrics.model_fields) | {"reason"}, release.REFUSAL_REPLY) == set()
     assert release.undeclared(set(EvalMetrics.model_fields), release.EVAL_REPLY) == set()
+    assert release.undeclared(set(StatsReply.model_fields), release.STATS_REPLY) == set()
     assert release.TRAIN_REPLY["train_loss"][0] == "non-dp"
     assert {s for s, _ in release.EVAL_REPLY.values()} <= {"dp", "public"}  # a DP site's evaluation reply has no non-DP field
 

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fedseek.config.federation import FederationSpec, PrivacySpec
+from fedseek.config.federation import FederationSpec, PrivacySpec, check_task_fit
 from fedseek.config.loading import StrictSpec, check_address, check_site_name, load_yaml, parse, resolve_path
 from fedseek.config.preprocess import PreprocessSpec
-from fedseek.names import DatasetName, Device, PartitionScheme, SitePrecision
+from fedseek.names import DatasetName, Device, PartitionScheme, SitePrecision, TaskType
 
 
 class TaskSpec(StrictSpec):
@@ -33,9 +33,13 @@ class TaskSpec(StrictSpec):
     classes: list[str] | None = Field(None, description="fixes the label order every site must use")
     input_shape: list[int] | None = None
     num_classes: int | None = Field(None, ge=2)
+    task: TaskType = Field("classification", description="classification (labels are classes) or regression (a number)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
+        if self.task == "regression" and (self.classes is not None or self.num_classes is not None or self.dataset):
+            raise ValueError("task: regression predicts a number: leave out classes, num_classes and dataset "
+                             "(give test_file or input_shape)")
         given = [k for k, v in (("dataset", self.dataset), ("test_file", self.test_file), ("input_shape", self.input_shape)) if v]
         if len(given) != 1:
             raise ValueError("give exactly one of dataset, test_file (+ label_column) or input_shape (+ num_classes)"
@@ -43,7 +47,7 @@ class TaskSpec(StrictSpec):
         if self.test_file and not self.label_column:
             raise ValueError("test_file needs label_column")
         if self.input_shape is not None:
-            if self.num_classes is None:
+            if self.num_classes is None and self.task == "classification":
                 raise ValueError("input_shape needs num_classes")
             if not self.input_shape or any(d < 1 for d in self.input_shape):
                 raise ValueError(f"input_shape must be positive sizes, got {self.input_shape}")
@@ -115,6 +119,7 @@ class CoordinatorConfig(FederationSpec):
 
     @model_validator(mode="after")
     def _fit(self) -> CoordinatorConfig:
+        check_task_fit(self, self.task.task)
         if self.expected_sites is None:
             self.expected_sites = self.strategy.min_sites
         names = [s.name for s in self.sites]
@@ -179,6 +184,7 @@ class SiteDataSpec(StrictSpec):
     preprocessing: PreprocessSpec | None = Field(None, description="categorical vocabularies, fill values, scaling "
                                                  "(replaces standardize; the same at every site)")
     classes: list[str] | None = Field(None, description="label order shared by the federation")
+    task: TaskType = Field("classification", description="classification (labels are classes) or regression (a number)")
     image_size: int | None = Field(None, ge=1)
     grayscale: bool = True
     builtin: DatasetName | None = None
@@ -195,6 +201,8 @@ class SiteDataSpec(StrictSpec):
     def _one_source(self) -> SiteDataSpec:
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of path (a table or image folder) and builtin (a demo partition)")
+        if self.task == "regression" and (self.classes is not None or self.image_size is not None or self.builtin is not None):
+            raise ValueError("task: regression reads a number from a table's label_column: leave out classes, image_size and builtin")
         if self.path is not None and self.image_size is None and not self.label_column:
             raise ValueError("a table needs label_column (or give image_size for an image folder)")
         if self.builtin is not None:

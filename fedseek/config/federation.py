@@ -81,6 +81,9 @@ class PrivacySpec(StrictSpec):
         None, description="fixed loss weights per class from the site's own policy (never from private label counts)"
     )
     evaluation: EvaluationPrivacySpec = Field(default_factory=lambda: EvaluationPrivacySpec())
+    scaling_epsilon: float = Field(
+        0.5, gt=0.0, le=10.0, description="epsilon of the one statistics release of scaling: federated (on its own, at this delta); "
+        "charged to the training ledger, where it composes with DP-SGD (0.5 adds ~0.05 to a 3.0 training budget)")
 
     @model_validator(mode="after")
     def _one_noise_rule(self) -> PrivacySpec:
@@ -220,7 +223,7 @@ class SelectionSpec(StrictSpec):
     ledgers (choosing a round from released numbers is post-processing).
     """
 
-    metric: Literal["last", "accuracy", "balanced_accuracy", "auc", "loss"] = "last"
+    metric: Literal["last", "accuracy", "balanced_accuracy", "auc", "loss", "r2", "rmse", "mae"] = "last"
     source: Literal["central", "federated"] = "central"
     patience: int | None = Field(None, ge=1, le=100000, description="stop after this many rounds without improvement")
     min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
@@ -228,10 +231,33 @@ class SelectionSpec(StrictSpec):
     @model_validator(mode="after")
     def _patience_needs_metric(self) -> SelectionSpec:
         if self.patience is not None and self.metric == "last":
-            raise ValueError("patience needs a metric to watch (accuracy, balanced_accuracy, auc or loss), not 'last'")
-        if self.source == "federated" and self.metric == "auc":
-            raise ValueError("the federated evaluation reports accuracy, balanced_accuracy and loss, not auc")
+            raise ValueError("patience needs a metric to watch (accuracy, balanced_accuracy, auc, loss; r2, rmse, mae), not 'last'")
+        if self.source == "federated" and self.metric not in ("last", "accuracy", "balanced_accuracy", "loss"):
+            raise ValueError(f"the federated evaluation reports accuracy, balanced_accuracy and loss, not {self.metric}")
         return self
+
+
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "auc")
+REGRESSION_METRICS = ("r2", "rmse", "mae")
+
+
+def check_task_fit(fed: FederationSpec, task: str) -> None:
+    """Refuse federation settings that do not apply to the task (ValueError naming the key); a regression has no classes."""
+    metric = fed.selection.metric
+    if task == "regression":
+        if metric in CLASSIFICATION_METRICS:
+            raise ValueError(f"selection.metric {metric!r} is for classification; with task: regression use "
+                             f"{', '.join(('loss',) + REGRESSION_METRICS)} or last")
+        if fed.train.class_weighting != "none":
+            raise ValueError("train.class_weighting applies to classification; task: regression has no classes")
+        if fed.watermark.enabled:
+            raise ValueError("watermark: the trigger-set watermark marks class answers; it is not available with task: regression")
+        if fed.evaluation.every > 0:
+            raise ValueError("evaluation.every: the private federated evaluation releases per-class counts and is not built for "
+                             "task: regression yet; set evaluation.every: 0 (the central test table still evaluates every round)")
+    elif metric in REGRESSION_METRICS:
+        raise ValueError(f"selection.metric {metric!r} is for task: regression; for classification use "
+                         f"{', '.join(CLASSIFICATION_METRICS + ('loss',))} or last")
 
 
 class FederationSpec(StrictSpec):

@@ -9,6 +9,7 @@ travels with the model in its card (model.json).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -22,15 +23,21 @@ class PreprocessSpec(StrictSpec):
     scaling: `local` scales each feature by the mean/std of the table it comes from (each site its
     own rows; simple, but the same raw value then means slightly different things at different
     sites), `given` uses `mean` and `std` (one value per numeric feature, shared by the whole
-    federation: computed from public or agreed data), `none` leaves values as they are. One-hot
-    columns are never scaled under `given`.
+    federation: computed from public or agreed data), `federated` has the sites compute them
+    together before round 1 (exact sums without DP; under DP a Gaussian release of sums clipped to
+    `bounds`, charged to each site's ledger), `none` leaves values as they are. One-hot columns are
+    never scaled. For task: regression, `given`/`federated` statistics of the label column scale
+    the target too (the model card maps predictions back).
     """
 
     categorical: dict[str, list[str]] = Field(default_factory=dict, description="column -> vocabulary; one-hot in this order")
     fill: dict[str, float] = Field(default_factory=dict, description="column -> constant for its missing values (others: refused)")
-    scaling: Literal["local", "given", "none"] = "local"
+    scaling: Literal["local", "given", "federated", "none"] = "local"
     mean: dict[str, float] = Field(default_factory=dict, description="with scaling: given, per numeric feature")
     std: dict[str, float] = Field(default_factory=dict, description="with scaling: given, per numeric feature (> 0)")
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="with scaling: federated, column -> [low, high]: each value is clipped into it for the "
+        "statistics (required for every numeric column under DP: it bounds one record's influence)")
 
     @field_validator("categorical", mode="before")
     @classmethod
@@ -64,4 +71,9 @@ class PreprocessSpec(StrictSpec):
                 raise ValueError(f"std must be > 0; not for {bad}")
         elif self.mean or self.std:
             raise ValueError("mean and std apply with scaling: given")
+        if self.bounds and self.scaling != "federated":
+            raise ValueError("bounds apply with scaling: federated")
+        bad = sorted(k for k, (lo, hi) in self.bounds.items() if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi))
+        if bad:
+            raise ValueError(f"bounds must be finite [low, high] with low < high; not for {bad}")
         return self

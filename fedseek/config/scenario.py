@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from fedseek.config.federation import FederationSpec, PrivacySpec
+from fedseek.config.federation import FederationSpec, PrivacySpec, check_task_fit
 from fedseek.config.loading import ConfigError, StrictSpec, load_yaml, parse, resolve_path
 from fedseek.config.preprocess import PreprocessSpec
-from fedseek.names import Attack, DatasetName, Device, PartitionScheme, Precision
+from fedseek.names import Attack, DatasetName, Device, PartitionScheme, Precision, TaskType
 
 #: Rows of the built-in datasets (sklearn's bundled tables), to check num_sites without loading them (scikit-learn costs ~1 s).
 BUILTIN_ROWS = {"breast_cancer": 569, "digits": 1797}
@@ -60,6 +60,7 @@ class DataSpec(StrictSpec):
     label_column: str = "label"
     feature_columns: list[str] | None = Field(None, description="default: every column but the label (and site_column)")
     classes: list[str] | None = Field(None, description="label values in class order; default: every value seen, sorted")
+    task: TaskType = Field("classification", description="classification (labels are classes) or regression (a number per row)")
     standardize: bool = True
     preprocessing: PreprocessSpec | None = Field(None, description="categorical vocabularies, fill values, scaling "
                                                  "(replaces standardize)")
@@ -103,6 +104,10 @@ class DataSpec(StrictSpec):
             raise ValueError(f"site_column and label_column are both {self.label_column!r}")
         if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):
             raise ValueError("classes must be distinct")
+        if self.task == "regression" and not self.own_tables:
+            raise ValueError("task: regression needs your own tables (tables or table): the built-in datasets are classification")
+        if self.task == "regression" and self.classes is not None:
+            raise ValueError("classes apply to classification; task: regression predicts a number")
         return self
 
 
@@ -151,6 +156,10 @@ class ScenarioConfig(FederationSpec):
                 "use 'none' or privacy.class_weights"
             )
         d = self.data
+        check_task_fit(self, d.task)
+        if d.task == "regression" and self.partition.scheme == "dirichlet":
+            raise ValueError("partition.scheme dirichlet splits by class; task: regression has no classes "
+                             "(use iid or quantity, or a site_column)")
         if d.tables is not None or d.site_column is not None:
             if "partition" in self.model_fields_set:
                 raise ValueError("partition does not apply when each site has its own table (tables, or table + site_column)")

@@ -163,8 +163,38 @@ def check_class_labels(path: Path, raw: np.ndarray, label_column: str) -> None:
         n = int(np.unique(finite).size)
         raise DataError(
             f"{path}: label column {label_column!r} holds non-integer numbers ({n} distinct values): it is a continuous "
-            f"target, not classes; fedseek trains classifiers (binary or multi-class) from integer or text labels"
+            f"target, not classes; set task: regression to predict it as a number"
         )
+
+
+def regression_target(path: str | Path, df: Any, label_column: str, spec: PreprocessSpec) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """A regression label column as float64 (DataError naming the file for a missing column or non-numeric values),
+    standardised when the preprocessing gives the label column's mean and std (scaling: given or federated)."""
+    import pandas as pd
+
+    path = Path(path)
+    columns = [str(c) for c in df.columns]
+    if label_column not in columns:
+        raise DataError(
+            f"{path}: label column {label_column!r} not found (available: {', '.join(columns)}){_label_hint(path, columns)}"
+        )
+    col = df[label_column]
+    if pd.api.types.is_bool_dtype(col):
+        raise DataError(f"{path}: label column {label_column!r} is boolean: a regression target must be a number "
+                        "(use task: classification for yes/no labels)")
+    values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+    text = col.notna().to_numpy() & np.isnan(values)
+    if text.any():
+        shown = sorted({str(v) for v in col[text].head(50)})[:5]
+        raise DataError(f"{path}: label column {label_column!r} has {int(text.sum())} non-numeric values (e.g. {shown}): "
+                        "task: regression needs a number in every row")
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise DataError(f"{path}: label column {label_column!r} has {bad} missing or infinite values (a target cannot be filled)")
+    if label_column in spec.mean:
+        mean, std = float(spec.mean[label_column]), float(spec.std[label_column])
+        return (values - mean) / std, (mean, std)
+    return values, None
 
 
 def table_dataset(
@@ -176,6 +206,7 @@ def table_dataset(
     classes: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     preprocessing: PreprocessSpec | None = None,
+    task: str = "classification",
 ) -> ArrayDataset:
     """Rows of a table already read (`df`, from `path`) as an ArrayDataset; see `load_table`. `exclude`: columns never features.
 
@@ -184,6 +215,17 @@ def table_dataset(
     path = Path(path)
     spec = preprocessing if preprocessing is not None else PreprocessSpec(scaling="local" if standardize else "none")
     columns = [str(c) for c in df.columns]
+    if task == "regression":
+        if classes is not None:
+            raise DataError(f"{path}: classes apply to classification; task: regression predicts a number")
+        target, scale = regression_target(path, df, label_column, spec)
+        if len(df) == 0:
+            raise DataError(f"{path}: empty table (no rows)")
+        feature_columns = _feature_columns(path, columns, label_column,
+                                           feature_columns or [c for c in columns if c != label_column and c not in exclude])
+        x, names = prepare_features(path, df, feature_columns, spec)
+        return ArrayDataset(x.astype(np.float32), target, 1, name=path.stem, features=names, columns=list(feature_columns),
+                            task="regression", target_scale=scale)
     raw = label_values(path, df, label_column)
     if len(df) == 0:
         raise DataError(f"{path}: empty table (no rows)")
@@ -209,14 +251,17 @@ def load_table(
     standardize: bool = True,
     classes: Sequence[str] | None = None,
     preprocessing: PreprocessSpec | None = None,
+    task: str = "classification",
 ) -> ArrayDataset:
-    """A site's .csv/.parquet table as an ArrayDataset (features float32, labels 0..K-1).
+    """A site's .csv/.parquet table as an ArrayDataset (features float32, labels 0..K-1; regression: the float target).
 
     - Labels: mapped to 0..K-1 in sorted order of their values, kept as `ArrayDataset.classes`.
       Pass `classes` (from the site/federation config) to fix the mapping: every site must
       map labels identically, which sorted order cannot guarantee when a site lacks a class.
       Without `classes`, a single-class table is an error (the mapping would be meaningless).
       A float label with non-integer values is refused (a continuous target is not classes).
+    - `task: regression`: the label is a number per row (missing or text values refused), scaled
+      by the label column's mean/std when the preprocessing gives them.
     - Features: `feature_columns`, or every column except the label. Boolean columns become
       0/1. Non-numeric columns are rejected unless `preprocessing.categorical` declares their
       vocabulary: local one-hot encoding would give each site a different feature layout
@@ -230,7 +275,8 @@ def load_table(
       fill values for missing numbers and scaling (local / given statistics / none); replaces
       `standardize` when given.
     """
-    return table_dataset(path, read_table(path), label_column, feature_columns, standardize, classes, preprocessing=preprocessing)
+    return table_dataset(path, read_table(path), label_column, feature_columns, standardize, classes, preprocessing=preprocessing,
+                         task=task)
 
 
 def load_image_folder(

@@ -72,7 +72,7 @@ def scale_local(x: np.ndarray) -> np.ndarray:
 
 
 def _scale(path: Path, x: np.ndarray, names: list[str], numeric: list[bool], spec: PreprocessSpec) -> np.ndarray:
-    if spec.scaling == "none" or x.shape[0] == 0:
+    if spec.scaling in ("none", "federated") or x.shape[0] == 0:  # federated: raw until the federation's statistics arrive
         return x
     if spec.scaling == "local":
         return scale_local(x)
@@ -114,3 +114,18 @@ def prepare_features(path: str | Path, df: Any, columns: list[str], spec: Prepro
             numeric.append(True)
     x = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(df), 0))
     return _scale(path, x, names, numeric, spec), names
+
+
+def numeric_features(names: list[str], spec: PreprocessSpec) -> list[str]:
+    """The feature names that are numeric columns (not one-hot `col=value` columns of a declared categorical)."""
+    onehot = {f"{col}={v}" for col, vocab in spec.categorical.items() for v in vocab}
+    return [n for n in names if n not in onehot]
+
+
+def apply_scaling(x: np.ndarray, names: list[str], mean: dict[str, float], std: dict[str, float]) -> np.ndarray:
+    """x with each named feature that has statistics scaled to (value - mean) / std (others unchanged); a new float32 array."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    for j, name in enumerate(names):
+        if name in mean:
+            out[:, j] = (out[:, j] - np.float32(mean[name])) / np.float32(std[name])
+    return out

@@ -23,6 +23,7 @@ from fedseek.data.preprocess import scale_local
 
 if TYPE_CHECKING:
     from fedseek.config import ScenarioConfig
+    from fedseek.config.preprocess import PreprocessSpec
 
 
 @dataclass
@@ -46,9 +47,11 @@ def site_values(table: str, site_column: str) -> list[str]:
     return sorted({str(v) for v in col.to_numpy()})
 
 
-def _classes(cfg: ScenarioConfig, frames: list[tuple[str, Any]]) -> list[str]:
-    """The configured classes, else every label value in the scenario's tables (natural sort order)."""
+def _classes(cfg: ScenarioConfig, frames: list[tuple[str, Any]]) -> list[str] | None:
+    """The configured classes, else every label value in the scenario's tables (natural sort order); None for regression."""
     d = cfg.data
+    if d.task == "regression":
+        return None
     if d.classes is not None:
         return [str(c) for c in d.classes]
     raw = np.concatenate([label_values(path, df, d.label_column) for path, df in frames])
@@ -69,31 +72,35 @@ def _stack(sites: list[ArrayDataset], name: str) -> tuple[ArrayDataset, list[np.
     sizes = np.cumsum([0, *(len(ds) for ds in sites)])
     train = ArrayDataset(np.concatenate([ds.x for ds in sites]), np.concatenate([ds.y for ds in sites]), sites[0].num_classes,
                          name=name, classes=sites[0].classes, features=features, columns=sites[0].columns,
-                         groups=np.concatenate([np.full(len(ds), i) for i, ds in enumerate(sites)]))
+                         groups=np.concatenate([np.full(len(ds), i) for i, ds in enumerate(sites)]),
+                         task=sites[0].task, target_scale=sites[0].target_scale)
     return train, [np.arange(sizes[i], sizes[i + 1], dtype=np.int64) for i in range(len(sites))]
 
 
-def _per_site_tables(cfg: ScenarioConfig, classes: list[str], frames: list[tuple[str, Any]]) -> tuple[ArrayDataset, list[np.ndarray]]:
+def _per_site_tables(cfg: ScenarioConfig, classes: list[str] | None, frames: list[tuple[str, Any]]
+                     ) -> tuple[ArrayDataset, list[np.ndarray]]:
     d = cfg.data
-    sites = [table_dataset(path, df, d.label_column, d.feature_columns, classes=classes, preprocessing=d.preprocess)
+    sites = [table_dataset(path, df, d.label_column, d.feature_columns, classes=classes, preprocessing=d.preprocess, task=d.task)
              for path, df in frames]
     return _stack(sites, "tables")
 
 
-def _split_by_column(cfg: ScenarioConfig, classes: list[str], path: str, df: Any) -> tuple[ArrayDataset, list[np.ndarray]]:
+def _split_by_column(cfg: ScenarioConfig, classes: list[str] | None, path: str, df: Any) -> tuple[ArrayDataset, list[np.ndarray]]:
     d = cfg.data
     column = str(d.site_column)
     values = site_values(path, column)
     sites = []
     for v in values:
         rows = df[df[column].astype(str) == v]
-        ds = table_dataset(path, rows, d.label_column, d.feature_columns, classes=classes, exclude=(column,), preprocessing=d.preprocess)
+        ds = table_dataset(path, rows, d.label_column, d.feature_columns, classes=classes, exclude=(column,), preprocessing=d.preprocess,
+                           task=d.task)
         ds.name = f"{Path(path).stem}[{column}={v}]"
         sites.append(ds)
     return _stack(sites, Path(path).stem)
 
 
-def _partitioned(cfg: ScenarioConfig, classes: list[str], path: str, df: Any) -> tuple[ArrayDataset, list[np.ndarray], ArrayDataset | None]:
+def _partitioned(cfg: ScenarioConfig, classes: list[str] | None, path: str, df: Any
+                 ) -> tuple[ArrayDataset, list[np.ndarray], ArrayDataset | None]:
     """A lone table: a stratified test split (unless test_table), the rest partitioned; each site then scales its own rows."""
     from fedseek.data.partition import partition_indices
 
@@ -101,15 +108,17 @@ def _partitioned(cfg: ScenarioConfig, classes: list[str], path: str, df: Any) ->
     spec = d.preprocess
     local = spec.scaling == "local"  # then each site (and the test set) scales its own rows, after the split
     whole = table_dataset(path, df, d.label_column, d.feature_columns, classes=classes,
-                          preprocessing=spec.model_copy(update={"scaling": "none"}) if local else spec)
+                          preprocessing=spec.model_copy(update={"scaling": "none"}) if local else spec, task=d.task)
+    strata = np.zeros(len(whole), dtype=np.int64) if whole.regression else whole.y  # a regression split is a plain random one
     test = None
     if d.test_table is None:
-        train_idx, test_idx = stratified_split(len(whole), whole.y, d.test_fraction, cfg.seed)
+        train_idx, test_idx = stratified_split(len(whole), strata, d.test_fraction, cfg.seed)
+        strata = strata[train_idx]
         whole, test = whole.subset(train_idx), whole.subset(test_idx)
         if local:
             test = _scaled(test)
     try:
-        parts = partition_indices(whole.y, cfg.num_sites, cfg.partition.scheme, alpha=cfg.partition.alpha, seed=cfg.seed,
+        parts = partition_indices(strata, cfg.num_sites, cfg.partition.scheme, alpha=cfg.partition.alpha, seed=cfg.seed,
                                   min_partition_size=cfg.partition.min_partition_size)
     except ValueError as exc:
         raise DataError(f"{path}: cannot split {len(whole)} training rows into num_sites {cfg.num_sites} "
@@ -141,7 +150,8 @@ def _own_tables(cfg: ScenarioConfig) -> ScenarioData:
     else:
         train, parts, test = _partitioned(cfg, classes, *frames[0])
     if test_frame is not None:
-        test = table_dataset(test_frame[0], test_frame[1], d.label_column, train.columns, classes=classes, preprocessing=d.preprocess)
+        test = table_dataset(test_frame[0], test_frame[1], d.label_column, train.columns, classes=classes, preprocessing=d.preprocess,
+                             task=d.task)
         if test.features != train.features:
             raise DataError(f"{test_frame[0]}: features {test.features} differ from the sites' {train.features}")
     return ScenarioData(train, parts, test, Path(paths[0]).stem if len(paths) == 1 else "tables")
@@ -176,6 +186,23 @@ def scenario_shapes(cfg: ScenarioConfig) -> tuple[ArrayDataset | None, ArrayData
     return data.test, data.train
 
 
+def check_bounds(spec: PreprocessSpec, train: ArrayDataset, label_column: str, *, private: bool) -> None:
+    """scaling: federated: bounds name only numeric columns (or a regression's label), and under DP cover all of them."""
+    if spec.scaling != "federated":
+        return
+    from fedseek.data.preprocess import numeric_features
+
+    columns = numeric_features(list(train.features or []), spec) + ([label_column] if train.regression else [])
+    unknown = sorted(set(spec.bounds) - set(columns))
+    if unknown:
+        raise DataError(f"preprocessing.bounds: {unknown} are not numeric feature columns{' or the label' if train.regression else ''} "
+                        f"(allowed: {', '.join(columns)})")
+    lacking = [c for c in columns if c not in spec.bounds]
+    if private and lacking:
+        raise DataError(f"preprocessing.bounds: scaling: federated under DP needs public [low, high] bounds for every numeric column "
+                        f"(they bound one record's influence on the statistics); missing for {lacking}")
+
+
 def check_scenario_data(cfg: ScenarioConfig) -> ScenarioData:
     """Everything about a scenario's own tables that can fail, checked before any process starts (DataError, one line).
 
@@ -190,6 +217,7 @@ def check_scenario_data(cfg: ScenarioConfig) -> ScenarioData:
         raise DataError(f"num_sites {cfg.num_sites}: {len(empty)} virtual sites would get no rows "
                         f"(only {len(data.train)} training rows); lower num_sites")
     priv = cfg.privacy
+    check_bounds(cfg.data.preprocess, data.train, cfg.data.label_column, private=priv is not None and priv.enabled)
     if priv is not None and priv.enabled and priv.delta >= 1.0 / max(sizes):  # binds at the largest site: 1/n is smallest there
         raise DataError(f"privacy.delta {priv.delta} is not below 1/n of the largest site ({max(sizes)} rows), which would refuse "
                         f"every round: use delta < {1.0 / max(sizes):.2g} (a delta of 1/n lets a release expose a whole record)")

@@ -19,4 +19,4 @@ def load_site_data(cfg: SiteConfig) -> ArrayDataset:
     if d.image_size is not None:
         return load_image_folder(str(d.path), d.image_size, grayscale=d.grayscale, classes=d.classes)
     return load_table(str(d.path), str(d.label_column), d.feature_columns, standardize=d.standardize, classes=d.classes,
-                      preprocessing=d.preprocessing)
+                      preprocessing=d.preprocessing, task=d.task)

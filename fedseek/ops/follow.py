@@ -74,9 +74,19 @@ def round_line(row: MetricsRow, rounds: int) -> str:
     eps = [s.epsilon for s in row.sites.values() if s.epsilon is not None]
     extra = f" max eps {max(eps):.3f}" if eps else ""
     bad = row.rejected + row.refused + row.failed + row.timed_out
-    return (f"round {row.round:>3}/{rounds}  accuracy {_num(c.get('accuracy')):.4f}  "
-            f"loss {_num(c.get('loss')):.4f}  sites {row.accepted}/{row.sampled}"
+    return (f"round {row.round:>3}/{rounds}  {_quality(c)}  sites {row.accepted}/{row.sampled}"
             f"{'  excluded/failed ' + str(bad) if bad else ''}{extra}  {row.round_seconds:.1f}s")
+
+
+def _quality(c: dict[str, float | None]) -> str:
+    """accuracy and loss, or R² and RMSE for a regression."""
+    if "r2" in c:
+        return f"R² {_num(c.get('r2')):.4f}  RMSE {_num(c.get('rmse')):.4g}"
+    return f"accuracy {_num(c.get('accuracy')):.4f}  loss {_num(c.get('loss')):.4f}"
+
+
+def _short(c: dict[str, float | None]) -> str:
+    return f"R² {_num(c.get('r2')):.4f}" if "r2" in c else f"accuracy {_num(c.get('accuracy')):.4f}"
 
 
 class MetricsTail:
@@ -146,7 +156,7 @@ def follow_run(
             dead = check_alive() if check_alive is not None else None
             for row in metrics.new_rows():
                 console.print(round_line(row, rounds))
-                progress.update(task, completed=row.round, description=f"accuracy {_num(row.central.get('accuracy')):.4f}")
+                progress.update(task, completed=row.round, description=_short(row.central))
                 if on_round:
                     on_round(row)
             if on_poll is not None:
@@ -181,7 +191,11 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _summary_rows(s: RunSummary) -> list[tuple[str, str]]:
     """The run's outcome as (label, value) lines: accuracy, rounds, privacy, rejections, bytes, compression, watermark."""
-    rows = [("final accuracy", _fmt(s.final.get("accuracy"), ".4f"))]
+    if "r2" in s.final:
+        errors = f"{_fmt(s.final.get('rmse'), '.4g')} / {_fmt(s.final.get('mae'), '.4g')}"
+        rows = [("final R²", _fmt(s.final.get("r2"), ".4f")), ("final RMSE / MAE", errors)]
+    else:
+        rows = [("final accuracy", _fmt(s.final.get("accuracy"), ".4f"))]
     if "auc" in s.final:
         rows.append(("final ROC AUC", _fmt(s.final["auc"], ".4f")))
     rows.append(("rounds", f"{s.rounds_completed}/{s.rounds}"))

@@ -3,7 +3,7 @@
 Reads RUN_DIR/model.json (the card: features in order, classes, scaling) and RUN_DIR/model.pt,
 reads the input table with the site loader's checks (missing, non-numeric, infinite values are
 one-line errors), scales it as the card says, and writes every input row with the predicted class
-and one probability column per class.
+and one probability column per class (regression: the predicted value, in the target's own units).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def predict_table(run_dir: str | Path, input_path: str | Path, out_path: str | P
     """Write OUT with the input's rows, `predicted` and `prob_<class>` columns; the number of rows. PredictError otherwise."""
     from fedseek.data.loaders import read_table
     from fedseek.data.preprocess import prepare_features
-    from fedseek.train.local import predict_scores
+    from fedseek.train.local import predict_scores, predict_values
 
     run_dir = Path(run_dir)
     try:
@@ -69,12 +69,18 @@ def predict_table(run_dir: str | Path, input_path: str | Path, out_path: str | P
         raise PredictError(str(exc)) from None
     if names != card.features:
         raise PredictError(f"{input_path}: its rows give the features {names[:8]}, the model expects {card.features[:8]}")
-    scores = predict_scores(model, x.astype(np.float32))  # type: ignore[arg-type]
-    classes = card.classes or [str(k) for k in range(card.num_classes)]
     out = df.copy()
-    out["predicted"] = [classes[k] for k in scores.argmax(1)]
-    for k, name in enumerate(classes):
-        out[f"prob_{name}"] = scores[:, k]
+    if card.task == "regression":
+        values = predict_values(model, x.astype(np.float32))  # type: ignore[arg-type]
+        if card.target_scale is not None:
+            values = values * card.target_scale[1] + card.target_scale[0]
+        out["predicted"] = values
+    else:
+        scores = predict_scores(model, x.astype(np.float32))  # type: ignore[arg-type]
+        classes = card.classes or [str(k) for k in range(card.num_classes)]
+        out["predicted"] = [classes[k] for k in scores.argmax(1)]
+        for k, name in enumerate(classes):
+            out[f"prob_{name}"] = scores[:, k]
     buf = io.StringIO()
     out.to_csv(buf, index=False)
     atomic_write_bytes(Path(out_path), buf.getvalue().encode())

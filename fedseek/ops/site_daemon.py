@@ -111,6 +111,7 @@ def pki_common_name() -> Any:
 def validate_site(cfg: SiteConfig, config_path: Path) -> Any:
     """Check the CA cert, the site key and the data (loaded once) before starting anything; DeployError exit 2."""
     from fedseek.data import DataError
+    from fedseek.data.scenario_data import check_bounds
     from fedseek.data.site_data import load_site_data
 
     where = f"{config_path}"
@@ -118,11 +119,13 @@ def validate_site(cfg: SiteConfig, config_path: Path) -> Any:
     _check_key(cfg, where)
     if cfg.transport == "grpc":
         _check_site_cert(cfg, where)
+    pol = cfg.privacy
     try:
         data = load_site_data(cfg)
+        if cfg.data.preprocessing is not None and cfg.data.label_column:
+            check_bounds(cfg.data.preprocessing, data, cfg.data.label_column, private=pol is not None and pol.enabled)
     except (DataError, ValueError, OSError) as exc:
         raise DeployError(f"{where}: data: {' '.join(str(exc).split())}", 2) from None
-    pol = cfg.privacy
     if pol is not None and pol.enabled and pol.delta >= 1.0 / max(1, len(data.y)):
         raise DeployError(f"{where}: privacy.delta {pol.delta:g} must be below 1/n = {1.0 / len(data.y):.3g} "
                           f"for this site's {len(data.y)} records", 2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -20,11 +20,13 @@ from fedseek.outputs.schema import RunSummary
 
 CARD_VERSION = 1
 
-Scaling = Literal["local", "given", "none", "builtin", "unknown"]
+Scaling = Literal["local", "given", "federated", "none", "builtin", "unknown"]
 SCALING_TEXT: dict[str, str] = {
     "local": "each feature scaled by the mean and standard deviation of the table it comes from (every site scaled its own "
              "rows this way; `fedseek predict` scales the input table the same way)",
     "given": "each numeric feature scaled by the federation's declared mean and std (preprocessing.mean / std)",
+    "federated": "each numeric feature scaled by the mean and std the sites computed together before round 1 (under DP a "
+                 "noisy, accounted release); the values are below",
     "none": "features used as they are in the table",
     "builtin": "a built-in dataset, scaled by its loader (fedseek.data.builtin); only rows from that loader fit",
     "unknown": "the coordinator did not see the sites' preprocessing (deployment without a test table)",
@@ -76,7 +78,8 @@ class ModelCard(_Card):
     hidden: list[int] = [64]
     input_shape: list[int]
     num_classes: int
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "regression"] = "classification"
+    target_scale: list[float] | None = None  # regression: the model predicts (target - mean) / std; predict maps back
     features: list[str] | None = None
     classes: list[str] | None = None
     preprocessing: Preprocessing = Preprocessing()
@@ -90,29 +93,35 @@ class CardError(ValueError):
     """model.json is missing or unreadable (one line)."""
 
 
-def preprocessing_facts(spec: PreprocessSpec | None, columns: list[str] | None, *, builtin: bool) -> Preprocessing:
-    """The card's preprocessing section from the spec the sites applied (None: built-in data, or not known here)."""
+def preprocessing_facts(spec: PreprocessSpec | None, columns: list[str] | None, *, builtin: bool, fitted: Any = None) -> Preprocessing:
+    """The card's preprocessing section from the spec the sites applied (None: built-in data, or not known here).
+
+    `fitted` (a FittedScaling) holds the federation's statistics under scaling: federated.
+    """
     if spec is None:
         scaling: Scaling = "builtin" if builtin else "unknown"
         return Preprocessing(scaling=scaling, description=SCALING_TEXT[scaling])
+    mean, std = (fitted.mean, fitted.std) if fitted is not None else (spec.mean, spec.std)
     return Preprocessing(scaling=spec.scaling,
                          description=SCALING_TEXT[spec.scaling], columns=columns, categorical=spec.categorical, fill=spec.fill,
-                         mean=spec.mean, std=spec.std)
+                         mean=mean, std=std)
 
 
 def card_spec(card: ModelCard) -> PreprocessSpec:
     """The PreprocessSpec a card describes (what `fedseek predict` applies)."""
     p = card.preprocessing
-    return PreprocessSpec(categorical=p.categorical, fill=p.fill, scaling=p.scaling, mean=p.mean, std=p.std)
+    scaling = "given" if p.scaling == "federated" else p.scaling  # fitted federated statistics are applied as given ones
+    return PreprocessSpec(categorical=p.categorical, fill=p.fill, scaling=scaling, mean=p.mean, std=p.std)
 
 
 def build_card(meta: dict[str, object], summary: RunSummary, *, features: list[str] | None, classes: list[str] | None,
-               preprocessing: Preprocessing) -> ModelCard:
+               preprocessing: Preprocessing, target_scale: tuple[float, float] | None = None) -> ModelCard:
     """The card of the model a run keeps (the round summary.selection names)."""
     sel = summary.selection
     priv = summary.privacy
     return ModelCard.model_validate({
         **meta, "features": features, "classes": classes, "preprocessing": preprocessing.model_dump(),
+        "target_scale": list(target_scale) if target_scale is not None else None,
         "training": {"name": summary.name, "run_id": summary.run_id, "data": summary.dataset, "num_sites": summary.num_sites,
                      "rounds_completed": summary.rounds_completed, "round": sel.round if sel else summary.rounds_completed,
                      "selection": sel.metric if sel else "last"},

@@ -81,12 +81,14 @@ def plot_accuracy(rows: list[MetricsRow], summary: RunSummary | None) -> Figure 
     initial = (summary.initial if summary is not None else None) or {}
     fig, (ax1, ax2) = _figure(2)
     drawn = False
-    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC")):
+    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC"), ("r2", "R²")):
         drawn = _curve(ax1, rows, _central(key), initial.get(key), marker="o", label=label) or drawn
     drawn = _federated_points(ax1, rows) or drawn
     ax1.set_title("central evaluation (round 0 = initial model)")
     ax1.set_ylabel("score")
-    drawn = _curve(ax2, rows, _central("loss"), initial.get("loss"), marker="o", label="central test loss") or drawn
+    regression = any("r2" in r.central for r in rows)
+    drawn = _curve(ax2, rows, _central("loss"), initial.get("loss"), marker="o",
+                   label="central test MSE" if regression else "central test loss") or drawn
     drawn = _curve(ax2, rows, lambda r: r.train_loss, None, marker="s", ls="--", label="train loss (sites, weighted)") or drawn
     ax2.set_title("loss")
     ax2.set_ylabel("loss")

@@ -136,7 +136,7 @@ def header(data: RunData, name: str) -> Header:
     if s is not None:
         facts += [("status", s.status), ("dataset", s.dataset), ("strategy", s.strategy), ("run id", s.run_id), ("seed", s.seed)]
     if data.model:
-        arch = ("kind", "hidden", "input_shape", "num_classes")
+        arch = ("task", "kind", "hidden", "input_shape", "num_classes")
         facts.append(("model", ", ".join(f"{k}={clean(data.model[k], 60)}" for k in arch if k in data.model)))
         pre = data.model.get("preprocessing")
         if isinstance(pre, dict) and pre.get("scaling"):
@@ -144,6 +144,12 @@ def header(data: RunData, name: str) -> Header:
                                                                           if pre.get("categorical") else "")))
     if s is not None and s.selection is not None:
         facts.append(("model.pt", f"round {s.selection.round}: {s.selection.reason}"))
+    if s is not None and s.scaling is not None:
+        sc = s.scaling
+        noise = max(sc.mean_noise_std.values(), default=0.0)
+        facts.append(("scaling statistics", f"computed by {sc.sites} sites ({sc.num_examples:,} records) before round 1"
+                      + (f", DP-noised (largest noise std of a mean {noise:.4g}; site epsilon after it {fmt(sc.max_epsilon)})"
+                         if sc.dp else ", exact") + f"; {len(sc.columns)} columns in summary.json"))
     privacy = data.privacy
     if privacy.enabled:
         p = privacy.summary
@@ -158,12 +164,17 @@ def outcome_cards(data: RunData) -> list[tuple[str, str]]:
     """Final (and initial) model quality."""
     s = data.summary
     final = (s.final if s is not None else {}) or (data.rows[-1].central if data.rows else {})
+    initial = (s.initial if s is not None else None) or {}
+    if "r2" in final:  # regression
+        cards = [("final R²", fmt(final.get("r2"))), ("RMSE", fmt(final.get("rmse"))), ("MAE", fmt(final.get("mae")))]
+        if num(initial.get("r2")) is not None:
+            cards.append(("initial R²", fmt(initial.get("r2"))))
+        return cards
     cards = [("final accuracy", fmt(final.get("accuracy", s.final_accuracy if s is not None else None)))]
     if "auc" in final:
         cards.append(("final ROC AUC", fmt(final.get("auc"))))
     if "balanced_accuracy" in final:
         cards.append(("balanced accuracy", fmt(final.get("balanced_accuracy"))))
-    initial = (s.initial if s is not None else None) or {}
     if num(initial.get("accuracy")) is not None:
         cards.append(("initial accuracy", fmt(initial.get("accuracy"))))
     fed = last_federated(data)
@@ -344,13 +355,16 @@ def events_section(data: RunData) -> EventsSection:
 def rounds_section(rows: list[MetricsRow]) -> RoundsSection:
     """One line per round."""
     body = []
+    regression = any("r2" in r.central for r in rows)
     for r in rows:
         c = r.central
-        body.append([str(r.round), fmt(c.get("accuracy")), fmt(c.get("auc")) if "auc" in c else "—", fmt(c.get("loss")), fmt(r.train_loss),
+        first = [fmt(c.get("r2")), fmt(c.get("rmse"))] if regression else [fmt(c.get("accuracy")), fmt(c.get("auc")) if "auc" in c else "—"]
+        body.append([str(r.round), *first, fmt(c.get("loss")), fmt(r.train_loss),
                      fmt(r.sampled), fmt(r.accepted), fmt(r.rejected), fmt(r.refused), fmt(r.failed + r.timed_out),
                      fmt_bytes(r.bytes_up), fmt_bytes(r.bytes_down), fmt(r.sparsity, 3),
                      fmt(r.watermark.p_value, 3) if r.watermark else "—", fmt(r.round_seconds, 2)])
-    headers = ["round", "accuracy", "AUC", "loss", "train loss", "sampled", "accepted", "rejected", "refused", "failed", "bytes up",
+    quality = ["R²", "RMSE", "MSE"] if regression else ["accuracy", "AUC", "loss"]
+    headers = ["round", *quality, "train loss", "sampled", "accepted", "rejected", "refused", "failed", "bytes up",
                "bytes down", "sparsity", "watermark p", "seconds"]
     return RoundsSection(len(rows), Table(headers, body, "rounds"), open=len(rows) <= OPEN_ROUNDS)
 

@@ -231,6 +231,20 @@ class WatermarkSummary(_Record):
     embed_seconds: float
 
 
+class ScalingSummary(_Record):
+    """scaling: federated: the statistics the sites computed together before round 1, and how they were released."""
+
+    columns: list[str] = []
+    mean: dict[str, float] = {}
+    std: dict[str, float] = {}
+    mean_noise_std: dict[str, float] = {}  # noise std of each pooled mean (0: exact)
+    sites: int = 0  # sites whose statistics were pooled
+    num_examples: int = 0
+    dp: bool = False
+    max_epsilon: float | None = None  # the highest training-ledger epsilon a site reported after the release
+    outcomes: dict[str, str] = {}  # site -> answered / refused: ... / rejected: ... / timed_out
+
+
 class SelectionSummary(_Record):
     """Which round model.pt holds and why (model_last.pt is the last round)."""
 
@@ -243,11 +257,13 @@ class SelectionSummary(_Record):
 
 
 class BaselineCheck(_Record):
-    """The kept model against predicting the majority class for everyone, on the central test set."""
+    """The kept model against a trivial predictor on the central test set: the majority class (classification)
+    or the test targets' mean (regression: R^2 <= 0 does no better)."""
 
-    majority_class: str
-    majority_accuracy: float
+    majority_class: str | None = None
+    majority_accuracy: float | None = None
     recall: dict[str, float] = {}  # per class
+    mean_rmse: float | None = None  # regression: RMSE of predicting the test mean for everyone
     warning: str | None = None
 
 
@@ -286,6 +302,7 @@ class RunSummary(_Record):
     selection: SelectionSummary | None = None  # None: written by an older fedseek
     baseline: BaselineCheck | None = None  # None: no central test set
     warnings: list[str] = []  # what the operator should look at although the run completed
+    scaling: ScalingSummary | None = None  # scaling: federated only
 
 
 def _check_version(data: Any, where: str) -> None:

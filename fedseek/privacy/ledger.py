@@ -197,8 +197,9 @@ class PrivacyLedger:
         return sum(n for _, _, n in self.history)
 
     def rounds_charged(self) -> int:
-        """Distinct (run, round) pairs charged: how much of the site's planning horizon is used."""
-        return len({(r.run_id, r.server_round) for r in self.rounds})
+        """Distinct (run, round) pairs charged: how much of the site's planning horizon is used (round 0, the statistics
+        release before training, is not a training round)."""
+        return len({(r.run_id, r.server_round) for r in self.rounds if r.server_round > 0})
 
     def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon the site WOULD reach after `steps` more steps of this mechanism."""

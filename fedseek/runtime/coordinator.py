@@ -25,14 +25,15 @@ from fedseek.runtime import checkpoint
 from fedseek.runtime.bookkeeping import RunBook
 from fedseek.runtime.exchange import send_and_receive
 from fedseek.runtime.federated_eval import FederatedEvaluator, due
+from fedseek.runtime.federated_scaling import ScalingFitter, scaling_request
 from fedseek.runtime.global_model import GlobalModel
 from fedseek.runtime.log import flwr_log
 from fedseek.runtime.nodes import QUERY_SHARE, NodeTracker
 from fedseek.runtime.rules import build_rule
 from fedseek.runtime.selection import Selection, baseline_check
 from fedseek.runtime.strategy import SiteStrategy
-from fedseek.runtime.task import RunPlan, model_meta, plan_from_context
-from fedseek.wire.records import RoundConfig
+from fedseek.runtime.task import RunPlan, apply_fitted, model_meta, plan_from_context
+from fedseek.wire.records import FittedScaling, RoundConfig
 
 if TYPE_CHECKING:
     from fedseek.runtime.watermarking import WatermarkStage
@@ -69,6 +70,9 @@ class Coordinator:
 
             self.watermark = WatermarkStage(cfg.watermark, task.input_shape, task.num_classes, self.out.dir, seed=cfg.seed, name=cfg.name)
         self.selection = Selection(cfg.selection)
+        request = scaling_request(task)
+        self.scaling = ScalingFitter(request, run_id=plan.run_id, timeout_s=cfg.round_timeout_s,
+                                     data_schema=task.schema) if request is not None else None
         self.round = 0
         self.initial: dict[str, float] | None = None
         self.stop_reason: str | None = None
@@ -79,6 +83,8 @@ class Coordinator:
                                                  "selection": self.selection}
         if self.watermark is not None:
             parts["watermark"] = self.watermark
+        if self.scaling is not None:
+            parts["scaling"] = self.scaling
         return parts
 
     def audit(self, event: str, **fields: Any) -> None:
@@ -92,7 +98,12 @@ class Coordinator:
             server_round=rnd, num_rounds=self.cfg.rounds, lr=t.lr, local_epochs=t.local_epochs, batch_size=t.batch_size,
             momentum=t.momentum, weighting=t.class_weighting, proximal_mu=s.proximal_mu if s.name == "fedprox" else 0.0,
             model=self.meta, seed=int(self.cfg.seed), run_id=self.plan.run_id, codec=dataclasses.asdict(self.codec),
-            data_schema=self.plan.task.schema)
+            data_schema=self.plan.task.schema, scaling=self.fitted)
+
+    @property
+    def fitted(self) -> FittedScaling | None:
+        """The federation's fitted scaling statistics (scaling: federated), None otherwise or before they are computed."""
+        return self.scaling.fitted if self.scaling is not None else None
 
     def run(self) -> RunSummary:
         """Resume or start, wait for the sites, run the remaining rounds, write the summary."""
@@ -102,6 +113,8 @@ class Coordinator:
             self.out.reset_metrics()
         nodes = self.nodes.wait_for(self.plan.expected_sites)
         flwr_log("%d sites connected; rounds %d..%d of %s", len(nodes), first, self.cfg.rounds, self.cfg.strategy.name)
+        if not self._fit_scaling():
+            return self.finish(start)
         if self.initial is None:
             self.initial = self.model.evaluate(self.plan.task.test)
         for rnd in range(first, self.cfg.rounds + 1):
@@ -114,6 +127,21 @@ class Coordinator:
                 self.audit("early_stopped", round=rnd, metric=self.cfg.selection.metric, patience=self.cfg.selection.patience)
                 break
         return self.finish(start)
+
+    def _fit_scaling(self) -> bool:
+        """scaling: federated: the sites' statistics before round 1 (kept across a resume); False when none could be had."""
+        if self.scaling is None:
+            return True
+        if self.scaling.fitted is None and self.scaling.fit(self.grid, self.nodes, self.audit) is None:
+            self.stop_reason = ("stopped before round 1: no site gave usable scaling statistics (scaling: federated); "
+                                "see audit.jsonl for each site's answer")
+            self.audit("stopped_early", round=0, reason=self.stop_reason)
+            return False
+        assert self.scaling.fitted is not None
+        apply_fitted(self.plan.task, self.scaling.fitted)
+        if self.evaluator is not None:
+            self.evaluator.scaling = self.scaling.fitted
+        return True
 
     def run_round(self, rnd: int) -> MetricsRow | None:
         """One round end to end; None when no site is left to ask (every one excluded).
@@ -151,9 +179,8 @@ class Coordinator:
         self.round = rnd
         checkpoint.save(self.out.checkpoint_dir, rnd, self.plan.run_id, self.parts(), {"initial": self.initial})
         self.audit("checkpoint", round=rnd)
-        flwr_log("round %d/%d: accuracy %.4f loss %.4f (%d accepted, %d rejected, %d refused, %d failed) %.1fs", rnd, self.cfg.rounds,
-                 central.get("accuracy", float("nan")), central.get("loss", float("nan")), row.accepted, row.rejected, row.refused,
-                 row.failed + row.timed_out, row.round_seconds)
+        flwr_log("round %d/%d: %s (%d accepted, %d rejected, %d refused, %d failed) %.1fs", rnd, self.cfg.rounds, headline(central),
+                 row.accepted, row.rejected, row.refused, row.failed + row.timed_out, row.round_seconds)
         return row
 
     def federated_evaluation(self, rnd: int) -> FederatedEvalRow | None:
@@ -211,12 +238,12 @@ class Coordinator:
             watermark=self.watermark.summary(self.model) if self.watermark is not None else None,
             federated_evaluation=self.book.federated.summary(cfg.evaluation.every), stop_reason=reason,
             wall_seconds=time.time() - started, selection=selected, baseline=baseline,
-            warnings=[baseline.warning] if baseline is not None and baseline.warning else [])
+            warnings=[baseline.warning] if baseline is not None and baseline.warning else [],
+            scaling=self.scaling.summary if self.scaling is not None else None)
         self.save_model(summary, kept)
         self.out.write_summary(summary)
         self.audit("run_finished", status=status, reason=reason or "")
-        flwr_log("done (%s%s): final accuracy %.4f, summary at %s", status, f": {reason}" if reason else "",
-                 final.get("accuracy", float("nan")), self.out.summary_path)
+        flwr_log("done (%s%s): final %s, summary at %s", status, f": {reason}" if reason else "", headline(final), self.out.summary_path)
         return summary
 
     def save_model(self, summary: RunSummary, kept: dict[str, Any]) -> None:
@@ -225,7 +252,8 @@ class Coordinator:
         task = self.plan.task
         card = build_card(self.meta.to_dict(), summary, features=schema.features if schema else None,
                           classes=schema.classes if schema else None,
-                          preprocessing=preprocessing_facts(task.preprocess, task.columns, builtin=task.builtin))
+                          preprocessing=preprocessing_facts(task.preprocess, task.columns, builtin=task.builtin, fitted=self.fitted),
+                          target_scale=task.target_scale)
         self.out.save_model(kept, card.model_dump(), last=None if kept is self.model.arrays else self.model.arrays)
 
     def status(self, rows: list[MetricsRow]) -> tuple[str, str | None]:
@@ -238,3 +266,10 @@ class Coordinator:
                            + ([f"{kept} aggregate(s) discarded"] if kept else [])) or "no site was asked"
         reason = f"no update was accepted in {len(rows)} round(s) ({detail})"
         return "failed", f"{reason}; {self.stop_reason}" if self.stop_reason else reason
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The central metrics a log line shows: accuracy and loss, or R² and RMSE for a regression."""
+    if "r2" in metrics:
+        return f"R² {metrics['r2']:.4f} RMSE {metrics.get('rmse', float('nan')):.4g}"
+    return f"accuracy {metrics.get('accuracy', float('nan')):.4f} loss {metrics.get('loss', float('nan')):.4f}"

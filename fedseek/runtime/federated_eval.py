@@ -32,7 +32,17 @@ from fedseek.runtime.exchange import send_and_receive
 from fedseek.runtime.log import flwr_log
 from fedseek.runtime.nodes import Audit, NodeTracker
 from fedseek.wire.data_schema import DataSchema
-from fedseek.wire.records import CONFIG, METRICS, EvalConfig, EvalMetrics, ModelMeta, RecordError, RefusalMetrics, refusal_reason
+from fedseek.wire.records import (
+    CONFIG,
+    METRICS,
+    EvalConfig,
+    EvalMetrics,
+    FittedScaling,
+    ModelMeta,
+    RecordError,
+    RefusalMetrics,
+    refusal_reason,
+)
 from fedseek.wire.transfer import pack_global
 
 if TYPE_CHECKING:
@@ -157,6 +167,7 @@ class FederatedEvaluator:
         self.grid, self.nodes, self.audit = grid, nodes, audit
         self.meta, self.run_id, self.timeout_s, self.downlink = meta, run_id, timeout_s, downlink
         self.data_schema = data_schema  # announced with every request; a site whose data differs refuses
+        self.scaling: FittedScaling | None = None  # scaling: federated: the fitted statistics, sent with every request
 
     def targets(self, excluded: Collection[str]) -> list[int]:
         """Connected, identified nodes whose site is not excluded nor backing off after time-outs (NodeTracker.targets)."""
@@ -165,7 +176,8 @@ class FederatedEvaluator:
     def messages(self, rnd: int, model: GlobalModel, nodes: list[int]) -> tuple[list[Message], int]:
         """One EVALUATE message per node: the packed global model (as in TRAIN) and the evaluation config; and the bytes sent."""
         records, payload = pack_global(model.arrays, model.mask, self.downlink)
-        config = EvalConfig(server_round=rnd, model=self.meta, run_id=self.run_id, data_schema=self.data_schema).to_record()
+        config = EvalConfig(server_round=rnd, model=self.meta, run_id=self.run_id, data_schema=self.data_schema,
+                            scaling=self.scaling).to_record()
         content = RecordDict({**records, CONFIG: config})
         return [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes], payload * len(nodes)
 

@@ -14,7 +14,7 @@ import torch
 from fedseek.config import FederationSpec
 from fedseek.naming import canonical_name
 from fedseek.sparsity import init_mask, magnitude_mask, prune_and_regrow, schedule_sparsity, sparsity_of
-from fedseek.train.local import evaluate, predict_scores
+from fedseek.train.local import evaluate, evaluate_regression, predict_scores, predict_values
 from fedseek.train.models import build_model
 from fedseek.wire.transfer import from_record, to_record
 
@@ -94,7 +94,7 @@ class GlobalModel:
         """Central evaluation on the coordinator's held-out set ({} when it has none)."""
         if test is None:
             return {}
-        return evaluate(self.load_module(), test.x, test.y, test.num_classes)
+        return _metrics(self.load_module(), test)
 
     def evaluate_arrays(self, arrays: Arrays, test: Any) -> tuple[dict[str, float], np.ndarray | None]:
         """Central metrics and predicted classes of other weights (e.g. the best round's) on the test set; the module is restored."""
@@ -104,7 +104,9 @@ class GlobalModel:
         try:
             self.arrays = arrays
             module = self.load_module()
-            return evaluate(module, test.x, test.y, test.num_classes), predict_scores(module, test.x).argmax(1)
+            if getattr(test, "regression", False):
+                return _metrics(module, test), predict_values(module, test.x)
+            return _metrics(module, test), predict_scores(module, test.x).argmax(1)
         finally:
             self.arrays = current
             self.load_module()
@@ -119,3 +121,10 @@ class GlobalModel:
         if set(arrays) != set(self.arrays) or any(arrays[k].shape != v.shape for k, v in self.arrays.items()):
             raise ValueError("checkpoint does not match this model's architecture")
         self.arrays, self.mask = arrays, state["mask"]
+
+
+def _metrics(module: Any, test: Any) -> dict[str, float]:
+    """Classification metrics, or regression metrics in the target's own units."""
+    if getattr(test, "regression", False):
+        return evaluate_regression(module, test.x, test.y, test.target_scale)
+    return evaluate(module, test.x, test.y, test.num_classes)

@@ -15,7 +15,7 @@ from fedseek.config.federation import SelectionSpec
 from fedseek.outputs.schema import BaselineCheck, MetricsRow, SelectionSummary
 
 Arrays = dict[str, np.ndarray]
-LOWER_IS_BETTER = {"loss"}
+LOWER_IS_BETTER = {"loss", "rmse", "mae"}
 
 
 class Selection:
@@ -102,6 +102,8 @@ def baseline_check(test: Any, metrics: dict[str, float], predictions: np.ndarray
     """
     if test is None or len(test) == 0 or predictions is None:
         return None
+    if getattr(test, "regression", False):
+        return _mean_baseline(test, metrics)
     y = np.asarray(test.y)
     counts = np.bincount(y, minlength=test.num_classes)
     majority = int(counts.argmax())
@@ -115,3 +117,17 @@ def baseline_check(test: Any, metrics: dict[str, float], predictions: np.ndarray
         warning = (f"the model does not beat the majority-class baseline: accuracy {acc:.4f} vs {share:.4f} for predicting "
                    f"{names[majority]!r} for everyone; balanced accuracy {bal:.4f} (chance {chance:.2f})")
     return BaselineCheck(majority_class=names[majority], majority_accuracy=share, recall=recall, warning=warning)
+
+
+def _mean_baseline(test: Any, metrics: dict[str, float]) -> BaselineCheck:
+    """A regression model against predicting the test targets' mean for everyone (R^2 <= 0 is no better)."""
+    y = np.asarray(test.y, dtype=np.float64)
+    if test.target_scale is not None:
+        y = y * test.target_scale[1] + test.target_scale[0]
+    mean_rmse = float(np.sqrt(np.mean((y - y.mean()) ** 2)))
+    r2 = metrics.get("r2")
+    warning = None
+    if r2 is not None and np.isfinite(r2) and r2 <= 0.0:
+        warning = (f"the model does not beat predicting the mean for everyone: R² {r2:.4f} <= 0 "
+                   f"(RMSE {metrics.get('rmse', float('nan')):.4g} vs {mean_rmse:.4g} for the mean)")
+    return BaselineCheck(mean_rmse=mean_rmse, warning=warning)

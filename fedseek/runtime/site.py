@@ -18,7 +18,8 @@ from flwr.app import Context, Message, RecordDict
 from fedseek.files import atomic_write_bytes
 from fedseek.runtime.site_eval import handle_evaluate
 from fedseek.runtime.site_privacy import policy_refusal, training_gate
-from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, schema_refusal
+from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, scaled_rows, scaling_refusal, schema_refusal
+from fedseek.runtime.site_stats import handle_stats
 from fedseek.train.local import TrainResult, resolve_device, train_local
 from fedseek.train.models import build_model
 from fedseek.wire.codec import CodecSpec, ErrorFeedback, encode
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # the privacy layer imports Opacus (~2 s): only sites that tr
     from fedseek.privacy import DPRound, PrivacyLedger
 
 log = logging.getLogger("fedseek.site")
-__all__ = ["handle_evaluate", "handle_query", "handle_train"]
+__all__ = ["handle_evaluate", "handle_query", "handle_stats", "handle_train"]
 FEEDBACK_FILE = "error_feedback.npz"
 
 
@@ -69,7 +70,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one core per virtual site; the engine runs several in parallel
     site = resolve_site(context)
     cfg = RoundConfig.from_record(msg.content.config_records[CONFIG])
-    reason = schema_refusal(site, cfg.data_schema) or policy_refusal(site, cfg)
+    reason = schema_refusal(site, cfg.data_schema) or policy_refusal(site, cfg) or scaling_refusal(site, cfg.scaling)
     if reason is not None:
         return _refusal(msg, site, reason, None)
     if site.privacy is None:
@@ -84,13 +85,14 @@ def _train_reply(msg: Message, context: Context, site: SiteRuntime, cfg: RoundCo
                  ledger: PrivacyLedger | None) -> Message:
     """Train on the site's training records (never the held-out ones) and reply with the encoded delta and typed metrics."""
     model, global_arrays, mask = load_global(msg, cfg)
+    x, y = scaled_rows(site, site.x, site.y, cfg.scaling)
     # Without DP the run seed makes training reproducible; under DP batch choice and noise come from the site's CSPRNG.
     seed = cfg.seed * 100003 + cfg.server_round * 1009 + int(context.node_config.get("partition-id", 0))
     result = train_local(
-        model, site.x, site.y, num_classes=site.num_classes, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+        model, x, y, num_classes=site.num_classes, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
         momentum=cfg.momentum, device=resolve_device(site.device), seed=seed, proximal_mu=cfg.proximal_mu,
         weighting=cfg.weighting if dp is None else "none", privacy=dp, precision=site.precision, mask=mask,
-        class_weights=site.privacy.class_weights if site.privacy is not None else None)
+        class_weights=site.privacy.class_weights if site.privacy is not None else None, task=cfg.model.task)
     # The delta is a DP release (when DP is on): encoding it is post-processing.
     local = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}

@@ -18,7 +18,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedseek.privacy.sampling import secure_uniform
 from fedseek.runtime.site_privacy import open_ledger
-from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, schema_refusal
+from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, scaled_rows, scaling_refusal, schema_refusal
 from fedseek.train.local import predict_scores
 from fedseek.train.models import build_model
 from fedseek.wire.records import CONFIG, METRICS, SITE, EvalConfig, EvalMetrics, RefusalMetrics, refusal_content, site_record
@@ -48,9 +48,11 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     site = resolve_site(context)
     cfg = EvalConfig.from_record(msg.content.config_records[CONFIG])
-    reason = schema_refusal(site, cfg.data_schema)
+    reason = schema_refusal(site, cfg.data_schema) or scaling_refusal(site, cfg.scaling)
     if reason is not None:
         return _refuse(msg, site, reason)
+    if cfg.model.task == "regression":
+        return _refuse(msg, site, "the private federated evaluation releases per-class counts; it is not built for regression")
     if site.y_eval is None or len(site.y_eval) == 0:
         return _refuse(msg, site, "no held-out evaluation split at this site (holdout_fraction is 0): training records are never evaluated")
     meta = cfg.model
@@ -59,7 +61,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
     clip = site.privacy.evaluation.loss_clip if site.privacy is not None else 50.0
     assert site.x_eval is not None
-    counts, correct, loss_sum = holdout_counts(predict_scores(model, site.x_eval), site.y_eval, site.num_classes, clip)
+    x_eval, _ = scaled_rows(site, site.x_eval, site.y_eval, cfg.scaling)
+    counts, correct, loss_sum = holdout_counts(predict_scores(model, x_eval), site.y_eval, site.num_classes, clip)
     if site.privacy is None:
         out = EvalMetrics(num_examples=len(site.y_eval), class_counts=counts.tolist(), class_correct=correct.tolist(),
                           loss_sum=loss_sum, loss_clip=clip, noise_std=0.0)

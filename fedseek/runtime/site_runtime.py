@@ -43,6 +43,7 @@ class SiteRuntime:
     y_eval: np.ndarray | None = None
     holdout_fraction: float = 0.0
     schema: DataSchema | None = None  # the site's own data schema, checked against the coordinator's every round
+    scaling: str = "builtin"  # the site's own preprocessing.scaling (federated: x holds raw values until a round brings statistics)
 
 
 def schema_refusal(site: SiteRuntime, announced: DataSchema | None) -> str | None:
@@ -57,6 +58,32 @@ def schema_refusal(site: SiteRuntime, announced: DataSchema | None) -> str | Non
     return f"data schema differs from the coordinator's: {problem}"
 
 
+def scaling_refusal(site: SiteRuntime, scaling: Any) -> str | None:
+    """Why this site cannot use the round's scaling (None: it can): federated statistics missing, or a column without them."""
+    if site.scaling != "federated":
+        return None
+    if scaling is None or not scaling.mean:
+        return "this site's preprocessing.scaling is federated but the round brings no fitted statistics"
+    return None
+
+
+def scaled_rows(site: SiteRuntime, x: np.ndarray, y: np.ndarray, scaling: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The rows as the model sees them: with scaling: federated, features (and a regression target) scaled by the
+    statistics the round brings (a FittedScaling); otherwise as loaded. ValueError when federated statistics are missing."""
+    if site.scaling != "federated":
+        return x, y
+    if scaling is None or not scaling.mean:
+        raise ValueError("this site's scaling is federated but the round brings no fitted statistics (scaling)")
+    from fedseek.data.preprocess import apply_scaling
+
+    names = list(site.schema.features or []) if site.schema is not None else []
+    x = apply_scaling(x.reshape(len(x), -1), names, scaling.mean, scaling.std).reshape(x.shape)
+    target = next((k for k in scaling.mean if k not in names), None)  # the label column's statistics (regression)
+    if site.schema is not None and site.schema.task == "regression" and target is not None:
+        y = ((np.asarray(y, dtype=np.float64) - scaling.mean[target]) / scaling.std[target]).astype(np.float32)
+    return x, y
+
+
 def split_holdout(site: SiteRuntime, fraction: float, *, seed: int | None) -> SiteRuntime:
     """Move the site's held-out records (a fixed keyed-hash function of each record) out of its training data."""
     if fraction <= 0.0:
@@ -66,6 +93,11 @@ def split_holdout(site: SiteRuntime, fraction: float, *, seed: int | None) -> Si
     site.x, site.y = site.x[~held], site.y[~held]
     site.holdout_fraction = float(fraction)
     return site
+
+
+def _own_scaling(spec: Any, standardize: bool) -> str:
+    """A table site's scaling: its preprocessing's, else local or none (`standardize`)."""
+    return str(spec.scaling) if spec is not None else ("local" if standardize else "none")
 
 
 @functools.lru_cache(maxsize=4)
@@ -102,6 +134,7 @@ def _deployed_site(path: str, mtime: float, data_mtime: float) -> SiteRuntime:
         precision=cfg.precision,
         index=int(cfg.data.partition or 0),
         schema=ds.schema(),
+        scaling=_own_scaling(cfg.data.preprocessing, cfg.data.standardize) if cfg.data.path and cfg.data.image_size is None else "builtin",
     )
     return split_holdout(site, cfg.holdout_fraction, seed=None)
 
@@ -142,6 +175,7 @@ def resolve_site(context: Context) -> SiteRuntime:
         num_sites=cfg.num_sites,
         index=pid,
         schema=train.schema(),
+        scaling=cfg.data.preprocess.scaling if cfg.data.own_tables else "builtin",
     )
     if cfg.evaluation.every <= 0:
         return site

@@ -17,7 +17,7 @@ from fedseek.config import CoordinatorConfig, FederationSpec, PrivacySpec, Scena
 from fedseek.config.preprocess import PreprocessSpec
 from fedseek.wire.data_schema import DataSchema, schema_of
 from fedseek.wire.identity import read_site_keys
-from fedseek.wire.records import ModelMeta
+from fedseek.wire.records import FittedScaling, ModelMeta
 
 ConfigKind = Literal["scenario", "coordinator"]
 
@@ -34,11 +34,15 @@ class Task:
     preprocess: PreprocessSpec | None = None  # how the sites turn table rows into features (None: built-in data or unknown)
     columns: list[str] | None = None  # the table columns those features come from (model card, `fedseek predict`)
     builtin: bool = False  # a built-in dataset (its loader scales it)
+    task_type: str = "classification"  # or "regression" (num_classes is then 1: the model's one output)
+    target_scale: tuple[float, float] | None = None  # regression: (mean, std) the target is standardised with
+    label_column: str | None = None  # the tables' label column (the regression target's name in scaling statistics)
 
     def __post_init__(self) -> None:
         """Derive the announced data schema from the test set (names where it has them) or the shapes."""
         if self.schema is None:
-            self.schema = self.test.schema() if self.test is not None else schema_of(self.input_shape, self.num_classes, None, None)
+            self.schema = self.test.schema() if self.test is not None else schema_of(self.input_shape, self.num_classes, None, None,
+                                                                                     task=self.task_type)
 
 
 @dataclass
@@ -58,7 +62,8 @@ class RunPlan:
 
 def model_meta(fed: FederationSpec, task: Task) -> ModelMeta:
     """The architecture description sent to sites and saved as model.json."""
-    return ModelMeta(kind=fed.model.kind, hidden=list(fed.model.hidden), input_shape=list(task.input_shape), num_classes=task.num_classes)
+    return ModelMeta(kind=fed.model.kind, hidden=list(fed.model.hidden), input_shape=list(task.input_shape), num_classes=task.num_classes,
+                     task=task.task_type)
 
 
 def scenario_task(cfg: ScenarioConfig) -> Task:
@@ -69,7 +74,8 @@ def scenario_task(cfg: ScenarioConfig) -> Task:
     if not cfg.data.own_tables:
         return Task(tuple(shaped.input_shape), int(shaped.num_classes), test, cfg.data.source_name, schema=shaped.schema(), builtin=True)
     return Task(tuple(shaped.input_shape), int(shaped.num_classes), test, cfg.data.source_name, schema=shaped.schema(),
-                preprocess=cfg.data.preprocess, columns=shaped.columns)
+                preprocess=cfg.data.preprocess, columns=shaped.columns, task_type=shaped.task, target_scale=shaped.target_scale,
+                label_column=cfg.data.label_column)
 
 
 def coordinator_task(cfg: CoordinatorConfig) -> Task:
@@ -84,13 +90,34 @@ def coordinator_task(cfg: CoordinatorConfig) -> Task:
         from fedseek.data import load_table
 
         test = load_table(t.test_file, str(t.label_column), t.feature_columns, standardize=t.standardize, classes=t.classes,
-                          preprocessing=t.preprocessing)
+                          preprocessing=t.preprocessing, task=t.task)
         spec = t.preprocessing or PreprocessSpec(scaling="local" if t.standardize else "none")
-        return Task(tuple(test.input_shape), int(test.num_classes), test, Path(t.test_file).stem, preprocess=spec, columns=test.columns)
-    if t.input_shape is None or t.num_classes is None:
+        return Task(tuple(test.input_shape), int(test.num_classes), test, Path(t.test_file).stem, preprocess=spec, columns=test.columns,
+                    task_type=t.task, target_scale=test.target_scale, label_column=t.label_column)
+    outputs = 1 if t.task == "regression" else t.num_classes
+    if t.input_shape is None or outputs is None:
         raise ValueError("coordinator task needs dataset, test_file, or input_shape and num_classes")
     shape = tuple(int(d) for d in t.input_shape)
-    return Task(shape, int(t.num_classes), None, cfg.name, schema_of(shape, int(t.num_classes), t.feature_columns, t.classes))
+    return Task(shape, int(outputs), None, cfg.name, schema_of(shape, int(outputs), t.feature_columns, t.classes, task=t.task),
+                task_type=t.task)
+
+
+def apply_fitted(task: Task, fitted: FittedScaling) -> None:
+    """Scale the central test set by the federation's fitted statistics (once, after the sites computed them)."""
+    if task.task_type == "regression" and task.label_column in fitted.mean:
+        task.target_scale = (fitted.mean[str(task.label_column)], fitted.std[str(task.label_column)])
+    if task.test is None:
+        return
+    from dataclasses import replace
+
+    from fedseek.data.preprocess import apply_scaling
+
+    test = task.test
+    x = apply_scaling(test.x.reshape(len(test.x), -1), list(test.features or []), fitted.mean, fitted.std).reshape(test.x.shape)
+    y = test.y
+    if task.target_scale is not None:
+        y = (test.y.astype("float64") - task.target_scale[0]) / task.target_scale[1]
+    task.test = replace(test, x=x, y=y, target_scale=task.target_scale)
 
 
 def plan_from_context(context: Context) -> RunPlan:

@@ -61,8 +61,25 @@ class TrainResult:
     dp: dict[str, float] = field(default_factory=dict)
 
 
-def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+def _tensors(x: np.ndarray, y: np.ndarray, regression: bool = False) -> TensorDataset:
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32 if regression else torch.long))
+
+
+class RegressionLoss(nn.Module):
+    """Mean squared error of the model's one output against the target.
+
+    It keeps a `reduction` attribute because Opacus' ghost clipping switches it to "none" to get
+    one loss per record (shape (N,), as per-sample clipping needs).
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        """`reduction`: mean (training), sum or none."""
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MSE between out (N, 1) and target (N,)."""
+        return nn.functional.mse_loss(out.reshape(-1), target.reshape(-1).to(out.dtype), reduction=self.reduction)
 
 
 def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], lr: float, mu: float) -> None:
@@ -90,6 +107,7 @@ def train_local(
     precision: str = "fp32",
     mask: dict[str, np.ndarray] | None = None,
     class_weights: list[float] | None = None,
+    task: str = "classification",
 ) -> TrainResult:
     """Train `model` in place on (x, y) for `epochs`; with `privacy` (a DPRound) under Opacus DP-SGD.
 
@@ -97,6 +115,7 @@ def train_local(
     `mask` (public) keeps pruned weights exactly zero and their gradients and noise off.
     `seed` makes non-DP runs reproducible; under DP nothing random derives from it (the coordinator knows it).
     `class_weights` (fixed, from the site's policy) weight the loss instead of `weighting`.
+    `task` regression trains the one output on the float target with mean squared error.
     """
     device = torch.device(device)
     amp_dtype = check_precision(precision, device, private=privacy is not None)
@@ -105,8 +124,9 @@ def train_local(
     model.train()
     start = time.perf_counter()
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    weights = _loss_weights(y, num_classes, weighting, class_weights)
-    criterion, optimizer, loader = _sgd_setup(model, x, y, lr, batch_size, momentum, seed, weights, device)
+    regression = task == "regression"
+    weights = None if regression else _loss_weights(y, num_classes, weighting, class_weights)
+    criterion, optimizer, loader = _sgd_setup(model, x, y, lr, batch_size, momentum, seed, weights, device, regression)
     train_model, optimizer, criterion, loader, enforcer = _wrap(model, optimizer, criterion, loader, privacy, mask)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     total_loss, total_n, steps = 0.0, 0, 0
@@ -139,13 +159,14 @@ def _loss_weights(y: np.ndarray, num_classes: int, weighting: str, fixed: list[f
 
 def _sgd_setup(
     model: nn.Module, x: np.ndarray, y: np.ndarray, lr: float, batch_size: int, momentum: float,
-    seed: int, weights: torch.Tensor | None, device: torch.device,
+    seed: int, weights: torch.Tensor | None, device: torch.device, regression: bool = False,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
-    """The (class-weighted) loss, plain SGD over the trainable parameters, and a seeded shuffling loader (replaced under DP)."""
-    criterion: nn.Module = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    """The (class-weighted) loss or MSE, plain SGD over the trainable parameters, and a seeded shuffling loader (replaced under DP)."""
+    criterion: nn.Module = RegressionLoss() if regression else nn.CrossEntropyLoss(
+        weight=weights.to(device) if weights is not None else None)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(_tensors(x, y), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
+    loader = DataLoader(_tensors(x, y, regression), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
     return criterion, optimizer, loader
 
 
@@ -198,6 +219,38 @@ def predict_scores(model: nn.Module, x: np.ndarray, device: torch.device | str =
         xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device)
         out.append(torch.softmax(model(xb).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+@torch.no_grad()
+def predict_values(model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 1024) -> np.ndarray:
+    """A regression model's one output per row, in the units it was trained in."""
+    model.eval()
+    out = [model(torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device)).float().reshape(-1).cpu().numpy()
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def regression_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """MSE (as `loss`), MAE, RMSE and R^2 (1 - SSE/SST; nan when the target is constant) of predictions against targets."""
+    y = np.asarray(y, dtype=np.float64)
+    if not len(y):
+        return {"loss": float("nan"), "mae": float("nan"), "rmse": float("nan"), "r2": float("nan")}
+    err = np.asarray(pred, dtype=np.float64) - y
+    mse = float(np.mean(err**2))
+    sst = float(np.sum((y - y.mean()) ** 2))
+    return {"loss": mse, "mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(mse)),
+            "r2": float(1.0 - np.sum(err**2) / sst) if sst > 0 else float("nan")}
+
+
+def evaluate_regression(model: nn.Module, x: np.ndarray, y: np.ndarray, target_scale: tuple[float, float] | None = None,
+                        device: torch.device | str = "cpu") -> dict[str, float]:
+    """Regression metrics in the target's own units (predictions and targets mapped back by `target_scale`)."""
+    pred = predict_values(model, x, device)
+    y = np.asarray(y, dtype=np.float64)
+    if target_scale is not None:
+        mean, std = target_scale
+        pred, y = pred * std + mean, y * std + mean
+    return regression_metrics(pred, y)
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int, device: torch.device | str = "cpu") -> dict[str, float]:

@@ -26,12 +26,15 @@ class DataSchema(BaseModel):
     features: list[str] | None = Field(None, max_length=MAX_NAMES)  # column names in order (tables); None: unknown
     classes: list[str] | None = Field(None, max_length=MAX_NAMES)  # label k is classes[k]; None: unknown
     dtype: str = "float32"  # what every fedseek loader produces
+    task: str = Field("classification", pattern="^(classification|regression)$")
 
 
-def schema_of(input_shape: tuple[int, ...], num_classes: int, features: list[str] | None, classes: list[str] | None) -> DataSchema:
+def schema_of(input_shape: tuple[int, ...], num_classes: int, features: list[str] | None, classes: list[str] | None,
+              task: str = "classification") -> DataSchema:
     """The schema of a dataset (a site's table, the coordinator's test set)."""
     return DataSchema(input_shape=[int(d) for d in input_shape], num_classes=int(num_classes),
-                      features=list(features) if features is not None else None, classes=list(classes) if classes is not None else None)
+                      features=list(features) if features is not None else None, classes=list(classes) if classes is not None else None,
+                      task=task)
 
 
 def _names(values: list[str], limit: int = 5) -> str:
@@ -63,6 +66,8 @@ def _class_problem(expected: list[str]) -> str:
 
 def schema_mismatch(expected: DataSchema, actual: DataSchema) -> str | None:
     """One line saying what differs between the coordinator's schema and a site's (None: they agree)."""
+    if expected.task != actual.task:
+        return f"task {actual.task}, expected {expected.task} (set data.task to {expected.task!r})"
     if expected.features is not None and actual.features is not None:
         problem = _feature_problem(expected.features, actual.features)
         if problem:

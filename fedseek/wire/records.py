@@ -13,7 +13,7 @@ import json
 from typing import Annotated, Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedseek.wire.data_schema import DataSchema
 
@@ -73,7 +73,21 @@ class ModelMeta(_Wire):
     kind: str
     hidden: list[int] = [64]
     input_shape: list[int]
-    num_classes: int = Field(ge=2)
+    num_classes: int = Field(ge=1)  # outputs: classes, or 1 for regression
+    task: str = Field("classification", pattern="^(classification|regression)$")
+
+    @model_validator(mode="after")
+    def _outputs(self) -> ModelMeta:
+        if (self.task == "regression") != (self.num_classes == 1):
+            raise ValueError("a regression model has exactly one output; a classifier at least two")
+        return self
+
+
+class FittedScaling(_Wire):
+    """The federation's fitted scaling statistics, sent with every round: feature (or label column) name -> mean / std."""
+
+    mean: dict[str, Annotated[float, Field(ge=-MAX_REAL, le=MAX_REAL)]] = Field(default_factory=dict, max_length=100_000)
+    std: dict[str, Annotated[float, Field(gt=0, le=MAX_REAL)]] = Field(default_factory=dict, max_length=100_000)
 
 
 class RoundConfig(_Wire):
@@ -92,20 +106,23 @@ class RoundConfig(_Wire):
     run_id: str = Field("", alias="run-id")
     codec: dict[str, Any] = {}
     data_schema: DataSchema | None = Field(None, alias="data-schema")  # what the site's data must look like
+    scaling: FittedScaling | None = None  # scaling: federated: the statistics the sites computed before round 1
 
     def to_record(self) -> ConfigRecord:
-        """The ConfigRecord form (flat: the model, codec and data schema travel as JSON text)."""
+        """The ConfigRecord form (flat: the model, codec, data schema and scaling travel as JSON text)."""
         d = self.to_dict()
         d["model"] = json.dumps(self.model.to_dict())
         d["codec"] = json.dumps(self.codec)
         if self.data_schema is not None:
             d["data-schema"] = self.data_schema.model_dump_json()
+        if self.scaling is not None:
+            d["scaling"] = self.scaling.model_dump_json()
         return ConfigRecord(d)
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> RoundConfig:
         """Parse and validate the coordinator's round config; RecordError naming the key otherwise."""
-        d = _json_keys(dict(rec), ("model", "codec", "data-schema"), "round config")
+        d = _json_keys(dict(rec), ("model", "codec", "data-schema", "scaling"), "round config")
         parsed: RoundConfig = cls._parse(d, "round config")
         return parsed
 
@@ -162,19 +179,22 @@ class EvalConfig(_Wire):
     model: ModelMeta
     run_id: str = Field("", alias="run-id")
     data_schema: DataSchema | None = Field(None, alias="data-schema")  # what the site's data must look like
+    scaling: FittedScaling | None = None  # scaling: federated: the statistics the sites computed before round 1
 
     def to_record(self) -> ConfigRecord:
-        """The ConfigRecord form (the model and data schema travel as JSON text)."""
+        """The ConfigRecord form (the model, data schema and scaling travel as JSON text)."""
         d = self.to_dict()
         d["model"] = json.dumps(self.model.to_dict())
         if self.data_schema is not None:
             d["data-schema"] = self.data_schema.model_dump_json()
+        if self.scaling is not None:
+            d["scaling"] = self.scaling.model_dump_json()
         return ConfigRecord(d)
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> EvalConfig:
         """Parse and validate an evaluation request; RecordError naming the key otherwise."""
-        d = _json_keys(dict(rec), ("model", "data-schema"), "evaluation config")
+        d = _json_keys(dict(rec), ("model", "data-schema", "scaling"), "evaluation config")
         parsed: EvalConfig = cls._parse(d, "evaluation config")
         return parsed
 
@@ -209,6 +229,67 @@ class EvalMetrics(_Wire):
         parsed: EvalMetrics = cls._parse(dict(rec), "evaluation metrics")
         if len(parsed.class_counts) != len(parsed.class_correct):
             raise RecordError("evaluation metrics key 'class-correct': length differs from 'class-counts'")
+        return parsed
+
+
+class StatsRequest(_Wire):
+    """The coordinator's request for scaling statistics before round 1 (a "query.stats" message, scaling: federated).
+
+    `columns` are numeric feature names (and, for regression, the label column as `target`);
+    `bounds` (column -> [low, high]) clip each value for the sums; under DP a site requires them.
+    """
+
+    run_id: str = Field("", alias="run-id")
+    columns: list[str] = Field(min_length=1, max_length=100_000)
+    target: str | None = None
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict, max_length=100_000)
+    data_schema: DataSchema | None = Field(None, alias="data-schema")
+
+    def to_record(self) -> ConfigRecord:
+        """The ConfigRecord form (lists and dicts travel as JSON text)."""
+        d: dict[str, Any] = {"run-id": self.run_id, "columns": json.dumps(self.columns), "bounds": json.dumps(self.bounds)}
+        if self.target is not None:
+            d["target"] = self.target
+        if self.data_schema is not None:
+            d["data-schema"] = self.data_schema.model_dump_json()
+        return ConfigRecord(d)
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> StatsRequest:
+        """Parse and validate a statistics request; RecordError naming the key otherwise."""
+        parsed: StatsRequest = cls._parse(_json_keys(dict(rec), ("columns", "bounds", "data-schema"), "statistics request"),
+                                          "statistics request")
+        return parsed
+
+
+class StatsReply(_Wire):
+    """A site's scaling statistics: per requested column (and the target last), the sum and the sum of squares.
+
+    Without DP they are exact sums of the raw values. Under DP each value is clipped into its
+    column's [low, high] and centred at the midpoint, the sums are divided by the half-range r
+    (and r^2), so one record moves each by at most 1, and every entry carries Gaussian noise of
+    std `noise_std`; the release is charged to the site's training ledger before it is computed.
+    `num_examples` (the site's record count) is public, as in training replies.
+    """
+
+    num_examples: int = Field(alias="num-examples", gt=0, le=MAX_EXAMPLES)
+    sums: list[Annotated[float, Field(ge=-MAX_REAL, le=MAX_REAL)]] = Field(max_length=100_001)
+    squares: list[Annotated[float, Field(ge=-MAX_REAL, le=MAX_REAL)]] = Field(max_length=100_001)
+    normalized: int = Field(0, ge=0, le=1)  # 1: centred at the bounds' midpoints and divided by the half-range (DP form)
+    noise_std: float = Field(0.0, alias="noise-std", ge=0, le=MAX_REAL)
+    epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
+    delta: float | None = Field(None, ge=0, le=1)
+
+    def to_record(self) -> MetricRecord:
+        """The MetricRecord form."""
+        return MetricRecord(self.to_dict())
+
+    @classmethod
+    def from_record(cls, rec: MetricRecord) -> StatsReply:
+        """Validate a site's statistics; RecordError naming the key otherwise."""
+        parsed: StatsReply = cls._parse(dict(rec), "statistics reply")
+        if len(parsed.sums) != len(parsed.squares):
+            raise RecordError("statistics reply key 'squares': length differs from 'sums'")
         return parsed
 
 

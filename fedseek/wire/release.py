@@ -60,6 +60,17 @@ EVAL_REPLY: dict[str, tuple[Status, str]] = {
     "epsilon_budget": ("public", "the site's declared policy"),
 }
 
+STATS_REPLY: dict[str, tuple[Status, str]] = {
+    "num_examples": ("public", _COUNT),
+    "sums": ("dp", ("under DP: sums of values clipped into public bounds, normalised, Gaussian noise (sensitivity sqrt(2d) with "
+                   "squares), charged to the training ledger before computing; exact only from a non-DP site")),
+    "squares": ("dp", "same Gaussian release as sums"),
+    "normalized": ("public", "whether the site is under DP (its declared policy)"),
+    "noise_std": ("public", _POLICY),
+    "epsilon": ("public", _POLICY),
+    "delta": ("public", "the site's declared policy"),
+}
+
 QUERY_REPLY: dict[str, tuple[Status, str]] = {
     "name": ("public", "the site's registered name"),
 }
