@@ -15,7 +15,7 @@ from typing import Annotated
 import click
 import typer
 
-from fedseek.ops import cli_daemons, cli_keys, cli_privacy, cli_runs, signals
+from fedseek.ops import cli_daemons, cli_keys, cli_privacy, cli_runs, cli_serve, signals
 from fedseek.ops.consoles import err
 
 app = typer.Typer(
@@ -56,6 +56,7 @@ def _root(
 cli_runs.register(app)
 cli_daemons.register(app)
 cli_keys.register(app)
+cli_serve.register(app, cli_keys.watermark_app)
 cli_privacy.register(cli_runs.privacy_app)  # verify, raise-budget, show next to `privacy report`
 
 

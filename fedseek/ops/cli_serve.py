@@ -1,0 +1,73 @@
+"""`fedseek serve RUN_DIR` and `fedseek watermark verify-outputs`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+
+def serve(
+    run_dir: Annotated[str, typer.Argument(help="A finished run's directory (model.pt + model.json).")],
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    int8: Annotated[bool, typer.Option("--int8", help="Dynamic INT8 quantization of the linear layers.")] = False,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM).")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="... and this private key (PEM).")] = None,
+    watermark_key: Annotated[str | None, typer.Option("--watermark-key", help="Output watermark key; default RUN_DIR/watermark.key if "
+                                                                              "the run has one.")] = None,
+    margin: Annotated[float, typer.Option("--watermark-margin", help="Mark answers whose top-two probabilities differ by at most "
+                                                                     "this.")] = 0.2,
+    mark_log: Annotated[str | None, typer.Option("--mark-log", help="Log of marked queries; default RUN_DIR/served_marks.jsonl.")] = None,
+    no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Serve unmarked answers even if a key exists.")] = False,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows per request.")] = 10_000,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body.")] = 1.0,
+) -> int:
+    """Serve a run's model over HTTP: POST /predict (JSON or CSV rows), GET /health, GET /metrics."""
+    from fedseek.ops.serve import ServeError, ServeOptions
+    from fedseek.ops.serve import serve as run_server
+    from fedseek.serving.predictor import PredictError
+
+    opts = ServeOptions(run_dir=run_dir, host=host, port=port, int8=int8, tls_cert=tls_cert, tls_key=tls_key,
+                        watermark_key=watermark_key, margin=margin, mark_log=mark_log, no_watermark=no_watermark,
+                        max_rows=max_rows, max_body_mb=max_body_mb)
+    try:
+        run_server(opts)
+    except (ServeError, PredictError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def verify_outputs(
+    key: Annotated[str, typer.Option("--key", help="The secret watermark key the server used.")],
+    log: Annotated[str, typer.Option("--log", help="The server's mark log (served_marks.jsonl).")],
+    model: Annotated[str | None, typer.Option("--model", help="A suspect run directory (model.pt + model.json).")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="A suspect prediction endpoint (fedseek-style JSON).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Significance level.")] = 1e-6,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> int:
+    """Test a suspect model or endpoint, black-box, for the output watermark (exact binomial test)."""
+    from fedseek.ops.serve import ServeError
+    from fedseek.ops.serve import verify_outputs as run_verify
+
+    try:
+        res = run_verify(key, log, model=model, url=url, alpha=alpha)
+    except (ServeError, ValueError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(f"matches {res.matches}/{res.n} marked queries (an independent model: at most 1/2 each); "
+              f"p-value {res.p_value:.3g} (exact binomial); alpha {res.alpha:g}")
+        print("DETECTED: the suspect reproduces the keyed answers" if res.detected else "not detected at this alpha")
+    return 0
+
+
+def register(app: typer.Typer, watermark_app: typer.Typer) -> None:
+    """Add `serve` to the root command and `verify-outputs` to the watermark group."""
+    app.command("serve")(serve)
+    watermark_app.command("verify-outputs")(verify_outputs)

@@ -1,0 +1,138 @@
+"""`fedseek serve` and `fedseek watermark verify-outputs`: run the HTTP service for a run's model, test a suspect.
+
+The server binds 127.0.0.1 unless told otherwise; `--tls-cert/--tls-key` (for example the
+federation's coordinator certificate and key from `fedseek certs init`) make it HTTPS. With a
+watermark key (the run's own `watermark.key`, or `--watermark-key`), low-margin answers carry
+the output watermark and every marked query is appended to the mark log (default
+RUN_DIR/served_marks.jsonl), which `verify-outputs` needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseek.serving.predictor import PredictError, Predictor
+from fedseek.watermark.outputs import DEFAULT_MARGIN, MarkLog, OutputVerdict, output_subkey, read_log, verdict
+
+
+class ServeError(ValueError):
+    """A setting that keeps the server from starting (one line; exit 2)."""
+
+
+@dataclass
+class ServeOptions:
+    """What `fedseek serve` was asked for."""
+
+    run_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    int8: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    watermark_key: str | None = None
+    margin: float = DEFAULT_MARGIN
+    mark_log: str | None = None
+    no_watermark: bool = False
+    max_rows: int = 10_000
+    max_body_mb: float = 1.0
+
+
+def _subkey(path: str | Path) -> bytes:
+    from fedseek import watermark as wm
+
+    try:
+        return output_subkey(wm.load_key(path).seed_hex)
+    except (OSError, ValueError) as exc:
+        raise ServeError(f"{path}: not a usable watermark key ({exc})") from None
+
+
+def build_service(opts: ServeOptions) -> tuple[Any, str]:
+    """The FastAPI app for the run and a line describing its output watermark; ServeError/PredictError when unusable."""
+    from fedseek.serving.app import Limits, OutputMark, build_app
+
+    if (opts.tls_cert is None) != (opts.tls_key is None):
+        raise ServeError("give both --tls-cert and --tls-key (or neither)")
+    for f in (opts.tls_cert, opts.tls_key):
+        if f is not None and not Path(f).is_file():
+            raise ServeError(f"{f}: not found")
+    if not 0.0 <= opts.margin <= 1.0:
+        raise ServeError(f"--watermark-margin {opts.margin}: must be in [0, 1]")
+    predictor = Predictor(opts.run_dir, int8=opts.int8)
+    run = Path(opts.run_dir).resolve().name
+    key = opts.watermark_key or (str(Path(opts.run_dir) / "watermark.key") if (Path(opts.run_dir) / "watermark.key").exists() else None)
+    marker, how = None, "off (no watermark key: answers are not marked)"
+    if opts.no_watermark:
+        how = "off (--no-watermark)"
+    elif key is not None and predictor.regression:
+        how = "off (a regression's answers are numbers: the output watermark marks class answers)"
+    elif key is not None:
+        subkey = _subkey(key)
+        log_path = opts.mark_log or str(Path(opts.run_dir) / "served_marks.jsonl")
+        marker = OutputMark(subkey=subkey, margin=opts.margin, log=MarkLog(log_path, predictor.columns, subkey))
+        how = f"on (key {key}, margin {opts.margin:g}; marked queries logged to {log_path})"
+    app = build_app(predictor, run=run, marker=marker, limits=Limits(max_bytes=int(opts.max_body_mb * (1 << 20)), max_rows=opts.max_rows))
+    return app, how
+
+
+def serve(opts: ServeOptions) -> None:
+    """Run the service until interrupted (uvicorn)."""
+    import uvicorn
+
+    app, how = build_service(opts)
+    scheme = "https" if opts.tls_cert else "http"
+    print(f"serving {opts.run_dir} at {scheme}://{opts.host}:{opts.port}  (POST /predict, GET /health, GET /metrics)", flush=True)
+    print(f"output watermark: {how}", flush=True)
+    if opts.host not in ("127.0.0.1", "localhost", "::1") and not opts.tls_cert:
+        print(f"warning: listening on {opts.host} without TLS: anyone on the network can query the model", flush=True)
+    uvicorn.run(app, host=opts.host, port=opts.port, ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key, log_level="warning")
+
+
+def suspect_labels_from_model(run_dir: str, columns: list[str], rows: list[list[Any]]) -> list[Any]:
+    """A suspect run directory's answers on the logged rows (its own card's preprocessing)."""
+    import pandas as pd
+
+    pred = Predictor(run_dir).predict(pd.DataFrame(rows, columns=columns), "mark log")
+    return list(pred.labels)
+
+
+def suspect_labels_from_url(url: str, columns: list[str], rows: list[list[Any]], *, timeout_s: float = 30.0,
+                            verify: str | bool = True, batch: int = 500) -> list[Any]:
+    """A suspect endpoint's answers on the logged rows (POST {"rows": [...]} to URL, or URL/predict)."""
+    import httpx
+
+    target = url if url.rstrip("/").endswith("/predict") else url.rstrip("/") + "/predict"
+    out: list[Any] = []
+    with httpx.Client(timeout=timeout_s, verify=verify) as client:
+        for i in range(0, len(rows), batch):
+            body = {"rows": [dict(zip(columns, r, strict=True)) for r in rows[i : i + batch]]}
+            try:
+                resp = client.post(target, json=body)
+            except httpx.HTTPError as exc:
+                raise ServeError(f"{target}: {type(exc).__name__}: {exc}") from None
+            if resp.status_code != 200:
+                raise ServeError(f"{target}: HTTP {resp.status_code}: {resp.text[:200]}")
+            try:
+                out += [p["label"] for p in resp.json()["predictions"]]
+            except (ValueError, KeyError, TypeError):
+                raise ServeError(f"{target}: the answer is not a fedseek-style prediction list") from None
+    return out
+
+
+def verify_outputs(key: str, log: str, *, model: str | None = None, url: str | None = None, alpha: float = 1e-6,
+                   verify_tls: str | bool = True) -> OutputVerdict:
+    """Query the suspect (a run directory or an endpoint) on the logged marked rows; the exact binomial verdict."""
+    if (model is None) == (url is None):
+        raise ServeError("give exactly one of --model (a run directory) and --url (an endpoint)")
+    logged = read_log(log, _subkey(key))
+    if not logged.rows:
+        raise ServeError(f"{log}: no marked queries logged yet (nothing to test)")
+    try:
+        labels = (suspect_labels_from_model(model, logged.columns, logged.rows) if model is not None
+                  else suspect_labels_from_url(str(url), logged.columns, logged.rows, verify=verify_tls))
+    except PredictError as exc:
+        raise ServeError(str(exc)) from None
+    if len(labels) != len(logged.served):
+        raise ServeError(f"the suspect answered {len(labels)} of {len(logged.served)} rows")
+    return verdict(labels, logged.served, alpha)

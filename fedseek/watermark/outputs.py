@@ -1,0 +1,207 @@
+"""An output watermark for a served classifier that transfers to models trained on its answers.
+
+Scheme (DAWN-style keyed answer perturbation, Szyller et al., "DAWN: Dynamic Adversarial
+Watermarking of Neural Networks", ACM MM 2021, restricted to low-margin answers): for a query
+whose top-two class probabilities are within `margin` of each other, a keyed pseudo-random bit
+(HMAC-SHA256 of the query's canonical bytes under a subkey of the model's watermark key) picks
+which of the two classes is served, and the served probabilities put 3/4 of the pair's mass on
+it. Other queries are answered unchanged. The server logs every marked query (the raw row and
+the served class): a model trained on the answers reproduces the served class on those queries,
+an independent model agrees with the keyed choice at most half the time.
+
+Why restricted to low margins: a flipped answer costs accuracy only when the original answer was
+right and the runner-up wrong; near a tie that happens about as often as the reverse, so the
+expected accuracy cost per marked query is about half the margin (for a calibrated model), and
+DAWN's uniform marking (a random wrong label on a keyed share of all queries) costs its full
+share. Detection is black-box: query the suspect on the logged marked rows.
+
+Test: with n logged marked queries and m on which the suspect answers the served class, the
+p-value is P(Binomial(n, 1/2) >= m). It is exact and conservative for any suspect that does not
+know the key: the keyed bit is a PRF output independent of the suspect, so on each query the
+suspect matches with probability 1/2 if it answers one of the two classes, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEME = "fedseek-output-wm-v1"
+SHARE = 0.75  # of the top-two probability mass served for the keyed class of a marked query
+DEFAULT_MARGIN = 0.2
+
+
+def output_subkey(seed_hex: str) -> bytes:
+    """The output watermark's key, derived from the model's watermark key seed (one key file for both marks)."""
+    return hmac.new(bytes.fromhex(seed_hex), SCHEME.encode(), hashlib.sha256).digest()
+
+
+def canonical(row: Sequence[Any]) -> bytes:
+    """A row's canonical bytes: values as text (numbers rounded to 6 significant digits), JSON in column order."""
+    out = []
+    for v in row:
+        if isinstance(v, (bool, np.bool_)):
+            out.append(str(bool(v)))
+        elif isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v)):
+            out.append(f"{float(v):.6g}")
+        else:
+            out.append(str(v))
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def keyed_bit(subkey: bytes, row: Sequence[Any]) -> int:
+    """The PRF bit that picks the served class of a marked query."""
+    return hmac.new(subkey, canonical(row), hashlib.sha256).digest()[0] & 1
+
+
+@dataclass(frozen=True)
+class Marked:
+    """What the watermark did to a batch: served probabilities, served classes and which rows were marked."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    marked: np.ndarray  # bool per row
+
+
+def mark(probs: np.ndarray, rows: Sequence[Sequence[Any]], subkey: bytes, margin: float = DEFAULT_MARGIN) -> Marked:
+    """Apply the watermark to one batch of class probabilities (rows: the raw query rows, in the model card's column order)."""
+    p = np.asarray(probs, dtype=np.float64)
+    out, labels = p.copy(), p.argmax(1)
+    if p.shape[1] < 2:
+        return Marked(out, labels, np.zeros(len(p), dtype=bool))
+    order = np.argsort(-p, axis=1, kind="stable")
+    top, second = order[:, 0], order[:, 1]
+    rows_idx = np.arange(len(p))
+    marked = (p[rows_idx, top] - p[rows_idx, second]) <= margin
+    for i in np.flatnonzero(marked):
+        a, b = (int(second[i]), int(top[i])) if keyed_bit(subkey, rows[int(i)]) else (int(top[i]), int(second[i]))
+        mass = p[i, a] + p[i, b]
+        out[i, a], out[i, b] = mass * SHARE, mass * (1.0 - SHARE)
+        labels[i] = a
+    return Marked(out, labels, marked)
+
+
+def entry_tag(subkey: bytes, row: Sequence[Any], served: str) -> str:
+    """An entry's authentication tag: HMAC of the row and the served class (a log cannot be extended without the key)."""
+    return hmac.new(subkey, canonical(row) + b"|" + served.encode(), hashlib.sha256).hexdigest()
+
+
+class MarkLog:
+    """The server's log of marked queries (JSON lines: time, raw row, served class, tag); appended, flushed, thread-safe.
+
+    It holds what people asked (raw feature rows): keep it as confidential as the model's key.
+    """
+
+    def __init__(self, path: str | Path, columns: list[str], subkey: bytes) -> None:
+        self.path, self.columns, self._subkey = Path(path), list(columns), subkey
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        if not self.path.exists():
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"scheme": SCHEME, "columns": self.columns}) + "\n")
+
+    def append(self, rows: Sequence[Sequence[Any]], labels: Sequence[str]) -> None:
+        """Record marked queries (rows in the model card's column order, served class names)."""
+        if not len(rows):
+            return
+        now = time.time()
+        lines = "".join(json.dumps({"time": now, "row": [_jsonable(v) for v in r], "served": str(c),
+                                    "tag": entry_tag(self._subkey, r, str(c))}) + "\n"
+                        for r, c in zip(rows, labels, strict=True))
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    return v
+
+
+@dataclass(frozen=True)
+class LoggedMarks:
+    """A mark log as read back: the columns, the marked rows and the classes served for them."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+    served: list[str]
+
+
+def read_log(path: str | Path, subkey: bytes) -> LoggedMarks:
+    """The logged marked queries, every entry's tag checked against the key (ValueError naming the file and line)."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot read the mark log ({exc.strerror or exc})") from None
+    columns: list[str] | None = None
+    rows: list[list[Any]] = []
+    served: list[str] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if columns is None:
+                if rec.get("scheme") != SCHEME:
+                    raise ValueError
+                columns = [str(c) for c in rec["columns"]]
+                continue
+            row, label, tag = list(rec["row"]), str(rec["served"]), str(rec["tag"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{p}: line {i} is not a {SCHEME} mark-log record") from None
+        if not hmac.compare_digest(tag, entry_tag(subkey, row, label)):
+            raise ValueError(f"{p}: line {i}: its tag does not match this key (another key's log, or an edited entry)")
+        rows.append(row)
+        served.append(label)
+    if columns is None:
+        raise ValueError(f"{p}: empty mark log")
+    return LoggedMarks(columns, rows, served)
+
+
+@dataclass(frozen=True)
+class OutputVerdict:
+    """The result of testing a suspect on the logged marked queries."""
+
+    matches: int
+    n: int
+    p_value: float
+    alpha: float
+
+    @property
+    def detected(self) -> bool:
+        """True when the suspect reproduces the keyed answers beyond chance at level alpha."""
+        return self.n > 0 and self.p_value <= self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"scheme": SCHEME, "matches": self.matches, "n": self.n, "p_value": self.p_value, "alpha": self.alpha,
+                "detected": self.detected, "null": "Binomial(n, 1/2) upper tail (exact, conservative)"}
+
+
+def p_value(matches: int, n: int) -> float:
+    """P(Binomial(n, 1/2) >= matches): the exact p-value of `matches` agreements on n marked queries."""
+    from scipy.stats import binom
+
+    return float(binom.sf(matches - 1, n, 0.5)) if n else 1.0
+
+
+def verdict(suspect_labels: Sequence[Any], served: Sequence[Any], alpha: float = 1e-6) -> OutputVerdict:
+    """Compare a suspect's answers on the logged marked queries with the classes served (compared as text)."""
+    m = sum(1 for a, b in zip(suspect_labels, served, strict=True) if str(a) == str(b))
+    return OutputVerdict(matches=m, n=int(len(served)), p_value=p_value(m, int(len(served))), alpha=alpha)

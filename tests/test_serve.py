@@ -1,0 +1,269 @@
+"""`fedseek serve` against a real HTTP client, and the output watermark (fedseek.watermark.outputs).
+
+The server is the real command (uvicorn) started by the test on 127.0.0.1 and stopped by its
+process id. Predictions must equal the model's own (unmarked answers) or be the keyed choice of
+its top two (marked answers, all logged); bad requests get a 4xx with one line; /metrics scrapes.
+The watermark: a surrogate trained on the served answers is detected from the mark log, an
+independently trained model is not, and a log that was edited or belongs to another key is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedseek import watermark as wm
+from fedseek.outputs.model_card import ModelCard, Preprocessing
+from fedseek.serving.predictor import Predictor
+from fedseek.train.models import build_model
+from fedseek.watermark.outputs import mark, output_subkey, read_log, verdict
+from tests.conftest import ROOT
+
+FEATURES = [f"f{i}" for i in range(6)]
+
+
+def _run_dir(path: Path, seed: int = 3, *, key: bool = True) -> Path:
+    """A run directory: an MLP on 6 features with given scaling, 3 classes, and (optionally) its watermark key."""
+    path.mkdir(parents=True)
+    model = build_model("mlp", (6,), 3, [8], seed=seed)
+    torch.save(model.state_dict(), path / "model.pt")
+    card = ModelCard(kind="mlp", hidden=[8], input_shape=[6], num_classes=3, features=FEATURES, classes=["low", "mid", "high"],
+                     preprocessing=Preprocessing(scaling="given", columns=FEATURES, mean=dict.fromkeys(FEATURES, 0.5),
+                                                 std=dict.fromkeys(FEATURES, 0.25)))
+    (path / "model.json").write_text(card.model_dump_json())
+    if key:
+        wm.save_key(wm.keygen((6,), 3, 100, model_id=path.name), path / "watermark.key")
+    return path
+
+
+def _rows(n: int, seed: int = 0) -> pd.DataFrame:
+    return pd.DataFrame(np.random.default_rng(seed).uniform(0, 1, (n, 6)), columns=FEATURES)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """`fedseek serve` in a subprocess on loopback; stopped by pid."""
+
+    def __init__(self, run: Path, *extra: str, scheme: str = "http", verify: str | bool = True) -> None:
+        self.port = _free_port()
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedseek", "serve", str(run), "--port", str(self.port), *extra], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.client = httpx.Client(base_url=self.url, timeout=30, verify=verify)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError("server did not answer /health within 60 s")
+
+    def stop(self) -> str:
+        self.client.close()
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    run = _run_dir(tmp_path_factory.mktemp("served") / "run")
+    server = Server(run, "--max-rows", "500")
+    try:
+        yield run, server
+    finally:
+        server.stop()
+
+
+def test_served_answers_are_the_models_own_or_its_keyed_top_two_and_marked_ones_are_logged(served):
+    run, server = served
+    rows = _rows(300)
+    resp = server.client.post("/predict", json={"rows": rows.to_dict(orient="records")})
+    assert resp.status_code == 200, resp.text
+    answers = resp.json()["predictions"]
+    own = Predictor(run).predict(rows)
+    assert own.probs is not None
+    order = np.argsort(-own.probs, 1)
+    margins = own.probs[np.arange(len(rows)), order[:, 0]] - own.probs[np.arange(len(rows)), order[:, 1]]
+    classes = ["low", "mid", "high"]
+    for a, p, o, mg in zip(answers, own.probs, order, margins, strict=True):
+        served_p = np.array([a["probabilities"][c] for c in classes])
+        if mg > 0.2:
+            assert a["label"] == classes[o[0]] and np.allclose(served_p, p, atol=1e-6)
+        else:
+            assert a["label"] in (classes[o[0]], classes[o[1]]) and served_p.max() == pytest.approx(0.75 * (p[o[0]] + p[o[1]]), rel=1e-5)
+    logged = read_log(run / "served_marks.jsonl", output_subkey(wm.load_key(run / "watermark.key").seed_hex))
+    assert logged.columns == FEATURES and len(logged.rows) >= int((margins <= 0.2).sum()) > 0  # (the module's other requests add more)
+    # CSV in, the same answers out (same rows, same keyed choices)
+    csv = server.client.post("/predict", content=rows.head(20).to_csv(index=False), headers={"content-type": "text/csv"})
+    assert [a["label"] for a in csv.json()["predictions"]] == [a["label"] for a in answers[:20]]
+    health = server.client.get("/health").json()
+    assert health["status"] == "ok" and health["features"] == FEATURES and health["output_watermark"] is True
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "message"), [
+    (b"{not json", {"content-type": "application/json"}, 400, "body is not JSON"),
+    (b'{"rows": 3}', {"content-type": "application/json"}, 400, "JSON body must be"),
+    (b'{"rows": [{"f0": [1, 2]}]}', {"content-type": "application/json"}, 400, "single values"),
+    (b"f0,f1\n1,2\n", {"content-type": "text/csv"}, 422, "feature columns ['f2', 'f3', 'f4', 'f5'] not found"),
+    (b'{"rows": [{"f0": 1, "f1": 1, "f2": 1, "f3": 1, "f4": 1, "f5": "high"}]}', {"content-type": "application/json"}, 422,
+     "non-numeric feature columns ['f5']"),
+    (b'{"rows": []}', {"content-type": "application/json"}, 422, "no rows"),
+    (b"abc", {"content-type": "text/plain"}, 415, "content type 'text/plain' not supported"),
+    (json.dumps({"rows": [dict.fromkeys(FEATURES, 0.1)] * 501}).encode(), {"content-type": "application/json"}, 413, "at most 500"),
+    (b"x" * (2 << 20), {"content-type": "application/json"}, 413, "at most 1048576"),
+])
+def test_bad_requests_get_a_4xx_with_one_line(served, body, headers, status, message):
+    _, server = served
+    resp = server.client.post("/predict", content=body, headers=headers)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert message in error and "\n" not in error and "Traceback" not in resp.text
+
+
+def test_metrics_scrape_counts_requests_errors_latency_and_marked_answers(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, server = served
+
+    def scrape() -> dict:
+        text = server.client.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    before = scrape()
+    server.client.post("/predict", json={"rows": _rows(50, seed=9).to_dict(orient="records")})
+    server.client.post("/predict", content=b"{", headers={"content-type": "application/json"})
+    after = scrape()
+    run = ("run", "run")
+
+    def grew(name: str, *labels: tuple[str, str]) -> float:
+        key = (name, tuple(sorted((*labels, run))))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("fedseek_serve_requests_total", ("code", "200"), ("endpoint", "/predict")) == 1
+    assert grew("fedseek_serve_errors_total", ("code", "400"), ("endpoint", "/predict")) == 1
+    assert grew("fedseek_serve_request_seconds_count", ("endpoint", "/predict")) == 2
+    assert grew("fedseek_serve_rows_total") == 50 and grew("fedseek_serve_marked_answers_total") >= 1
+
+
+def test_https_with_a_certificate_and_int8(tmp_path):
+    """--tls-cert/--tls-key serve HTTPS (a client trusting the CA gets answers); --int8 answers like fp32 on most rows."""
+    from fedseek.ops.pki import ca
+
+    run = _run_dir(tmp_path / "run", key=False)
+    paths = ca.init_ca(tmp_path / "certs", hosts=[], ips=[])  # the federation's CA and coordinator certificate (fedseek certs init)
+    server = Server(run, "--tls-cert", str(paths.coordinator_crt), "--tls-key", str(paths.coordinator_key), "--int8",
+                    scheme="https", verify=str(paths.ca_crt))
+    try:
+        rows = _rows(200, seed=1)
+        resp = server.client.post("/predict", json={"rows": rows.to_dict(orient="records")})
+        assert resp.status_code == 200 and server.client.get("/health").json()["int8"] is True
+        fp32 = Predictor(run).predict(rows).labels
+        agree = np.mean([a["label"] == b for a, b in zip(resp.json()["predictions"], fp32, strict=True)])
+        assert agree >= 0.95
+    finally:
+        out = server.stop()
+    assert "https://127.0.0.1" in out and "output watermark: off" in out
+
+
+def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_not_an_independent_one(tmp_path):
+    from fedseek.train.local import train_local
+
+    run = _run_dir(tmp_path / "run")
+    log, key = run / "served_marks.jsonl", run / "watermark.key"
+    rows = _rows(400, seed=2)
+
+    def verify(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedseek", "watermark", "verify-outputs", "--key", str(key), "--log", str(log),
+                               "--json", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    server = Server(run)
+    try:
+        answers = server.client.post("/predict", json={"rows": rows.to_dict(orient="records")}).json()["predictions"]
+        endpoint = verify("--url", server.url)  # the marked endpoint replays its keyed answers
+    finally:
+        server.stop()
+    assert endpoint.returncode == 0, endpoint.stderr
+    res = json.loads(endpoint.stdout)
+    assert res["detected"] and res["matches"] == res["n"] >= 30 and res["p_value"] == pytest.approx(0.5 ** res["n"])
+    # a model trained on the served answers (its own run directory, the same card) carries the mark
+    classes = ["low", "mid", "high"]
+    sur_dir = _run_dir(tmp_path / "surrogate", seed=7, key=False)
+    card = ModelCard.model_validate_json((sur_dir / "model.json").read_text()).model_copy(update={"hidden": [64]})
+    (sur_dir / "model.json").write_text(card.model_dump_json())
+    surrogate = build_model("mlp", (6,), 3, [64], seed=7)
+    x = ((rows.to_numpy() - 0.5) / 0.25).astype(np.float32)
+    train_local(surrogate, x, np.array([classes.index(a["label"]) for a in answers]), num_classes=3, epochs=300, lr=0.1,
+                batch_size=32, momentum=0.9, seed=7)
+    torch.save(surrogate.state_dict(), sur_dir / "model.pt")
+    sur = json.loads(verify("--model", str(sur_dir)).stdout)
+    assert sur["detected"], sur
+    # the served model's own weights do not reproduce the keyed answers (a copied weight file is the weight watermark's case),
+    # nor does an independent model
+    for other in (run, _run_dir(tmp_path / "other", seed=11, key=False)):
+        indep = json.loads(verify("--model", str(other)).stdout)
+        assert not indep["detected"] and indep["p_value"] > 1e-3, indep
+    # a log edited after the fact (or another key's) is refused with one line
+    lines = log.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["served"] = "low" if entry["served"] != "low" else "mid"
+    log.write_text("\n".join([lines[0], json.dumps(entry), *lines[2:]]) + "\n")
+    bad = verify("--model", str(run))
+    assert bad.returncode == 2 and "line 2: its tag does not match this key" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_surrogate_trained_on_served_answers_carries_the_mark():
+    """Extraction in miniature: 1000 natural queries to a breast-cancer model, hard labels; the surrogate is detected at
+    p <= 1e-6 from the logged marked queries, a model trained on the true labels is not."""
+    from fedseek.data import load_builtin
+    from fedseek.train.local import predict_scores, train_local
+
+    train, test = load_builtin("breast_cancer", 0, test_fraction=0.25)
+    served = build_model("mlp", train.input_shape, 2, [64], seed=1)
+    train_local(served, train.x, train.y, num_classes=2, epochs=3, lr=0.05, batch_size=32, seed=1)
+    rng = np.random.default_rng(0)
+    xq = np.concatenate([train.x, train.x[rng.integers(0, len(train.x), 574)] + rng.normal(0, 0.1, (574, 30)).astype(np.float32)])
+    m = mark(predict_scores(served, xq), xq.astype(np.float64).tolist(), os.urandom(32), 0.2)
+    assert m.marked.sum() >= 25
+
+    def fitted(y: np.ndarray, x: np.ndarray, seed: int) -> torch.nn.Module:
+        model = build_model("mlp", train.input_shape, 2, [64], seed=seed)
+        train_local(model, x, y, num_classes=2, epochs=150, lr=0.1, batch_size=64, momentum=0.9, seed=seed)
+        return model
+
+    surrogate = fitted(m.labels, xq, 5)
+    sur = verdict(predict_scores(surrogate, xq[m.marked]).argmax(1), m.labels[m.marked])
+    independent = fitted(train.y, train.x, 6)
+    ind = verdict(predict_scores(independent, xq[m.marked]).argmax(1), m.labels[m.marked])
+    assert sur.detected, sur
+    assert not ind.detected and ind.p_value > 1e-3, ind
+    served_acc = float((predict_scores(served, test.x).argmax(1) == test.y).mean())
+    marked_acc = float((mark(predict_scores(served, test.x), test.x.astype(np.float64).tolist(), os.urandom(32), 0.2).labels
+                        == test.y).mean())
+    assert marked_acc >= served_acc - 0.05  # the exact accuracy cost is measured in benchmarks/output_watermark.py
