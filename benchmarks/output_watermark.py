@@ -32,7 +32,7 @@ from _common import QUICK_DIR, RESULTS, _run, breast_cancer_scenario, digits_sce
 
 from fedseek.data import load_builtin
 from fedseek.train.models import build_model
-from fedseek.watermark.outputs import mark, p_value
+from fedseek.watermark.outputs import mark, verdict
 
 ALPHA = 1e-6
 JITTER = 0.1
@@ -110,10 +110,10 @@ def attack(ds: str, served: torch.nn.Module, train: Any, test: Any, *, n: int, s
     m = mark(probs(served, xq), rows_of(xq), subkey, margin)
     target = m.probs.astype(np.float32) if soft else m.labels
     sur = fit(arch(ds, which, train.input_shape, train.num_classes, seed), xq, target, soft=soft, epochs=epochs, seed=seed)
-    logged, served_lab = xq[m.marked], m.labels[m.marked]
+    logged, served_lab, other = xq[m.marked], m.labels[m.marked], m.other[m.marked]
 
     def pv(model: torch.nn.Module) -> float:
-        return p_value(int((probs(model, logged).argmax(1) == served_lab).sum()), len(served_lab))
+        return verdict(probs(model, logged).argmax(1), served_lab, other).p_value
 
     ft_idx = rng.permutation(len(test.x))[: max(10, len(test.x) // 10)]
     tuned = fit(copy.deepcopy(sur), test.x[ft_idx], test.y[ft_idx], soft=False, epochs=20, seed=seed + 1, lr=1e-3)
@@ -133,13 +133,13 @@ def negatives(ds: str, served: torch.nn.Module, train: Any, count: int, margin: 
         m = mark(probs(served, xq), rows_of(xq), os.urandom(32), margin)
         model = fit(arch(ds, "same" if i % 2 == 0 else "other", train.input_shape, train.num_classes, 500 + i), train.x, train.y,
                     soft=False, epochs=epochs, seed=500 + i)
-        matches = int((probs(model, xq[m.marked]).argmax(1) == m.labels[m.marked]).sum())
-        n = int(m.marked.sum())
-        # randomised p-value (exactly uniform under a fair-coin null): P(X > m) + U * P(X = m)
+        v = verdict(probs(model, xq[m.marked]).argmax(1), m.labels[m.marked], m.other[m.marked])
+        # randomised p-value (exactly uniform under the null): P(X > m) + U * P(X = m), X ~ Binomial(n, 1/2)
         from scipy.stats import binom
 
-        rand_p = float(binom.sf(matches, n, 0.5) + rng.uniform() * binom.pmf(matches, n, 0.5))
-        out.append({"model": i, "marked": n, "matches": matches, "p": p_value(matches, n), "p_randomised": rand_p})
+        rand_p = float(binom.sf(v.matches, v.n, 0.5) + rng.uniform() * binom.pmf(v.matches, v.n, 0.5))
+        out.append({"model": i, "marked": int(m.marked.sum()), "answered_in_pair": v.n, "matches": v.matches, "p": v.p_value,
+                    "p_randomised": rand_p})
     return out
 
 
@@ -158,12 +158,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--negatives", type=int, default=24)
-    ap.add_argument("--margins", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--margins", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--datasets", nargs="+", default=["breast_cancer", "digits"])
     ap.add_argument("--quick", action="store_true", help="2 trials, 4 negatives, one margin, short training (smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.trials, args.negatives, args.margins = 1, 4, [0.2]
+        args.trials, args.negatives, args.margins = 1, 4, [0.1]
     torch.set_num_threads(2)
     t0 = time.time()
     results: dict[str, Any] = {"environment": environment(), "alpha": ALPHA, "datasets": {}}

@@ -94,7 +94,7 @@ class Server:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     run = _run_dir(tmp_path_factory.mktemp("served") / "run")
-    server = Server(run, "--max-rows", "500")
+    server = Server(run, "--max-rows", "500", "--watermark-margin", "0.2")
     try:
         yield run, server
     finally:
@@ -117,7 +117,7 @@ def test_served_answers_are_the_models_own_or_its_keyed_top_two_and_marked_ones_
         if mg > 0.2:
             assert a["label"] == classes[o[0]] and np.allclose(served_p, p, atol=1e-6)
         else:
-            assert a["label"] in (classes[o[0]], classes[o[1]]) and served_p.max() == pytest.approx(0.75 * (p[o[0]] + p[o[1]]), rel=1e-5)
+            assert a["label"] in (classes[o[0]], classes[o[1]]) and served_p.max() == pytest.approx(0.9 * (p[o[0]] + p[o[1]]), rel=1e-5)
     logged = read_log(run / "served_marks.jsonl", output_subkey(wm.load_key(run / "watermark.key").seed_hex))
     assert logged.columns == FEATURES and len(logged.rows) >= int((margins <= 0.2).sum()) > 0  # (the module's other requests add more)
     # CSV in, the same answers out (same rows, same keyed choices)
@@ -203,7 +203,7 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
         return subprocess.run([sys.executable, "-m", "fedseek", "watermark", "verify-outputs", "--key", str(key), "--log", str(log),
                                "--json", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
-    server = Server(run)
+    server = Server(run, "--watermark-margin", "0.2")
     try:
         answers = server.client.post("/predict", json={"rows": rows.to_dict(orient="records")}).json()["predictions"]
         endpoint = verify("--url", server.url)  # the marked endpoint replays its keyed answers
@@ -211,7 +211,7 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
         server.stop()
     assert endpoint.returncode == 0, endpoint.stderr
     res = json.loads(endpoint.stdout)
-    assert res["detected"] and res["matches"] == res["n"] >= 30 and res["p_value"] == pytest.approx(0.5 ** res["n"])
+    assert res["detected"] and res["matches"] == res["n"] == res["logged"] >= 30 and res["p_value"] == pytest.approx(0.5 ** res["n"])
     # a model trained on the served answers (its own run directory, the same card) carries the mark
     classes = ["low", "mid", "high"]
     sur_dir = _run_dir(tmp_path / "surrogate", seed=7, key=False)
@@ -249,7 +249,7 @@ def test_a_surrogate_trained_on_served_answers_carries_the_mark():
     train_local(served, train.x, train.y, num_classes=2, epochs=3, lr=0.05, batch_size=32, seed=1)
     rng = np.random.default_rng(0)
     xq = np.concatenate([train.x, train.x[rng.integers(0, len(train.x), 574)] + rng.normal(0, 0.1, (574, 30)).astype(np.float32)])
-    m = mark(predict_scores(served, xq), xq.astype(np.float64).tolist(), os.urandom(32), 0.2)
+    m = mark(predict_scores(served, xq), xq.astype(np.float64).tolist(), os.urandom(32), 0.1)
     assert m.marked.sum() >= 25
 
     def fitted(y: np.ndarray, x: np.ndarray, seed: int) -> torch.nn.Module:
@@ -258,12 +258,12 @@ def test_a_surrogate_trained_on_served_answers_carries_the_mark():
         return model
 
     surrogate = fitted(m.labels, xq, 5)
-    sur = verdict(predict_scores(surrogate, xq[m.marked]).argmax(1), m.labels[m.marked])
+    sur = verdict(predict_scores(surrogate, xq[m.marked]).argmax(1), m.labels[m.marked], m.other[m.marked])
     independent = fitted(train.y, train.x, 6)
-    ind = verdict(predict_scores(independent, xq[m.marked]).argmax(1), m.labels[m.marked])
+    ind = verdict(predict_scores(independent, xq[m.marked]).argmax(1), m.labels[m.marked], m.other[m.marked])
     assert sur.detected, sur
     assert not ind.detected and ind.p_value > 1e-3, ind
     served_acc = float((predict_scores(served, test.x).argmax(1) == test.y).mean())
-    marked_acc = float((mark(predict_scores(served, test.x), test.x.astype(np.float64).tolist(), os.urandom(32), 0.2).labels
+    marked_acc = float((mark(predict_scores(served, test.x), test.x.astype(np.float64).tolist(), os.urandom(32), 0.1).labels
                         == test.y).mean())
     assert marked_acc >= served_acc - 0.05  # the exact accuracy cost is measured in benchmarks/output_watermark.py

@@ -46,6 +46,12 @@ class TaskSpec(StrictSpec):
                              + (f"; got {', '.join(given)}" if given else ""))
         if self.test_file and not self.label_column:
             raise ValueError("test_file needs label_column")
+        if self.preprocessing is not None and self.preprocessing.scaling == "federated" and not self.test_file:
+            if not self.feature_columns:
+                raise ValueError("preprocessing.scaling: federated without a test_file needs feature_columns (the columns the sites "
+                                 "compute statistics for)")
+            if self.task == "regression" and not self.label_column:
+                raise ValueError("preprocessing.scaling: federated for a regression needs label_column (the target's statistics)")
         if self.input_shape is not None:
             if self.num_classes is None and self.task == "classification":
                 raise ValueError("input_shape needs num_classes")

@@ -19,7 +19,7 @@ def serve(
     watermark_key: Annotated[str | None, typer.Option("--watermark-key", help="Output watermark key; default RUN_DIR/watermark.key if "
                                                                               "the run has one.")] = None,
     margin: Annotated[float, typer.Option("--watermark-margin", help="Mark answers whose top-two probabilities differ by at most "
-                                                                     "this.")] = 0.2,
+                                                                     "this.")] = 0.1,
     mark_log: Annotated[str | None, typer.Option("--mark-log", help="Log of marked queries; default RUN_DIR/served_marks.jsonl.")] = None,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Serve unmarked answers even if a key exists.")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows per request.")] = 10_000,
@@ -61,8 +61,8 @@ def verify_outputs(
     if as_json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
-        print(f"matches {res.matches}/{res.n} marked queries (an independent model: at most 1/2 each); "
-              f"p-value {res.p_value:.3g} (exact binomial); alpha {res.alpha:g}")
+        print(f"matches {res.matches}/{res.n} marked queries answered with one of their pair ({res.logged} logged; "
+              f"an independent model: 1/2 each); p-value {res.p_value:.3g} (exact binomial); alpha {res.alpha:g}")
         print("DETECTED: the suspect reproduces the keyed answers" if res.detected else "not detected at this alpha")
     return 0
 

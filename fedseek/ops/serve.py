@@ -135,4 +135,4 @@ def verify_outputs(key: str, log: str, *, model: str | None = None, url: str | N
         raise ServeError(str(exc)) from None
     if len(labels) != len(logged.served):
         raise ServeError(f"the suspect answered {len(labels)} of {len(logged.served)} rows")
-    return verdict(labels, logged.served, alpha)
+    return verdict(labels, logged.served, logged.other, alpha)

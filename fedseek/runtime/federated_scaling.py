@@ -57,7 +57,8 @@ def scaling_request(task: Task) -> Request | None:
     if spec is None or spec.scaling != "federated" or task.schema is None or not task.schema.features:
         return None
     target = task.label_column if task.task_type == "regression" else None
-    return Request(numeric_features(list(task.schema.features), spec), target, dict(spec.bounds))
+    columns = [c for c in numeric_features(list(task.schema.features), spec) if c not in spec.categorical]
+    return Request(columns, target, dict(spec.bounds))
 
 
 def check_stats(m: StatsReply, req: Request) -> str:

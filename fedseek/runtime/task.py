@@ -99,7 +99,7 @@ def coordinator_task(cfg: CoordinatorConfig) -> Task:
         raise ValueError("coordinator task needs dataset, test_file, or input_shape and num_classes")
     shape = tuple(int(d) for d in t.input_shape)
     return Task(shape, int(outputs), None, cfg.name, schema_of(shape, int(outputs), t.feature_columns, t.classes, task=t.task),
-                task_type=t.task)
+                preprocess=t.preprocessing, columns=t.feature_columns, task_type=t.task, label_column=t.label_column)
 
 
 def apply_fitted(task: Task, fitted: FittedScaling) -> None:

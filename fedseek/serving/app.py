@@ -121,7 +121,7 @@ def answer(predictor: Predictor, df: Any, marker: OutputMark | None) -> tuple[di
         marked = mark(probs, rows, marker.subkey, marker.margin)
         probs, labels = marked.probs, [int(k) for k in marked.labels]
         idx = [int(i) for i in marked.marked.nonzero()[0]]
-        marker.log.append([rows[i] for i in idx], [pred.classes[labels[i]] for i in idx])
+        marker.log.append([rows[i] for i in idx], [pred.classes[labels[i]] for i in idx], [pred.classes[int(marked.other[i])] for i in idx])
         n_marked = len(idx)
     classes = pred.classes
     out = [{"label": classes[k], "probabilities": {c: float(p) for c, p in zip(classes, row, strict=True)}}

@@ -4,10 +4,10 @@ Scheme (DAWN-style keyed answer perturbation, Szyller et al., "DAWN: Dynamic Adv
 Watermarking of Neural Networks", ACM MM 2021, restricted to low-margin answers): for a query
 whose top-two class probabilities are within `margin` of each other, a keyed pseudo-random bit
 (HMAC-SHA256 of the query's canonical bytes under a subkey of the model's watermark key) picks
-which of the two classes is served, and the served probabilities put 3/4 of the pair's mass on
-it. Other queries are answered unchanged. The server logs every marked query (the raw row and
-the served class): a model trained on the answers reproduces the served class on those queries,
-an independent model agrees with the keyed choice at most half the time.
+which of the two classes is served, and the served probabilities put 90% of the pair's mass on
+it. Other queries are answered unchanged. The server logs every marked query (the raw row, the
+served class and the other one of the pair): a model trained on the answers reproduces the
+served class on those queries, an independent model picks it half the time.
 
 Why restricted to low margins: a flipped answer costs accuracy only when the original answer was
 right and the runner-up wrong; near a tie that happens about as often as the reverse, so the
@@ -15,10 +15,12 @@ expected accuracy cost per marked query is about half the margin (for a calibrat
 DAWN's uniform marking (a random wrong label on a keyed share of all queries) costs its full
 share. Detection is black-box: query the suspect on the logged marked rows.
 
-Test: with n logged marked queries and m on which the suspect answers the served class, the
-p-value is P(Binomial(n, 1/2) >= m). It is exact and conservative for any suspect that does not
-know the key: the keyed bit is a PRF output independent of the suspect, so on each query the
-suspect matches with probability 1/2 if it answers one of the two classes, 0 otherwise.
+Test: on the logged queries where the suspect answers one of the pair (n of them), count the m
+where it answers the served class; the p-value is P(Binomial(n, 1/2) >= m). For any suspect that
+does not know the key it is exact: the keyed bit is a PRF output independent of the suspect, so
+given that the suspect answers one of the two classes it matches the served one with
+probability exactly 1/2, independently across distinct queries (queries where it answers a third
+class carry no information and are left out, which keeps the null exact rather than conservative).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from typing import Any
 import numpy as np
 
 SCHEME = "fedseek-output-wm-v1"
-SHARE = 0.75  # of the top-two probability mass served for the keyed class of a marked query
-DEFAULT_MARGIN = 0.2
+SHARE = 0.9  # of the top-two probability mass served for the keyed class of a marked query
+DEFAULT_MARGIN = 0.1
 
 
 def output_subkey(seed_hex: str) -> bytes:
@@ -71,6 +73,7 @@ class Marked:
     probs: np.ndarray
     labels: np.ndarray
     marked: np.ndarray  # bool per row
+    other: np.ndarray  # per row: the other class of the top-two pair (meaningful where marked)
 
 
 def mark(probs: np.ndarray, rows: Sequence[Sequence[Any]], subkey: bytes, margin: float = DEFAULT_MARGIN) -> Marked:
@@ -78,22 +81,23 @@ def mark(probs: np.ndarray, rows: Sequence[Sequence[Any]], subkey: bytes, margin
     p = np.asarray(probs, dtype=np.float64)
     out, labels = p.copy(), p.argmax(1)
     if p.shape[1] < 2:
-        return Marked(out, labels, np.zeros(len(p), dtype=bool))
+        return Marked(out, labels, np.zeros(len(p), dtype=bool), labels.copy())
     order = np.argsort(-p, axis=1, kind="stable")
     top, second = order[:, 0], order[:, 1]
     rows_idx = np.arange(len(p))
     marked = (p[rows_idx, top] - p[rows_idx, second]) <= margin
+    other = second.copy()
     for i in np.flatnonzero(marked):
         a, b = (int(second[i]), int(top[i])) if keyed_bit(subkey, rows[int(i)]) else (int(top[i]), int(second[i]))
         mass = p[i, a] + p[i, b]
         out[i, a], out[i, b] = mass * SHARE, mass * (1.0 - SHARE)
-        labels[i] = a
-    return Marked(out, labels, marked)
+        labels[i], other[i] = a, b
+    return Marked(out, labels, marked, other)
 
 
-def entry_tag(subkey: bytes, row: Sequence[Any], served: str) -> str:
-    """An entry's authentication tag: HMAC of the row and the served class (a log cannot be extended without the key)."""
-    return hmac.new(subkey, canonical(row) + b"|" + served.encode(), hashlib.sha256).hexdigest()
+def entry_tag(subkey: bytes, row: Sequence[Any], served: str, other: str) -> str:
+    """An entry's authentication tag: HMAC of the row and the pair (a log cannot be edited or extended without the key)."""
+    return hmac.new(subkey, canonical(row) + b"|" + json.dumps([served, other]).encode(), hashlib.sha256).hexdigest()
 
 
 class MarkLog:
@@ -110,14 +114,14 @@ class MarkLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"scheme": SCHEME, "columns": self.columns}) + "\n")
 
-    def append(self, rows: Sequence[Sequence[Any]], labels: Sequence[str]) -> None:
-        """Record marked queries (rows in the model card's column order, served class names)."""
+    def append(self, rows: Sequence[Sequence[Any]], labels: Sequence[str], others: Sequence[str]) -> None:
+        """Record marked queries (rows in the model card's column order; served class and the other of the pair, by name)."""
         if not len(rows):
             return
         now = time.time()
-        lines = "".join(json.dumps({"time": now, "row": [_jsonable(v) for v in r], "served": str(c),
-                                    "tag": entry_tag(self._subkey, r, str(c))}) + "\n"
-                        for r, c in zip(rows, labels, strict=True))
+        lines = "".join(json.dumps({"time": now, "row": [_jsonable(v) for v in r], "served": str(c), "other": str(o),
+                                    "tag": entry_tag(self._subkey, r, str(c), str(o))}) + "\n"
+                        for r, c, o in zip(rows, labels, others, strict=True))
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
@@ -140,6 +144,7 @@ class LoggedMarks:
     columns: list[str]
     rows: list[list[Any]]
     served: list[str]
+    other: list[str]
 
 
 def read_log(path: str | Path, subkey: bytes) -> LoggedMarks:
@@ -152,6 +157,7 @@ def read_log(path: str | Path, subkey: bytes) -> LoggedMarks:
     columns: list[str] | None = None
     rows: list[list[Any]] = []
     served: list[str] = []
+    others: list[str] = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -162,16 +168,17 @@ def read_log(path: str | Path, subkey: bytes) -> LoggedMarks:
                     raise ValueError
                 columns = [str(c) for c in rec["columns"]]
                 continue
-            row, label, tag = list(rec["row"]), str(rec["served"]), str(rec["tag"])
+            row, label, other, tag = list(rec["row"]), str(rec["served"]), str(rec["other"]), str(rec["tag"])
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError(f"{p}: line {i} is not a {SCHEME} mark-log record") from None
-        if not hmac.compare_digest(tag, entry_tag(subkey, row, label)):
+        if not hmac.compare_digest(tag, entry_tag(subkey, row, label, other)):
             raise ValueError(f"{p}: line {i}: its tag does not match this key (another key's log, or an edited entry)")
         rows.append(row)
         served.append(label)
+        others.append(other)
     if columns is None:
         raise ValueError(f"{p}: empty mark log")
-    return LoggedMarks(columns, rows, served)
+    return LoggedMarks(columns, rows, served, others)
 
 
 @dataclass(frozen=True)
@@ -179,9 +186,10 @@ class OutputVerdict:
     """The result of testing a suspect on the logged marked queries."""
 
     matches: int
-    n: int
+    n: int  # logged queries on which the suspect answered one of the pair (the test's trials)
     p_value: float
     alpha: float
+    logged: int = 0  # every logged marked query
 
     @property
     def detected(self) -> bool:
@@ -190,8 +198,9 @@ class OutputVerdict:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"scheme": SCHEME, "matches": self.matches, "n": self.n, "p_value": self.p_value, "alpha": self.alpha,
-                "detected": self.detected, "null": "Binomial(n, 1/2) upper tail (exact, conservative)"}
+        return {"scheme": SCHEME, "matches": self.matches, "n": self.n, "logged": self.logged, "p_value": self.p_value,
+                "alpha": self.alpha, "detected": self.detected,
+                "null": "Binomial(n, 1/2) upper tail over the logged queries answered with one of the pair (exact)"}
 
 
 def p_value(matches: int, n: int) -> float:
@@ -201,7 +210,11 @@ def p_value(matches: int, n: int) -> float:
     return float(binom.sf(matches - 1, n, 0.5)) if n else 1.0
 
 
-def verdict(suspect_labels: Sequence[Any], served: Sequence[Any], alpha: float = 1e-6) -> OutputVerdict:
-    """Compare a suspect's answers on the logged marked queries with the classes served (compared as text)."""
-    m = sum(1 for a, b in zip(suspect_labels, served, strict=True) if str(a) == str(b))
-    return OutputVerdict(matches=m, n=int(len(served)), p_value=p_value(m, int(len(served))), alpha=alpha)
+def verdict(suspect_labels: Sequence[Any], served: Sequence[Any], other: Sequence[Any], alpha: float = 1e-6) -> OutputVerdict:
+    """Compare a suspect's answers on the logged marked queries with the served classes (labels compared as text)."""
+    n = m = 0
+    for a, s, o in zip(suspect_labels, served, other, strict=True):
+        if str(a) in (str(s), str(o)):
+            n += 1
+            m += str(a) == str(s)
+    return OutputVerdict(matches=m, n=n, p_value=p_value(m, n), alpha=alpha, logged=len(served))
