@@ -312,9 +312,9 @@ def test_shipped_diabetes_regression_matches_a_pooled_linear_regression(tmp_path
     pooled = r2_score(data.test.y, LinearRegression().fit(data.train.x, data.train.y).predict(data.test.x))
     summary = json.loads((out / "summary.json").read_text())
     pd.DataFrame(data.test.x, columns=FEATURES).to_csv(tmp_path / "test.csv", index=False)
-    res = subprocess.run([sys.executable, "-m", "fedseek", "predict", "--model", str(out), "--input", str(tmp_path / "test.csv"),
-                          "--out", str(tmp_path / "pred.csv")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    from fedseek.ops.predict import predict_table  # what `fedseek predict` runs (its CLI is tested in test_own_data.py)
+
+    predict_table(out, tmp_path / "test.csv", tmp_path / "pred.csv")
     fed = r2_score(data.test.y, pd.read_csv(tmp_path / "pred.csv")["predicted"])
     print(f"diabetes: fedseek R² {fed:.4f} (summary {summary['final']['r2']:.4f}); pooled linear regression {pooled:.4f}")
     assert fed == pytest.approx(summary["final"]["r2"], abs=1e-4)

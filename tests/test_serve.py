@@ -192,16 +192,20 @@ def test_https_with_a_certificate_and_int8(tmp_path):
     assert "https://127.0.0.1" in out and "output watermark: off" in out
 
 
-def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_not_an_independent_one(tmp_path):
+def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_not_an_independent_one(tmp_path, capsys):
+    """`fedseek watermark verify-outputs` through the CLI's entry point in-process (the same code as the console script)."""
+    from fedseek.ops.cli import main
     from fedseek.train.local import train_local
 
     run = _run_dir(tmp_path / "run")
     log, key = run / "served_marks.jsonl", run / "watermark.key"
     rows = _rows(400, seed=2)
 
-    def verify(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fedseek", "watermark", "verify-outputs", "--key", str(key), "--log", str(log),
-                               "--json", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    def verify(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["watermark", "verify-outputs", "--key", str(key), "--log", str(log), "--json", *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
     server = Server(run, "--watermark-margin", "0.2")
     try:
@@ -209,8 +213,8 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
         endpoint = verify("--url", server.url)  # the marked endpoint replays its keyed answers
     finally:
         server.stop()
-    assert endpoint.returncode == 0, endpoint.stderr
-    res = json.loads(endpoint.stdout)
+    assert endpoint[0] == 0, endpoint[2]
+    res = json.loads(endpoint[1])
     assert res["detected"] and res["matches"] == res["n"] == res["logged"] >= 30 and res["p_value"] == pytest.approx(0.5 ** res["n"])
     # a model trained on the served answers (its own run directory, the same card) carries the mark
     classes = ["low", "mid", "high"]
@@ -222,20 +226,20 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
     train_local(surrogate, x, np.array([classes.index(a["label"]) for a in answers]), num_classes=3, epochs=300, lr=0.1,
                 batch_size=32, momentum=0.9, seed=7)
     torch.save(surrogate.state_dict(), sur_dir / "model.pt")
-    sur = json.loads(verify("--model", str(sur_dir)).stdout)
+    sur = json.loads(verify("--model", str(sur_dir))[1])
     assert sur["detected"], sur
     # the served model's own weights do not reproduce the keyed answers (a copied weight file is the weight watermark's case),
     # nor does an independent model
     for other in (run, _run_dir(tmp_path / "other", seed=11, key=False)):
-        indep = json.loads(verify("--model", str(other)).stdout)
+        indep = json.loads(verify("--model", str(other))[1])
         assert not indep["detected"] and indep["p_value"] > 1e-3, indep
     # a log edited after the fact (or another key's) is refused with one line
     lines = log.read_text().splitlines()
     entry = json.loads(lines[1])
     entry["served"] = "low" if entry["served"] != "low" else "mid"
     log.write_text("\n".join([lines[0], json.dumps(entry), *lines[2:]]) + "\n")
-    bad = verify("--model", str(run))
-    assert bad.returncode == 2 and "line 2: its tag does not match this key" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    code, _, err = verify("--model", str(run))
+    assert code == 2 and "line 2: its tag does not match this key" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_surrogate_trained_on_served_answers_carries_the_mark():
