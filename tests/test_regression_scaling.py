@@ -92,7 +92,6 @@ def test_regression_label_problems_are_one_line_data_errors(tmp_path):
     ({"selection": {"metric": "accuracy"}}, "selection.metric 'accuracy' is for classification"),
     ({"train": {"class_weighting": "balanced"}}, "class_weighting applies to classification"),
     ({"watermark": {"enabled": True}}, "not available with task: regression"),
-    ({"evaluation": {"every": 1}}, "evaluation.every"),
     ({"partition": {"scheme": "dirichlet"}}, "dirichlet splits by class"),
 ])
 def test_settings_that_need_classes_are_refused_for_a_regression(tmp_path, over, message):
@@ -257,6 +256,49 @@ def test_under_dp_each_site_pays_for_the_statistics_once_and_stays_within_budget
         assert led.epsilon() <= 3.0
     assert summary.privacy.max_epsilon is not None and summary.privacy.max_epsilon <= 3.0
     assert summary.rounds_completed == 2
+
+
+def test_the_private_federated_evaluation_of_a_regression_pools_the_sites_held_out_errors(tmp_path):
+    """Non-DP: the pooled MSE / MAE / R² equal the final model's on the sites' held-out rows (in the target's units).
+    DP: each site charges its evaluation ledger, the figures are noisy and the reply contract holds."""
+    import torch
+
+    from fedseek.runtime.site_runtime import resolve_site, scaled_rows
+    from fedseek.train.local import predict_values, regression_metrics
+    from fedseek.train.models import build_model
+    from fedseek.wire.records import FittedScaling
+
+    scen, out = _scenario(tmp_path, rounds=2, evaluation={"every": 1, "holdout_fraction": 0.2}), tmp_path / "out"
+    _, summary = _coordinate(scen, out, [1, 2, 3])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fed = rows[-1]["federated"]
+    assert fed["evaluated"] == 3 and not fed["noisy"] and fed["accuracy"] is None
+    card = json.loads((out / "model.json").read_text())
+    model = build_model("mlp", (10,), 1, card["hidden"], seed=0)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    assert summary.scaling is not None
+    fitted = FittedScaling(mean=summary.scaling.mean, std=summary.scaling.std)
+    preds, ys = [], []
+    for pid in range(3):
+        site = resolve_site(_site(scen, out, pid)[1])
+        assert site.x_eval is not None and site.y_eval is not None and len(site.y_eval) > 0
+        x, y = scaled_rows(site, site.x_eval, site.y_eval, fitted)
+        preds.append(predict_values(model, x))
+        ys.append(y)
+    mean, std = card["target_scale"]
+    exact = regression_metrics(np.concatenate(preds) * std + mean, np.concatenate(ys) * std + mean)
+    assert fed["loss"] == pytest.approx(exact["loss"], rel=1e-4) and fed["mae"] == pytest.approx(exact["mae"], rel=1e-4)
+    assert fed["r2"] == pytest.approx(exact["r2"], rel=1e-3, abs=1e-3)
+
+    from fedseek.privacy import PrivacyLedger
+
+    scen_dp = _scenario(tmp_path, private=True, evaluation={"every": 1, "holdout_fraction": 0.2})
+    _, dps = _coordinate(scen_dp, tmp_path / "dp", [1, 2, 3])
+    drow = json.loads((tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()[-1])["federated"]
+    assert drow["evaluated"] == 3 and drow["noisy"] and drow["loss"] is not None and drow["loss_std"] > 0
+    led = PrivacyLedger(tmp_path / "dp" / "sites" / "site-000", accountant="rdp", delta=1e-3, epsilon_budget=3.0, site="site-000",
+                        kind="evaluation")
+    assert [r.server_round for r in led.rounds] == [1, 2] and 0 < led.epsilon() <= 3.0
 
 
 def test_a_site_lying_about_its_statistics_is_rejected_and_the_others_are_pooled(tmp_path):

@@ -232,8 +232,8 @@ class SelectionSpec(StrictSpec):
     def _patience_needs_metric(self) -> SelectionSpec:
         if self.patience is not None and self.metric == "last":
             raise ValueError("patience needs a metric to watch (accuracy, balanced_accuracy, auc, loss; r2, rmse, mae), not 'last'")
-        if self.source == "federated" and self.metric not in ("last", "accuracy", "balanced_accuracy", "loss"):
-            raise ValueError(f"the federated evaluation reports accuracy, balanced_accuracy and loss, not {self.metric}")
+        if self.source == "federated" and self.metric == "auc":
+            raise ValueError("the federated evaluation reports accuracy, balanced_accuracy, loss (and r2, rmse, mae), not auc")
         return self
 
 
@@ -252,9 +252,6 @@ def check_task_fit(fed: FederationSpec, task: str) -> None:
             raise ValueError("train.class_weighting applies to classification; task: regression has no classes")
         if fed.watermark.enabled:
             raise ValueError("watermark: the trigger-set watermark marks class answers; it is not available with task: regression")
-        if fed.evaluation.every > 0:
-            raise ValueError("evaluation.every: the private federated evaluation releases per-class counts and is not built for "
-                             "task: regression yet; set evaluation.every: 0 (the central test table still evaluates every round)")
     elif metric in REGRESSION_METRICS:
         raise ValueError(f"selection.metric {metric!r} is for task: regression; for classification use "
                          f"{', '.join(CLASSIFICATION_METRICS + ('loss',))} or last")

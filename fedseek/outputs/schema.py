@@ -116,6 +116,9 @@ class FederatedEvalRow(_Record):
     loss: float | None = None  # sum(clipped loss sums) / sum(counts), clipped to [0, max loss_clip]
     loss_std: float | None = None
     count: float | None = None  # pooled (noisy) held-out count
+    r2: float | None = None  # regression: 1 - pooled MSE / pooled target variance (loss is the MSE)
+    rmse: float | None = None
+    mae: float | None = None
     num_examples: int = 0  # pooled public held-out size
     noisy: bool = False  # some site added DP noise: every estimate is a noisy one
     bytes_down: int = 0  # the global model sent to the evaluating sites

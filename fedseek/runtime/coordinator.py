@@ -63,7 +63,8 @@ class Coordinator:
         self.book = RunBook()
         self.evaluator = FederatedEvaluator(
             grid, self.nodes, self.audit, meta=self.meta, run_id=plan.run_id, timeout_s=cfg.round_timeout_s,
-            downlink=cfg.compression.downlink, data_schema=plan.task.schema) if cfg.evaluation.every > 0 else None
+            downlink=cfg.compression.downlink, data_schema=plan.task.schema,
+            target_std=task.target_scale[1] if task.target_scale else None) if cfg.evaluation.every > 0 else None
         self.watermark: WatermarkStage | None = None
         if cfg.watermark.enabled:  # imported only when used: scipy.stats alone takes ~1 s
             from fedseek.runtime.watermarking import WatermarkStage
@@ -141,6 +142,7 @@ class Coordinator:
         apply_fitted(self.plan.task, self.scaling.fitted)
         if self.evaluator is not None:
             self.evaluator.scaling = self.scaling.fitted
+            self.evaluator.target_std = self.plan.task.target_scale[1] if self.plan.task.target_scale else None
         return True
 
     def run_round(self, rnd: int) -> MetricsRow | None:

@@ -58,8 +58,23 @@ def due(rnd: int, every: int, last_round: int) -> bool:
 
 
 # ---------------------------------------------------------------------------- validation
+def _target_problem(m: EvalMetrics) -> str:
+    """Why a regression site's four normalised sums cannot come from its held-out records ("" when they can)."""
+    n, slack = m.num_examples, (Z_MAX * m.noise_std if m.noise_std > 0 else EXACT_TOL)
+    sums = m.target_sums or []
+    for k, v in enumerate(sums):
+        low = -n - slack if k == 2 else -slack  # the target's sum may be negative; the others are sums of non-negative terms
+        if not low <= v <= n + slack:
+            return f"target sum {k}: {v:.6g} outside [{-n if k == 2 else 0}, {n}] beyond the noise (std {m.noise_std:g})"
+    if len(m.class_counts) != 1 or abs(m.class_counts[0] - n) > 0.5:
+        return f"a regression reply's count must be its held-out size {n}"
+    return ""
+
+
 def _range_problem(m: EvalMetrics) -> str:
     """Why released values cannot come from a held-out split of m.num_examples records ("" when they can)."""
+    if m.target_sums is not None:
+        return _target_problem(m)
     n, s, clip = m.num_examples, m.noise_std, m.loss_clip
     slack = Z_MAX * s if s > 0 else EXACT_TOL
     for k, (c, r) in enumerate(zip(m.class_counts, m.class_correct, strict=True)):
@@ -74,7 +89,7 @@ def _range_problem(m: EvalMetrics) -> str:
     return ""
 
 
-def check_reply(content: RecordDict, num_classes: int) -> tuple[str, EvalMetrics | None]:
+def check_reply(content: RecordDict, num_classes: int, regression: bool = False) -> tuple[str, EvalMetrics | None]:
     """One evaluation reply against the contract: ("", metrics) when poolable, (reason, None) otherwise."""
     if METRICS not in content.metric_records:
         return "no 'metrics' record in evaluation reply", None
@@ -84,6 +99,8 @@ def check_reply(content: RecordDict, num_classes: int) -> tuple[str, EvalMetrics
         return str(exc)[:300], None
     if len(m.class_counts) != num_classes:
         return f"evaluation metrics carry {len(m.class_counts)} classes, the model has {num_classes}", None
+    if regression != (m.target_sums is not None):
+        return ("a regression model's evaluation needs target-sums" if regression else "target-sums in a classifier's evaluation"), None
     problem = _range_problem(m)
     return (problem, None) if problem else ("", m)
 
@@ -119,6 +136,27 @@ class Pooled:
     count: float | None = None
     num_examples: int = 0
     noisy: bool = False
+    r2: float | None = None  # regression: 1 - MSE / variance of the pooled targets
+    rmse: float | None = None
+    mae: float | None = None
+
+
+def pool_regression(answers: Sequence[EvalMetrics], target_std: float | None) -> Pooled:
+    """Regression: the sites' normalised sums back in the model's units (each site's own loss_clip L), pooled, then in the
+    target's units (times target_std when the target was standardised). loss = MSE; its noise std sqrt(sum (L s)^2) / N."""
+    n = sum(m.num_examples for m in answers)
+    if n <= 0:
+        return Pooled(num_examples=0)
+    scale = target_std if target_std is not None else 1.0
+    sse = sum(m.loss_clip * (m.target_sums or [0.0])[0] for m in answers)
+    sae = sum(math.sqrt(m.loss_clip) * (m.target_sums or [0.0, 0.0])[1] for m in answers)
+    sy = sum(math.sqrt(m.loss_clip) * (m.target_sums or [0.0] * 3)[2] for m in answers)
+    syy = sum(m.loss_clip * (m.target_sums or [0.0] * 4)[3] for m in answers)
+    mse, mae = max(sse / n, 0.0), max(sae / n, 0.0)
+    var = syy / n - (sy / n) ** 2
+    loss_std = math.sqrt(sum((m.loss_clip * m.noise_std) ** 2 for m in answers)) / n * scale**2
+    return Pooled(loss=mse * scale**2, loss_std=loss_std, count=float(n), num_examples=n, noisy=any(m.noise_std > 0 for m in answers),
+                  r2=1.0 - mse / var if var > 0 else None, rmse=math.sqrt(mse) * scale, mae=mae * scale)
 
 
 def _balanced(answers: Sequence[EvalMetrics]) -> tuple[float | None, float | None]:
@@ -163,11 +201,17 @@ class FederatedEvaluator:
     """Sends EVALUATE messages through the Grid, validates and pools the replies, audits what was not pooled."""
 
     def __init__(self, grid: Grid, nodes: NodeTracker, audit: Audit, *, meta: ModelMeta, run_id: str, timeout_s: float,
-                 downlink: str = "none", data_schema: DataSchema | None = None) -> None:
+                 downlink: str = "none", data_schema: DataSchema | None = None, target_std: float | None = None) -> None:
         self.grid, self.nodes, self.audit = grid, nodes, audit
         self.meta, self.run_id, self.timeout_s, self.downlink = meta, run_id, timeout_s, downlink
         self.data_schema = data_schema  # announced with every request; a site whose data differs refuses
         self.scaling: FittedScaling | None = None  # scaling: federated: the fitted statistics, sent with every request
+        self.target_std = target_std  # regression with a standardised target: pooled errors back in the target's units
+
+    @property
+    def regression(self) -> bool:
+        """True when the model predicts a number."""
+        return self.meta.task == "regression"
 
     def targets(self, excluded: Collection[str]) -> list[int]:
         """Connected, identified nodes whose site is not excluded nor backing off after time-outs (NodeTracker.targets)."""
@@ -188,14 +232,15 @@ class FederatedEvaluator:
         msgs, bytes_down = self.messages(rnd, model, nodes)
         replies = send_and_receive(self.grid, msgs, timeout=self.timeout_s) if msgs else []
         sites, answers = self.collect(msgs, replies)
-        pooled = pool(answers)
+        pooled = pool_regression(answers, self.target_std) if self.regression else pool(answers)
         statuses = [s.status for s in sites.values()]
         row = FederatedEvalRow(round=rnd, seconds=time.time() - t0, sampled=len(nodes), evaluated=len(answers),
                                refused=statuses.count("refused"), rejected=statuses.count("rejected"), failed=statuses.count("failed"),
                                timed_out=statuses.count("timed_out"), bytes_down=bytes_down, sites=sites, **asdict(pooled))
         self._audit(rnd, row)
-        flwr_log("federated evaluation after round %d: accuracy %s (%d of %d sites%s)", rnd,
-                 "n/a" if row.accuracy is None else f"{row.accuracy:.4f} ± {row.accuracy_std or 0.0:.4f}", row.evaluated, row.sampled,
+        shown = (("R² " + ("n/a" if row.r2 is None else f"{row.r2:.4f}")) if self.regression
+                 else "accuracy " + ("n/a" if row.accuracy is None else f"{row.accuracy:.4f} ± {row.accuracy_std or 0.0:.4f}"))
+        flwr_log("federated evaluation after round %d: %s (%d of %d sites%s)", rnd, shown, row.evaluated, row.sampled,
                  ", DP-noised" if row.noisy else "")
         return row
 
@@ -226,7 +271,7 @@ class FederatedEvaluator:
         refused = refusal_reason(reply.content)
         if refused is not None:
             return _refusal_view(reply.content, refused), None
-        reason, metrics = check_reply(reply.content, self.meta.num_classes)
+        reason, metrics = check_reply(reply.content, self.meta.num_classes, self.regression)
         if metrics is None:
             return SiteEval(status="rejected", reason=reason), None
         return site_estimate(metrics), metrics

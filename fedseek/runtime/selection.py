@@ -48,7 +48,7 @@ class Selection:
         fed = row.federated
         if fed is None or not fed.evaluated:
             return None
-        return {k: float(v) for k in ("accuracy", "balanced_accuracy", "loss") if (v := getattr(fed, k)) is not None}
+        return {k: float(v) for k in ("accuracy", "balanced_accuracy", "loss", "r2", "rmse", "mae") if (v := getattr(fed, k)) is not None}
 
     def observe(self, rnd: int, central: dict[str, float] | None, arrays: Arrays) -> bool:
         """Record round `rnd`'s metrics (None: not judged this round); True when the run should stop early (patience used up)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from flwr.app import Context, Message, RecordDict
 from fedseek.privacy.sampling import secure_uniform
 from fedseek.runtime.site_privacy import open_ledger
 from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, scaled_rows, scaling_refusal, schema_refusal
-from fedseek.train.local import predict_scores
+from fedseek.train.local import predict_scores, predict_values
 from fedseek.train.models import build_model
 from fedseek.wire.records import CONFIG, METRICS, SITE, EvalConfig, EvalMetrics, RefusalMetrics, refusal_content, site_record
 from fedseek.wire.transfer import unpack_global
@@ -37,6 +38,15 @@ def holdout_counts(scores: np.ndarray, y: np.ndarray, num_classes: int, loss_cli
     return counts, correct, float(np.minimum(losses, loss_clip).sum())
 
 
+def regression_sums(pred: np.ndarray, y: np.ndarray, loss_clip: float) -> np.ndarray:
+    """The four normalised sums a regression site releases (each record moves each by at most 1): squared and absolute
+    errors and the target and its square, clipped at loss_clip (squares) and sqrt(loss_clip), divided by those bounds."""
+    e = np.asarray(pred, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    t, root = np.asarray(y, dtype=np.float64), math.sqrt(loss_clip)
+    return np.array([np.minimum(e**2, loss_clip).sum() / loss_clip, np.minimum(np.abs(e), root).sum() / root,
+                     np.clip(t, -root, root).sum() / root, np.minimum(t**2, loss_clip).sum() / loss_clip])
+
+
 def secure_normal(n: int) -> np.ndarray:
     """n standard normal draws from the OS CSPRNG (Box-Muller over os.urandom uniforms)."""
     u = secure_uniform(2 * n).reshape(2, n)
@@ -51,8 +61,6 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     reason = schema_refusal(site, cfg.data_schema) or scaling_refusal(site, cfg.scaling)
     if reason is not None:
         return _refuse(msg, site, reason)
-    if cfg.model.task == "regression":
-        return _refuse(msg, site, "the private federated evaluation releases per-class counts; it is not built for regression")
     if site.y_eval is None or len(site.y_eval) == 0:
         return _refuse(msg, site, "no held-out evaluation split at this site (holdout_fraction is 0): training records are never evaluated")
     meta = cfg.model
@@ -61,7 +69,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
     clip = site.privacy.evaluation.loss_clip if site.privacy is not None else 50.0
     assert site.x_eval is not None
-    x_eval, _ = scaled_rows(site, site.x_eval, site.y_eval, cfg.scaling)
+    x_eval, y_eval = scaled_rows(site, site.x_eval, site.y_eval, cfg.scaling)
+    if cfg.model.task == "regression":
+        return _regression(msg, site, cfg, regression_sums(predict_values(model, x_eval), y_eval, clip), clip)
     counts, correct, loss_sum = holdout_counts(predict_scores(model, x_eval), site.y_eval, site.num_classes, clip)
     if site.privacy is None:
         out = EvalMetrics(num_examples=len(site.y_eval), class_counts=counts.tolist(), class_correct=correct.tolist(),
@@ -70,9 +80,27 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return _private_release(msg, site, cfg, counts, correct, loss_sum, clip)
 
 
-def _private_release(msg: Message, site: SiteRuntime, cfg: EvalConfig, counts: np.ndarray, correct: np.ndarray, loss_sum: float,
-                     clip: float) -> Message:
-    """Charge one Gaussian release to the evaluation ledger (under its lock), then add the noise it paid for."""
+def _regression(msg: Message, site: SiteRuntime, cfg: EvalConfig, sums: np.ndarray, clip: float) -> Message:
+    """A regression site's evaluation: the four normalised sums, exact, or under DP with noise charged to the evaluation ledger."""
+    n = len(site.y_eval) if site.y_eval is not None else 0
+    if site.privacy is None:
+        return _reply(msg, site, EvalMetrics(num_examples=n, class_counts=[float(n)], class_correct=[0.0], loss_sum=float(sums[0] * clip),
+                                             loss_clip=clip, target_sums=sums.tolist(), noise_std=0.0))
+    charged = _charge(msg, site, cfg)
+    if isinstance(charged, Message):
+        return charged
+    sigma, eps, ledger = charged
+    std = float(sigma) * 2.0  # four sums, each moved by at most 1: L2 sensitivity 2
+    noisy = sums + secure_normal(4) * std
+    log.info("site %s regression evaluation round %d: sigma %.3f (noise std %.3f) -> evaluation epsilon %.4f", site.name,
+             cfg.server_round, sigma, std, eps)
+    return _reply(msg, site, EvalMetrics(num_examples=n, class_counts=[float(n)], class_correct=[0.0], loss_sum=float(noisy[0] * clip),
+                                         loss_clip=clip, target_sums=noisy.tolist(), noise_std=std, epsilon=eps, delta=ledger.delta,
+                                         epsilon_budget=ledger.epsilon_budget))
+
+
+def _charge(msg: Message, site: SiteRuntime, cfg: EvalConfig) -> tuple[float, float, Any] | Message:
+    """Charge one Gaussian release to the evaluation ledger (under its lock): (sigma, epsilon after, ledger), or the refusal."""
     from fedseek.privacy import BudgetExceeded, LedgerError
 
     pol = site.privacy
@@ -90,6 +118,16 @@ def _private_release(msg: Message, site: SiteRuntime, cfg: EvalConfig, counts: n
         return _refuse(msg, site, f"evaluation: {exc}", ledger)
     except LedgerError as exc:
         return _refuse(msg, site, f"evaluation ledger: {exc}")
+    return float(sigma), float(eps), ledger
+
+
+def _private_release(msg: Message, site: SiteRuntime, cfg: EvalConfig, counts: np.ndarray, correct: np.ndarray, loss_sum: float,
+                     clip: float) -> Message:
+    """Charge one Gaussian release to the evaluation ledger (under its lock), then add the noise it paid for."""
+    charged = _charge(msg, site, cfg)
+    if isinstance(charged, Message):
+        return charged
+    sigma, eps, ledger = charged
     std = float(sigma) * SENSITIVITY
     k = len(counts)
     z = secure_normal(2 * k + 1) * std

@@ -207,6 +207,12 @@ class EvalMetrics(_Wire):
     sum by at most 1, 1 and `loss_clip`/`loss_clip`), charged to the site's evaluation ledger;
     a non-DP site replies exact values and `noise_std` 0. `num_examples` (the held-out size) is
     public: it follows from the public record count and the site's declared holdout fraction.
+
+    A regression site instead releases `target_sums`: with L = loss_clip, the sums over its held-out
+    records of min(e^2, L)/L, min(|e|, sqrt L)/sqrt L, clip(y, +-sqrt L)/sqrt L and min(y^2, L)/L
+    (e the residual, y the target, in the model's units): one record moves each by at most 1
+    (sensitivity 2), each with noise std `noise_std` under DP; `class_counts` is then [num_examples]
+    and `class_correct` [0], exact (the held-out size is public).
     """
 
     num_examples: int = Field(alias="num-examples", ge=0, le=MAX_EXAMPLES)
@@ -214,6 +220,7 @@ class EvalMetrics(_Wire):
     class_correct: list[Annotated[float, Field(ge=-MAX_REAL, le=MAX_REAL)]] = Field(alias="class-correct", max_length=10000)
     loss_sum: float = Field(alias="loss-sum", ge=-MAX_REAL, le=MAX_REAL)
     loss_clip: float = Field(alias="loss-clip", gt=0, le=MAX_REAL)
+    target_sums: list[Annotated[float, Field(ge=-MAX_REAL, le=MAX_REAL)]] | None = Field(None, alias="target-sums", max_length=4)
     noise_std: float = Field(0.0, alias="noise-std", ge=0, le=MAX_REAL)
     epsilon: float | None = Field(None, ge=0, le=MAX_EPSILON)
     delta: float | None = Field(None, ge=0, le=1)
@@ -229,6 +236,8 @@ class EvalMetrics(_Wire):
         parsed: EvalMetrics = cls._parse(dict(rec), "evaluation metrics")
         if len(parsed.class_counts) != len(parsed.class_correct):
             raise RecordError("evaluation metrics key 'class-correct': length differs from 'class-counts'")
+        if parsed.target_sums is not None and len(parsed.target_sums) != 4:
+            raise RecordError("evaluation metrics key 'target-sums': 4 values expected")
         return parsed
 
 

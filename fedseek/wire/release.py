@@ -54,6 +54,8 @@ EVAL_REPLY: dict[str, tuple[Status, str]] = {
     "class_correct": ("dp", "same Gaussian release as class_counts"),
     "loss_sum": ("dp", "same Gaussian release (clipped per record to loss_clip)"),
     "loss_clip": ("public", "the site's declared policy"),
+    "target_sums": ("dp", ("regression: four clipped, normalised sums (sensitivity 2), one Gaussian release charged to the "
+                          "evaluation ledger")),
     "noise_std": ("public", _POLICY),
     "epsilon": ("public", _POLICY),
     "delta": ("public", "the site's declared policy"),
