@@ -162,6 +162,41 @@ def test_a_dp_site_charges_its_ledger_before_it_releases_noisy_clipped_sums(tmp_
     assert len(PrivacyLedger(ledger.path.parent, accountant="rdp", delta=1e-3, epsilon_budget=3.0, site="site-000").history) == 1
 
 
+def test_a_coordinator_asking_again_pays_again_until_the_site_refuses(tmp_path):
+    """A hostile coordinator that repeats the statistics request (to average the noise away) is charged every time."""
+    from clients.app import app
+    from fedseek.privacy import PrivacyLedger
+
+    scen = _scenario(tmp_path, private=True, privacy={"epsilon_budget": 1.0, "delta": 1e-3, "scaling_epsilon": 0.5})
+    bounds = {k: tuple(v) for k, v in load_scenario(scen).data.preprocess.bounds.items()}
+    _, ctx = _site(scen, tmp_path / "out")
+    reasons = []
+    for i in range(6):
+        reply = app(_stats_message(StatsRequest(run_id=f"r{i}", columns=FEATURES, bounds=bounds)), ctx)
+        reasons.append(refusal_reason(reply.content))
+    led = PrivacyLedger(tmp_path / "out" / "sites" / "site-000", accountant="rdp", delta=1e-3, epsilon_budget=1.0, site="site-000")
+    answered = sum(r is None for r in reasons)
+    assert 1 <= answered < 6 and len(led.history) == answered and led.epsilon() <= 1.0
+    assert all("scaling statistics:" in str(r) for r in reasons[answered:])
+
+
+def test_regression_evaluation_replies_that_cannot_be_true_are_rejected():
+    from fedseek.runtime.federated_eval import check_reply
+    from fedseek.wire.records import EvalMetrics
+
+    def content(**kw: object) -> RecordDict:
+        base = {"num_examples": 10, "class_counts": [10.0], "class_correct": [0.0], "loss_sum": 1.0, "loss_clip": 50.0}
+        return RecordDict({METRICS: EvalMetrics(**{**base, **kw}).to_record()})
+
+    assert check_reply(content(target_sums=[1.0, 2.0, -3.0, 4.0]), 1, regression=True)[0] == ""
+    assert "outside" in check_reply(content(target_sums=[11.5, 2.0, 0.0, 4.0]), 1, regression=True)[0]
+    assert "outside" in check_reply(content(target_sums=[1.0, 2.0, -30.0, 4.0]), 1, regression=True)[0]
+    assert "needs target-sums" in check_reply(content(), 1, regression=True)[0]
+    assert "held-out size" in check_reply(content(class_counts=[3.0], target_sums=[1.0, 1.0, 1.0, 1.0]), 1, regression=True)[0]
+    assert "in a classifier's evaluation" in check_reply(content(class_counts=[5.0, 5.0], class_correct=[1.0, 1.0],
+                                                                 target_sums=[1.0, 1.0, 1.0, 1.0]), 2)[0]
+
+
 def test_a_site_refuses_statistics_of_rows_it_already_scales(tmp_path):
     from clients.app import app
 
