@@ -1,4 +1,4 @@
-"""`fedseek serve RUN_DIR` and `fedseek watermark verify-outputs`."""
+"""`fedseek serve RUN_DIR`, `fedseek quantize RUN_DIR` and `fedseek watermark verify-outputs`."""
 
 from __future__ import annotations
 
@@ -67,7 +67,31 @@ def verify_outputs(
     return 0
 
 
+def quantize(
+    run_dir: Annotated[str, typer.Argument(help="A finished run's directory (model.pt + model.json).")],
+    out: Annotated[str | None, typer.Option("--out", help="Output directory; default RUN_DIR/int8.")] = None,
+    calibration: Annotated[str, typer.Option("--calibration", help="Calibration rows for a CNN: 'synthetic' (no records) or a "
+                                                                   "table (.csv/.parquet) read with the model card.")] = "synthetic",
+    rows: Annotated[int, typer.Option("--rows", help="Calibration rows to use.")] = 512,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output directory.")] = False,
+) -> int:
+    """INT8 post-training quantization of a run's model (dynamic for linear layers, static with calibration for a CNN)."""
+    from fedseek.serving.quantize import QuantizeError, quantize_run
+
+    try:
+        res = quantize_run(run_dir, out, calibration=calibration, rows=rows, force=force)
+    except QuantizeError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    ratio = res.fp32_bytes / max(res.int8_bytes, 1)
+    size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger: the TorchScript code outweighs a model this small"
+    print(f"INT8 ({res.mode}) model: {res.out_dir / 'model_int8.pt'}  {res.fp32_bytes:,} -> {res.int8_bytes:,} bytes ({size}); "
+          f"calibration: {res.calibration}")
+    return 0
+
+
 def register(app: typer.Typer, watermark_app: typer.Typer) -> None:
-    """Add `serve` to the root command and `verify-outputs` to the watermark group."""
+    """Add `serve` and `quantize` to the root command and `verify-outputs` to the watermark group."""
     app.command("serve")(serve)
+    app.command("quantize")(quantize)
     watermark_app.command("verify-outputs")(verify_outputs)

@@ -80,6 +80,8 @@ class ModelCard(_Card):
     num_classes: int
     task: Literal["classification", "regression"] = "classification"
     target_scale: list[float] | None = None  # regression: the model predicts (target - mean) / std; predict maps back
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: model_int8.pt (TorchScript) from `fedseek quantize`
+    quantization: dict[str, Any] | None = None  # int8: mode, engine, calibration data and its privacy status, sizes
     features: list[str] | None = None
     classes: list[str] | None = None
     preprocessing: Preprocessing = Preprocessing()

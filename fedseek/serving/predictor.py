@@ -34,6 +34,16 @@ def _load_model(run_dir: Path, card: ModelCard, int8: bool) -> Any:
 
     from fedseek.train.models import build_model
 
+    if card.precision == "int8":  # `fedseek quantize` output: TorchScript, no class definitions needed
+        import warnings
+
+        scripted = run_dir / "model_int8.pt"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (see serving.quantize)
+                return torch.jit.load(str(scripted))
+        except Exception as exc:  # noqa: BLE001 - a missing or damaged file
+            raise PredictError(f"{scripted}: cannot load the INT8 model ({str(exc).splitlines()[0][:200]})") from None
     weights = run_dir / "model.pt"
     if not weights.is_file():
         raise PredictError(f"{weights}: not found (a finished run directory holds model.pt)")
@@ -44,29 +54,40 @@ def _load_model(run_dir: Path, card: ModelCard, int8: bool) -> Any:
         raise PredictError(f"{weights}: does not load into the model its card describes ({str(exc).splitlines()[0][:200]})") from None
     model.eval()
     if int8:
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (see serving.quantize)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model
 
 
 class Predictor:
     """A run directory's model.pt and model.json, ready to answer table rows."""
 
-    def __init__(self, run_dir: str | Path, *, int8: bool = False) -> None:
-        """Read the card and the weights; PredictError (one line) when either is missing or unusable."""
+    def __init__(self, run_dir: str | Path, *, int8: bool = False, tables_only: bool = True) -> None:
+        """Read the card and the weights; PredictError (one line) when either is missing or unusable.
+
+        `tables_only` (the default) refuses a model whose card cannot turn table rows into features.
+        """
         self.run_dir = Path(run_dir)
         try:
             self.card = read_card(self.run_dir / "model.json")
         except CardError as exc:
             raise PredictError(str(exc)) from None
         pre = self.card.preprocessing
+        self.int8 = int8 or self.card.precision == "int8"
+        if not tables_only:
+            self.columns: list[str] = list(pre.columns or [])
+            self.model = _load_model(self.run_dir, self.card, int8)
+            return
         if self.card.features is None or pre.columns is None:
             raise PredictError(f"{self.run_dir / 'model.json'}: the card names no table columns (the model was not trained on "
                                "tables), so a table cannot be matched to it")
         if pre.scaling in ("builtin", "unknown"):
             raise PredictError(f"{self.run_dir / 'model.json'}: preprocessing '{pre.scaling}' ({pre.description}): "
                                "a table's rows cannot be prepared the same way")
-        self.columns: list[str] = list(pre.columns)
-        self.int8 = int8
+        self.columns = list(pre.columns)
         self.model = _load_model(self.run_dir, self.card, int8)
 
     @property
