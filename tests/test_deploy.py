@@ -35,6 +35,18 @@ def fedseek(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -
     return subprocess.run([sys.executable, "-m", "fedseek", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def stop_sites(site_cfgs: list[Path], timeout: int = 120) -> None:
+    """`fedseek site stop` for every site at once (as their operators would; one after the other costs a few seconds each)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "fedseek", "site", "stop", "--config", str(c)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in site_cfgs]
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+
+
 def lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
 
@@ -167,8 +179,7 @@ def fed(tmp_path_factory):
             assert res.returncode == 0 and "online as node" in res.stderr, res.stderr
         yield ctx
     finally:
-        for cfg in site_cfgs:
-            fedseek("site", "stop", "--config", str(cfg))
+        stop_sites(site_cfgs)
         fedseek("coordinator", "stop", "--config", str(coord))
         stop_leftovers(root / "coord", root / "sites")
 

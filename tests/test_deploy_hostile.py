@@ -24,7 +24,7 @@ from fedseek.ops import pki
 from fedseek.ops.processes import free_port
 from fedseek.outputs.schema import RunSummary, read_rows
 from tests.conftest import ROOT
-from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, stop_leftovers, wait_online
+from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, stop_leftovers, stop_sites, wait_online
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +80,7 @@ def hostile_fed(tmp_path_factory):
         wait_online(coord, SITES, 60)
         yield {"root": root, "coord": coord, "schedule": schedule}
     finally:
-        for cfg in site_cfgs.values():
-            fedseek("site", "stop", "--config", str(cfg))
+        stop_sites(list(site_cfgs.values()))
         fedseek("coordinator", "stop", "--config", str(coord))
         stop_leftovers(root / "coord", root / "sites")
 

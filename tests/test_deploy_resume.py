@@ -23,7 +23,7 @@ import yaml
 from fedseek.ops import daemons, pki
 from fedseek.ops.processes import ProcessTree, free_port, is_running, stop_detached
 from tests.conftest import ROOT
-from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, lines, site_yaml, stop_leftovers, wait_online
+from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, lines, site_yaml, stop_leftovers, stop_sites, wait_online
 from tests.test_site_loss import _session_members
 
 pytestmark = pytest.mark.slow
@@ -63,8 +63,7 @@ def tiny_fed(tmp_path):
             assert p.returncode == 0 and "online as node" in err, err
         yield ctx
     finally:
-        for path in site_cfgs:
-            fedseek("site", "stop", "--config", str(path))
+        stop_sites(list(site_cfgs))
         fedseek("coordinator", "stop", "--config", str(coord))
         stop_leftovers(tmp_path / "coord", tmp_path / "sites")
         for pid, started in ctx["leftovers"].items():  # what the killed SuperLink left in its session (SuperExec, ServerApp)

@@ -27,7 +27,7 @@ import yaml
 from fedseek.ops import daemons, pki, processes
 from fedseek.ops.processes import ProcessTree, free_port, is_running, stop_detached
 from tests.conftest import ROOT
-from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, wait_online
+from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, stop_sites, wait_online
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +87,7 @@ def small_fed(tmp_path_factory):
             assert p.returncode == 0 and "online as node" in err, err
         yield ctx
     finally:
-        for cfg_path in site_cfgs.values():
-            fedseek("site", "stop", "--config", str(cfg_path))
+        stop_sites(list(site_cfgs.values()))
         fedseek("coordinator", "stop", "--config", str(coord))
         for path in [root / "coord" / daemons.SUPERLINK_PIDFILE, *(root / "sites").glob(f"*/{daemons.SUPERNODE_PIDFILE}")]:
             pf = daemons.Pidfile.read(path)
