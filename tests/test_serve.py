@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from fedseek import watermark as wm
+from fedseek.ops.processes import free_port
 from fedseek.outputs.model_card import ModelCard, Preprocessing
 from fedseek.serving.predictor import Predictor
 from fedseek.train.models import build_model
@@ -52,17 +52,11 @@ def _rows(n: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(np.random.default_rng(seed).uniform(0, 1, (n, 6)), columns=FEATURES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """`fedseek serve` in a subprocess on loopback; stopped by pid."""
 
     def __init__(self, run: Path, *extra: str, scheme: str = "http", verify: str | bool = True) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "fedseek", "serve", str(run), "--port", str(self.port), *extra], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fedseek.config.preprocess import PreprocessSpec
-from fedseek.data.arrays import DataError
+from fedseek.data.arrays import ArrayDataset, DataError
 
 
 def _one_hot(path: Path, df: Any, col: str, vocab: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -79,11 +79,7 @@ def _scale(path: Path, x: np.ndarray, names: list[str], numeric: list[bool], spe
     lacking = [n for n, num in zip(names, numeric, strict=True) if num and n not in spec.mean]
     if lacking:
         raise DataError(f"{path}: scaling: given has no mean/std for features {lacking}")
-    x = x.copy()
-    for j, (n, num) in enumerate(zip(names, numeric, strict=True)):
-        if num:
-            x[:, j] = (x[:, j] - spec.mean[n]) / spec.std[n]
-    return x
+    return apply_scaling(x, [n if num else "" for n, num in zip(names, numeric, strict=True)], spec.mean, spec.std)
 
 
 def prepare_features(path: str | Path, df: Any, columns: list[str], spec: PreprocessSpec) -> tuple[np.ndarray, list[str]]:
@@ -123,9 +119,25 @@ def numeric_features(names: list[str], spec: PreprocessSpec) -> list[str]:
 
 
 def apply_scaling(x: np.ndarray, names: list[str], mean: dict[str, float], std: dict[str, float]) -> np.ndarray:
-    """x with each named feature that has statistics scaled to (value - mean) / std (others unchanged); a new float32 array."""
-    out = np.array(x, dtype=np.float32, copy=True)
+    """x with each named feature that has statistics scaled to (value - mean) / std (others unchanged); a new array
+    of x's float type (float32 at least)."""
+    out = np.array(x, dtype=np.result_type(np.asarray(x).dtype, np.float32), copy=True)
     for j, name in enumerate(names):
         if name in mean:
-            out[:, j] = (out[:, j] - np.float32(mean[name])) / np.float32(std[name])
+            out[:, j] = (out[:, j] - mean[name]) / std[name]
     return out
+
+
+def check_bounds(spec: PreprocessSpec, train: ArrayDataset, label_column: str, *, private: bool) -> None:
+    """scaling: federated: bounds name only numeric columns (or a regression's label), and under DP cover all of them."""
+    if spec.scaling != "federated":
+        return
+    columns = numeric_features(list(train.features or []), spec) + ([label_column] if train.regression else [])
+    unknown = sorted(set(spec.bounds) - set(columns))
+    if unknown:
+        raise DataError(f"preprocessing.bounds: {unknown} are not numeric feature columns{' or the label' if train.regression else ''} "
+                        f"(allowed: {', '.join(columns)})")
+    lacking = [c for c in columns if c not in spec.bounds]
+    if private and lacking:
+        raise DataError(f"preprocessing.bounds: scaling: federated under DP needs public [low, high] bounds for every numeric column "
+                        f"(they bound one record's influence on the statistics); missing for {lacking}")

@@ -19,11 +19,10 @@ import numpy as np
 from fedseek.data.arrays import ArrayDataset, DataError
 from fedseek.data.builtin import stratified_split
 from fedseek.data.loaders import class_mapping, label_values, read_table, table_dataset
-from fedseek.data.preprocess import scale_local
+from fedseek.data.preprocess import check_bounds, scale_local
 
 if TYPE_CHECKING:
     from fedseek.config import ScenarioConfig
-    from fedseek.config.preprocess import PreprocessSpec
 
 
 @dataclass
@@ -184,23 +183,6 @@ def scenario_shapes(cfg: ScenarioConfig) -> tuple[ArrayDataset | None, ArrayData
         return test, test
     data = scenario_data(cfg)
     return data.test, data.train
-
-
-def check_bounds(spec: PreprocessSpec, train: ArrayDataset, label_column: str, *, private: bool) -> None:
-    """scaling: federated: bounds name only numeric columns (or a regression's label), and under DP cover all of them."""
-    if spec.scaling != "federated":
-        return
-    from fedseek.data.preprocess import numeric_features
-
-    columns = numeric_features(list(train.features or []), spec) + ([label_column] if train.regression else [])
-    unknown = sorted(set(spec.bounds) - set(columns))
-    if unknown:
-        raise DataError(f"preprocessing.bounds: {unknown} are not numeric feature columns{' or the label' if train.regression else ''} "
-                        f"(allowed: {', '.join(columns)})")
-    lacking = [c for c in columns if c not in spec.bounds]
-    if private and lacking:
-        raise DataError(f"preprocessing.bounds: scaling: federated under DP needs public [low, high] bounds for every numeric column "
-                        f"(they bound one record's influence on the statistics); missing for {lacking}")
 
 
 def check_scenario_data(cfg: ScenarioConfig) -> ScenarioData:

@@ -111,7 +111,7 @@ def pki_common_name() -> Any:
 def validate_site(cfg: SiteConfig, config_path: Path) -> Any:
     """Check the CA cert, the site key and the data (loaded once) before starting anything; DeployError exit 2."""
     from fedseek.data import DataError
-    from fedseek.data.scenario_data import check_bounds
+    from fedseek.data.preprocess import check_bounds
     from fedseek.data.site_data import load_site_data
 
     where = f"{config_path}"
