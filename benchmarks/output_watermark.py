@@ -31,6 +31,7 @@ import torch
 from _common import QUICK_DIR, RESULTS, _run, breast_cancer_scenario, digits_scenario, environment, log, magnitude_prune, write_json
 
 from fedseek.data import load_builtin
+from fedseek.serving.predictor import Predictor
 from fedseek.train.models import build_model
 from fedseek.watermark.outputs import mark, verdict
 
@@ -147,10 +148,7 @@ def served_model(ds: str, workdir: Path, quick: bool) -> tuple[torch.nn.Module, 
     """A fedseek federation's final model (digits CNN / breast-cancer MLP) and its run's figures."""
     sc = digits_scenario(rounds=4 if quick else 15) if ds == "digits" else breast_cancer_scenario(rounds=3 if quick else 10)
     res = _run(sc, workdir, f"served-{ds}")
-    out = workdir / f"out-served-{ds}"
-    card = __import__("json").loads((out / "model.json").read_text())
-    model = build_model(card["kind"], tuple(card["input_shape"]), card["num_classes"], card["hidden"], seed=0)
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model = Predictor(workdir / f"out-served-{ds}", tables_only=False).model
     return model, {"final_accuracy": res.get("final_accuracy"), "scenario": sc}
 
 
