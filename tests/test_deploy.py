@@ -35,6 +35,16 @@ def fedseek(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -
     return subprocess.run([sys.executable, "-m", "fedseek", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def start_sites(site_cfgs: list[Path], envs: list[dict[str, str] | None] | None = None, wait_s: int = 60) -> None:
+    """`fedseek site start --wait` for every site at once (their operators start them independently); each must come online."""
+    procs = [subprocess.Popen([sys.executable, "-m", "fedseek", "site", "start", "--config", str(c), "--wait", str(wait_s)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=(envs or [None] * len(site_cfgs))[i])
+             for i, c in enumerate(site_cfgs)]
+    for p in procs:
+        _, err = p.communicate(timeout=wait_s + 60)
+        assert p.returncode == 0 and "online as node" in err, err
+
+
 def stop_sites(site_cfgs: list[Path], timeout: int = 120) -> None:
     """`fedseek site stop` for every site at once (as their operators would; one after the other costs a few seconds each)."""
     procs = [subprocess.Popen([sys.executable, "-m", "fedseek", "site", "stop", "--config", str(c)], cwd=ROOT,
@@ -174,9 +184,7 @@ def fed(tmp_path_factory):
         assert res.returncode == 0, res.stderr
         assert all(f"site {n}: key registered" in res.stderr for n in SITES), res.stderr
         assert "gateway started" in res.stderr and "endpoint started" in res.stderr, res.stderr
-        for cfg in site_cfgs:
-            res = fedseek("site", "start", "--config", str(cfg), "--wait", "60")
-            assert res.returncode == 0 and "online as node" in res.stderr, res.stderr
+        start_sites(site_cfgs)
         yield ctx
     finally:
         stop_sites(site_cfgs)

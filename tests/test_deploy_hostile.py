@@ -24,7 +24,16 @@ from fedseek.ops import pki
 from fedseek.ops.processes import free_port
 from fedseek.outputs.schema import RunSummary, read_rows
 from tests.conftest import ROOT
-from tests.test_deploy import breast_cancer_csvs, coordinator_yaml, fedseek, site_yaml, stop_leftovers, stop_sites, wait_online
+from tests.test_deploy import (
+    breast_cancer_csvs,
+    coordinator_yaml,
+    fedseek,
+    site_yaml,
+    start_sites,
+    stop_leftovers,
+    stop_sites,
+    wait_online,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +83,7 @@ def hostile_fed(tmp_path_factory):
     try:
         res = fedseek("coordinator", "start", "--config", str(coord))
         assert res.returncode == 0, res.stderr
-        for name, cfg in site_cfgs.items():
-            res = fedseek("site", "start", "--config", str(cfg), "--wait", "60", env=hostile_env if name == ATTACKER else None)
-            assert res.returncode == 0 and "online as node" in res.stderr, res.stderr
+        start_sites(list(site_cfgs.values()), [hostile_env if name == ATTACKER else None for name in site_cfgs])
         wait_online(coord, SITES, 60)
         yield {"root": root, "coord": coord, "schedule": schedule}
     finally:
