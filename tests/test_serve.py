@@ -265,3 +265,36 @@ def test_a_surrogate_trained_on_served_answers_carries_the_mark():
     marked_acc = float((mark(predict_scores(served, test.x), test.x.astype(np.float64).tolist(), os.urandom(32), 0.1).labels
                         == test.y).mean())
     assert marked_acc >= served_acc - 0.05  # the exact accuracy cost is measured in benchmarks/output_watermark.py
+
+
+def test_the_margin_for_an_accuracy_budget_counts_half_the_top_two_difference_of_the_marked_rows():
+    from fedseek.watermark.outputs import margin_for_cost
+
+    # 4 rows by increasing margin: a near-tie the runner-up gets right (marking it gains 12.5 points of 4 rows in
+    # expectation), then three rows the top class gets right (each costs 12.5 points when marked)
+    p = np.array([[0.49, 0.51], [0.35, 0.65], [0.25, 0.75], [0.2, 0.8]])
+    y = np.array([0, 1, 1, 1])
+    free = margin_for_cost(p, y, 0.0)
+    assert free.marked_share == 0.5 and free.expected_drop_points == pytest.approx(0.0) and 0.3 < free.margin < 0.5
+    more = margin_for_cost(p, y, 12.5)
+    assert more.marked_share == 0.75 and more.expected_drop_points == pytest.approx(12.5) and 0.5 < more.margin < 0.6
+    assert margin_for_cost(p, y, 100.0).marked_share == 1.0
+
+
+def test_calibrate_outputs_prints_the_margin_for_a_budget(tmp_path, capsys):
+    from fedseek.ops.cli import main
+
+    run = _run_dir(tmp_path / "run", key=False)
+    rows = _rows(300, seed=6)
+    own = Predictor(run).predict(rows)
+    rows.assign(y=own.labels).to_csv(tmp_path / "labelled.csv", index=False)  # labels = the model's own: every flip costs
+    capsys.readouterr()
+    assert main(["watermark", "calibrate-outputs", "--model", str(run), "--table", str(tmp_path / "labelled.csv"),
+                 "--label-column", "y", "--cost", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "--watermark-margin" in out and "budget 0.5" in out
+    share = float(out.split("marks ")[1].split("%")[0]) / 100
+    assert 0 < share <= 0.011  # a flip of a correct answer costs half a row: a 0.5-point budget marks at most 1% of rows
+    assert main(["watermark", "calibrate-outputs", "--model", str(run), "--table", str(tmp_path / "labelled.csv"),
+                 "--label-column", "nope"]) == 2
+    assert "label column 'nope' not found" in capsys.readouterr().err

@@ -89,6 +89,33 @@ def serve(opts: ServeOptions) -> None:
     uvicorn.run(app, host=opts.host, port=opts.port, ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key, log_level="warning")
 
 
+def calibrate_margin(run_dir: str, table: str, label_column: str, cost_points: float) -> Any:
+    """The watermark margin whose expected accuracy cost on a labelled table stays within `cost_points` (a MarginChoice)."""
+    import numpy as np
+
+    from fedseek.data import DataError
+    from fedseek.data.loaders import read_table
+    from fedseek.watermark.outputs import margin_for_cost
+
+    predictor = Predictor(run_dir)
+    if predictor.regression:
+        raise ServeError(f"{run_dir}: a regression's answers are numbers: the output watermark marks class answers")
+    try:
+        df = read_table(table)
+    except DataError as exc:
+        raise ServeError(str(exc)) from None
+    if label_column not in df.columns:
+        raise ServeError(f"{table}: label column {label_column!r} not found")
+    pred = predictor.predict(df, table)
+    lookup = {c: i for i, c in enumerate(predictor.classes)}
+    labels = [lookup.get(str(v), -1) for v in df[label_column]]
+    unknown = sum(1 for v in labels if v < 0)
+    if unknown:
+        raise ServeError(f"{table}: {unknown} labels are not among the model's classes {predictor.classes[:10]}")
+    assert pred.probs is not None
+    return margin_for_cost(pred.probs, np.asarray(labels), cost_points)
+
+
 def suspect_labels_from_model(run_dir: str, columns: list[str], rows: list[list[Any]]) -> list[Any]:
     """A suspect run directory's answers on the logged rows (its own card's preprocessing)."""
     import pandas as pd

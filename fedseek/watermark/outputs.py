@@ -43,6 +43,41 @@ SHARE = 0.9  # of the top-two probability mass served for the keyed class of a m
 DEFAULT_MARGIN = 0.1
 
 
+@dataclass(frozen=True)
+class MarginChoice:
+    """The margin that keeps the expected accuracy cost of marking within a budget, on a labelled table."""
+
+    margin: float
+    expected_drop_points: float  # expected over keys: half of (top-1 hits - top-2 hits) on the marked rows, in points
+    marked_share: float  # share of the table's rows that would be marked
+    rows: int
+
+
+def margin_for_cost(probs: np.ndarray, y: np.ndarray, cost_points: float) -> MarginChoice:
+    """The largest margin whose expected accuracy cost on (probs, y) is at most `cost_points`.
+
+    Marking the rows with margin <= m costs, in expectation over keys, half the difference between
+    top-1 and top-2 hits on them (a marked row serves each of the two with probability 1/2).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    n = len(p)
+    if n == 0 or p.shape[1] < 2:
+        return MarginChoice(0.0, 0.0, 0.0, n)
+    order = np.argsort(-p, axis=1, kind="stable")
+    idx = np.arange(n)
+    margins = p[idx, order[:, 0]] - p[idx, order[:, 1]]
+    cost = 0.5 * ((order[:, 0] == y).astype(float) - (order[:, 1] == y).astype(float)) / n * 100.0
+    by = np.argsort(margins, kind="stable")
+    cum = np.cumsum(cost[by])
+    ok = np.flatnonzero(cum <= cost_points + 1e-12)
+    if not len(ok):
+        return MarginChoice(0.0, 0.0, 0.0, n)
+    k = int(ok[-1])
+    upper = float(margins[by[k + 1]]) if k + 1 < n else 1.0
+    margin = (float(margins[by[k]]) + upper) / 2.0 if upper > margins[by[k]] else float(margins[by[k]])
+    return MarginChoice(margin=margin, expected_drop_points=float(cum[k]), marked_share=(k + 1) / n, rows=n)
+
+
 def output_subkey(seed_hex: str) -> bytes:
     """The output watermark's key, derived from the model's watermark key seed (one key file for both marks)."""
     return hmac.new(bytes.fromhex(seed_hex), SCHEME.encode(), hashlib.sha256).digest()
