@@ -156,12 +156,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--negatives", type=int, default=24)
-    ap.add_argument("--margins", type=float, nargs="+", default=[0.1, 0.2])
+    ap.add_argument("--margins", type=float, nargs="+", default=[0.1, 0.15, 0.2])
     ap.add_argument("--datasets", nargs="+", default=["breast_cancer", "digits"])
     ap.add_argument("--quick", action="store_true", help="2 trials, 4 negatives, one margin, short training (smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.trials, args.negatives, args.margins = 1, 4, [0.1]
+        args.trials, args.negatives, args.margins = 1, 4, [0.15]
     torch.set_num_threads(2)
     t0 = time.time()
     results: dict[str, Any] = {"environment": environment(), "alpha": ALPHA, "datasets": {}}

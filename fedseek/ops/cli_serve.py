@@ -19,7 +19,7 @@ def serve(
     watermark_key: Annotated[str | None, typer.Option("--watermark-key", help="Output watermark key; default RUN_DIR/watermark.key if "
                                                                               "the run has one.")] = None,
     margin: Annotated[float, typer.Option("--watermark-margin", help="Mark answers whose top-two probabilities differ by at most "
-                                                                     "this.")] = 0.1,
+                                                                     "this.")] = 0.15,
     mark_log: Annotated[str | None, typer.Option("--mark-log", help="Log of marked queries; default RUN_DIR/served_marks.jsonl.")] = None,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Serve unmarked answers even if a key exists.")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows per request.")] = 10_000,

@@ -40,7 +40,7 @@ import numpy as np
 
 SCHEME = "fedseek-output-wm-v1"
 SHARE = 0.9  # of the top-two probability mass served for the keyed class of a marked query
-DEFAULT_MARGIN = 0.1
+DEFAULT_MARGIN = 0.15
 
 
 @dataclass(frozen=True)
