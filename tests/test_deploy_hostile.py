@@ -1,13 +1,14 @@
 """One hostile site against the real deployment path: TLS SuperLink, registered site keys, `fedseek run`.
 
 Three site daemons on 127.0.0.1; site-c runs a modified ClientApp (tests/hostile_site: the real
-site code, with its reply replaced in the scheduled rounds). One clean run and one hostile run of
-the same length on the same daemons; in the hostile run each round is one attack mode: a nested
+site code, with its reply replaced in the scheduled rounds). In the run each round is one attack
+mode: a nested
 JSON blob header, inf / NaN / negative / 1e12 num-examples, 1e30 values, a sign flip x10, wrong
 shapes, a refusal and an update that name the honest site-a, and finally no reply at all. The run
 must complete, every attack must be rejected (or the silent site timed out once and backed off),
-site-a and site-b must never be excluded or blamed, and the final accuracy must stay within 2
-points of the clean run. Sites train without DP, so both runs are seed-reproducible.
+site-a and site-b must never be excluded or blamed, and the model must still learn (final accuracy
+>= 0.9 on breast cancer, where the majority class is 0.63; an absolute bound instead of a clean
+comparison run, which cost the suite a minute).
 """
 
 from __future__ import annotations
@@ -103,9 +104,6 @@ def _run(fed: dict, name: str) -> tuple[RunSummary, Path, str]:
 
 
 def test_one_hostile_site_over_tls_is_rejected_every_round_and_the_run_completes(hostile_fed):
-    clean, _, _ = _run(hostile_fed, "clean")
-    assert clean.status == "completed" and clean.rounds_completed == ROUNDS and clean.final_accuracy is not None
-
     hostile_fed["schedule"].write_text(json.dumps({str(r): mode for r, (mode, _) in SCHEDULE.items()}))
     summary, out, _ = _run(hostile_fed, "hostile")
     assert summary.status == "completed" and summary.rounds_completed == ROUNDS
@@ -130,4 +128,4 @@ def test_one_hostile_site_over_tls_is_rejected_every_round_and_the_run_completes
     assert [e["site"] for e in audit if e["event"] == "site_backoff"] == [ATTACKER]
     # a silent site costs one round time-out, not two
     assert rows[-1].round_seconds < 2 * ROUND_TIMEOUT_S, rows[-1].round_seconds
-    assert summary.final_accuracy == pytest.approx(clean.final_accuracy, abs=0.02)
+    assert summary.final_accuracy is not None and summary.final_accuracy >= 0.9, summary.final_accuracy

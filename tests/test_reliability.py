@@ -49,24 +49,23 @@ def test_nan_and_wrong_shape_sites_are_rejected_and_counted(tmp_path):
 
 
 def test_byzantine_sign_flip_default_bound_holds_unbounded_fedavg_degrades(tmp_path):
-    """30% of sites send their update sign-flipped x4: the default adaptive norm bound rejects them (FedAvg holds);
-    with the bound switched off FedAvg degrades. (That FedMedian alone holds against such sites is tested in the fast
-    tier, tests/test_hostile_sites.py, through the same coordinator loop.)"""
+    """30% of sites send their update sign-flipped x4: the default adaptive norm bound rejects them (FedAvg holds:
+    > 0.9 on digits); with the bound switched off FedAvg degrades by more than 10 points. (That FedMedian alone holds
+    against such sites is tested in the fast tier, tests/test_hostile_sites.py, through the same coordinator loop.)"""
     body = ("seed: 5\nnum_sites: 10\nrounds: 8\ndata: {{dataset: digits}}\npartition: {{scheme: iid}}\nmodel: {{kind: mlp}}\n"
             "strategy: {{name: {rule}, min_sites: 10}}\ntrain: {{local_epochs: 2, lr: 0.05, batch_size: 16, momentum: 0.9}}\n"
             "validation: {{norm_bound: {bound}}}\nfaults: {{byzantine: {{fraction: {frac}, attack: sign_flip}}}}\n")
-    runs = {"clean": ("fedavg", "adaptive", 0.0), "fedavg": ("fedavg", "adaptive", 0.3), "unbounded": ("fedavg", "off", 0.3)}
+    runs = {"fedavg": ("fedavg", "adaptive", 0.3), "unbounded": ("fedavg", "off", 0.3)}
     summaries = {label: _simulate(_scenario(tmp_path, label, body.format(rule=rule, bound=bound, frac=frac)), tmp_path / label)
                  for label, (rule, bound, frac) in runs.items()}
     acc = {label: s["final_accuracy"] for label, s in summaries.items()}
     print("byzantine 30% sign-flip x4 on digits:", acc)
-    assert acc["clean"] > 0.9
-    assert acc["fedavg"] >= acc["clean"] - 0.03
+    assert acc["fedavg"] > 0.9
     # the 3 attackers' x4 updates, nearly every round (measured 23 of 24: late in training an x4 flip can fall inside 3x the median)
     assert 20 <= summaries["fedavg"]["rejected_updates"] <= 3 * 8
     assert all("above bound" in r["reason"] for r in summaries["fedavg"]["rejections"])
     assert summaries["unbounded"]["rejected_updates"] == 0
-    assert acc["unbounded"] < acc["clean"] - 0.10
+    assert acc["unbounded"] < acc["fedavg"] - 0.10
 
 
 def _model(out: Path) -> dict:

@@ -87,6 +87,22 @@ def test_cuda_dp_sgd_with_bf16(tmp_path: Path) -> None:
     assert res.dp["epsilon"] > 0 and evaluate(model.cpu(), x, y, 2)["accuracy"] > 0.7
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_distillation_under_dp_with_bf16(tmp_path: Path) -> None:
+    from fedseek.train.local import distill_targets, teacher_logits
+
+    x, y = _data(n=400)
+    teacher = build_model("mlp", (30,), 2, hidden=[64], seed=1)
+    train_local(teacher, x, y, num_classes=2, epochs=5, lr=0.1, batch_size=32, device="cuda", precision="fp16", seed=1)
+    packed = distill_targets(y, teacher_logits(teacher.cpu(), x))
+    student = build_model("mlp", (30,), 2, hidden=[4], seed=2)
+    ledger = PrivacyLedger(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=100)
+    dp = DPRound(PrivacySpec(noise_multiplier=1.0), ledger, 1.0, run_id="g", server_round=1, slack=BF16_NORM_SLACK)
+    res = train_local(student, x, packed, num_classes=2, epochs=3, lr=0.1, batch_size=32, precision="bf16", device="cuda", privacy=dp,
+                      distill=(0.5, 3.0))
+    assert res.dp["epsilon"] > 0 and evaluate(student.cpu(), x, y, 2)["accuracy"] > 0.7
+
+
 def test_fedprox_step_pulls_towards_global() -> None:
     x, y = _data()
     base = build_model("mlp", (30,), 2, seed=2)

@@ -172,6 +172,8 @@ class CoordinatorConfig(FederationSpec):
             s.public_key = str(resolve_path(base, s.public_key))
         if self.watermark.key_file:
             self.watermark.key_file = resolve_path(base, self.watermark.key_file)
+        if self.distill is not None:
+            self.distill.teacher = str(resolve_path(base, self.distill.teacher))
         return self
 
 

@@ -17,7 +17,8 @@ class ModelSpec(StrictSpec):
     """Architecture of the shared model; the coordinator sends it to sites each round."""
 
     kind: ModelKind = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [64])
+    hidden: list[int] = Field(default_factory=lambda: [64], description="mlp: the hidden layers' widths")
+    width: int = Field(16, ge=4, le=1024, multiple_of=4, description="cnn: channels of the first conv block (the second has twice)")
 
 
 class StrategySpec(StrictSpec):
@@ -201,6 +202,20 @@ class WatermarkSpec(StrictSpec):
     alpha: float = Field(1e-6, gt=0.0, lt=1.0)
 
 
+class DistillSpec(StrictSpec):
+    """Federated knowledge distillation: this run's (smaller) model is a student of a finished run's model.
+
+    Every site trains the student on its own records with loss alpha * CE + (1 - alpha) * T^2 * KL
+    against the teacher's answers softened by T, computed at the site on its own records (nothing
+    about them leaves the site but the DP update). Under DP the rounds are charged to the site's
+    ledger like any training round; the teacher's weights are already shared with every site.
+    """
+
+    teacher: str = Field(description="a finished run directory holding model.pt and model.json (its kept model is the teacher)")
+    temperature: float = Field(3.0, gt=0.0, le=100.0, description="softens teacher and student distributions (T)")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the hard-label cross-entropy; 1 - alpha weighs T^2 * KL")
+
+
 class FederatedEvaluationSpec(StrictSpec):
     """Federated evaluation the coordinator requests: every `every` rounds (and after the last), on the sites' held-out splits."""
 
@@ -252,6 +267,8 @@ def check_task_fit(fed: FederationSpec, task: str) -> None:
             raise ValueError("train.class_weighting applies to classification; task: regression has no classes")
         if fed.watermark.enabled:
             raise ValueError("watermark: the trigger-set watermark marks class answers; it is not available with task: regression")
+        if fed.distill is not None:
+            raise ValueError("distill: knowledge distillation softens class answers; it is not available with task: regression")
     elif metric in REGRESSION_METRICS:
         raise ValueError(f"selection.metric {metric!r} is for task: regression; for classification use "
                          f"{', '.join(CLASSIFICATION_METRICS + ('loss',))} or last")
@@ -274,6 +291,7 @@ class FederationSpec(StrictSpec):
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
     evaluation: FederatedEvaluationSpec = Field(default_factory=FederatedEvaluationSpec)
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    distill: DistillSpec | None = Field(None, description="train this run's model as a student of a finished run's model")
 
     @model_validator(mode="after")
     def _federated_selection_needs_evaluation(self) -> FederationSpec:

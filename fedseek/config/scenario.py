@@ -201,6 +201,8 @@ def load_scenario(path: str | Path) -> ScenarioConfig:
     if d.tables is not None:
         d.tables = [str(resolve_path(base, t)) for t in d.tables]
     d.table, d.test_table = resolve_path(base, d.table), resolve_path(base, d.test_table)
+    if cfg.distill is not None:
+        cfg.distill.teacher = str(resolve_path(base, cfg.distill.teacher))
     if d.site_column is not None:
         from fedseek.data.scenario_data import site_values  # reads the table (pandas): only for this kind of scenario
 

@@ -84,7 +84,7 @@ def quantize(
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     ratio = res.fp32_bytes / max(res.int8_bytes, 1)
-    size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger: the TorchScript code outweighs a model this small"
+    size = f"{ratio:.2f}x smaller" + ("" if ratio >= 3.5 else "; a model this small is mostly file overhead, its weights are 4x smaller")
     print(f"INT8 ({res.mode}) model: {res.out_dir / 'model_int8.pt'}  {res.fp32_bytes:,} -> {res.int8_bytes:,} bytes ({size}); "
           f"calibration: {res.calibration}")
     return 0

@@ -170,8 +170,11 @@ def message_limit(cfg: CoordinatorConfig) -> int:
     from fedseek.train.models import build_model
 
     shape, classes = _task_shape(cfg)
-    model = build_model(cfg.model.kind, shape, classes, cfg.model.hidden)
+    model = build_model(cfg.model.kind, shape, classes, cfg.model.hidden, width=cfg.model.width)
     model_bytes = 4 * sum(p.numel() for p in model.parameters())
+    if cfg.distill is not None:  # the teacher's weights travel beside the model in every TRAIN message
+        teacher = Path(cfg.distill.teacher) / "model.pt"
+        model_bytes += teacher.stat().st_size if teacher.is_file() else 0
     return max(MIN_MESSAGE_BYTES, 3 * model_bytes + 4 * 1024 * 1024)
 
 

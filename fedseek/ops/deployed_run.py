@@ -67,6 +67,14 @@ def run_federation(
                        preprocessing=t.preprocessing)
         except ValueError as exc:  # DataError included
             raise DeployError(f"{config_path}: task.test_file: {exc}", exit_code=2) from None
+    if cfg.distill is not None:  # the teacher and the student's size: one line before submission
+        from fedseek.ops.coordinator import _task_shape
+        from fedseek.serving.teacher import DistillError, check_config
+
+        try:
+            check_config(cfg.distill, cfg.model, *_task_shape(cfg))
+        except DistillError as exc:
+            raise DeployError(f"{config_path}: {exc}", exit_code=2) from None
     paths = coordinator_paths(cfg)
     if running_pidfile(paths.pidfile) is None and not port_open(admin_host(cfg), cfg.superlink.port):
         raise DeployError(f"the coordinator is not running on {admin_address(cfg)}: fedseek coordinator start --config {config_path}")

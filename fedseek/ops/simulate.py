@@ -107,6 +107,8 @@ def simulate(
             check_scenario_data(cfg)
         except ValueError as exc:  # DataError included
             raise ConfigError(f"{scenario_path}: data: {exc}") from None
+    if cfg.distill is not None:
+        state_dir = _distill_state(cfg, scenario_path, state_dir, console)
     out = prepare_out(Path(out_dir).resolve(), resume=resume)
     port = free_port()
     req = _request(cfg, scenario_path, out, port, state_dir=state_dir, timeout_s=timeout_s, resume=resume)
@@ -131,6 +133,36 @@ def simulate(
                 launcher.close()
             superlink.stop(timeout_s=STOP_GRACE_S)
     return report(console, outcome, out, t0)
+
+
+def _distill_state(cfg: ScenarioConfig, scenario_path: Path, state_dir: str | Path | None, console: Console) -> str | Path | None:
+    """Check the teacher before anything starts (one ConfigError line); under DP the sites keep the teacher run's ledgers.
+
+    A virtual site of the student run is the same site as in the teacher run (same data, seed and
+    partition), so its distillation rounds spend from the same budget: by default the student
+    run uses the teacher run's site state (TEACHER/sites) unless --state-dir names another.
+    """
+    from fedseek.data.scenario_data import scenario_shapes
+    from fedseek.serving.teacher import DistillError, check_config
+
+    assert cfg.distill is not None
+    try:
+        _, shaped = scenario_shapes(cfg)
+        schema = shaped.schema()
+        teacher = check_config(cfg.distill, cfg.model, tuple(shaped.input_shape), int(shaped.num_classes),
+                               features=schema.features, classes=schema.classes)
+    except (DistillError, ValueError) as exc:
+        raise ConfigError(f"{scenario_path}: {exc}") from None
+    if state_dir is not None or not (cfg.privacy and cfg.privacy.enabled):
+        return state_dir
+    shared = teacher.run_dir / "sites"
+    if shared.is_dir():
+        console.print(f"[yellow]note:[/] distillation spends from the same privacy budgets as the teacher's training: the sites "
+                      f"keep the teacher run's ledgers ({shared}); give --state-dir to use others")
+        return shared
+    console.print(f"[yellow]note:[/] {shared} does not exist: if the teacher run used --state-dir, give the same one here so "
+                  "the sites' ledgers count the teacher's rounds too")
+    return None
 
 
 def _warn_spent_ledgers(cfg: ScenarioConfig, state_root: Path, console: Console) -> None:

@@ -70,17 +70,29 @@ class PrivacyFacts(_Card):
     accountant: str | None = None
 
 
+class TeacherFacts(_Card):
+    """distill: the model this one was distilled from, and the loss (a * CE + (1 - a) * T^2 * KL)."""
+
+    run: str
+    model: str  # e.g. "cnn width 16"
+    parameters: int = 0
+    temperature: float = 3.0
+    alpha: float = 0.5
+    accuracy: float | None = None  # the teacher on this run's central test set
+
+
 class ModelCard(_Card):
     """model.json."""
 
     card_version: int = CARD_VERSION
     kind: str
     hidden: list[int] = [64]
+    width: int = 16  # cnn only
     input_shape: list[int]
     num_classes: int
     task: Literal["classification", "regression"] = "classification"
     target_scale: list[float] | None = None  # regression: the model predicts (target - mean) / std; predict maps back
-    precision: Literal["fp32", "int8"] = "fp32"  # int8: model_int8.pt (TorchScript) from `fedseek quantize`
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: model_int8.pt (an INT8 state dict) from `fedseek quantize`
     quantization: dict[str, Any] | None = None  # int8: mode, engine, calibration data and its privacy status, sizes
     features: list[str] | None = None
     classes: list[str] | None = None
@@ -88,6 +100,8 @@ class ModelCard(_Card):
     training: TrainingFacts = TrainingFacts()
     privacy: PrivacyFacts = PrivacyFacts()
     watermark_commitment: str | None = None
+    parameters: int | None = None
+    teacher: TeacherFacts | None = None  # distill: runs only
     fedseek_version: str = fedseek.__version__
 
 
@@ -117,10 +131,16 @@ def card_spec(card: ModelCard) -> PreprocessSpec:
 
 
 def build_card(meta: dict[str, object], summary: RunSummary, *, features: list[str] | None, classes: list[str] | None,
-               preprocessing: Preprocessing, target_scale: tuple[float, float] | None = None) -> ModelCard:
+               preprocessing: Preprocessing, target_scale: tuple[float, float] | None = None, parameters: int | None = None) -> ModelCard:
     """The card of the model a run keeps (the round summary.selection names)."""
     sel = summary.selection
     priv = summary.privacy
+    d = summary.distillation
+    teacher = None
+    if d is not None:
+        acc = next((m.accuracy for m in d.models if m.model == "teacher"), None)
+        teacher = {"run": d.teacher_run, "model": d.teacher_model, "parameters": d.teacher_parameters,
+                   "temperature": d.temperature, "alpha": d.alpha, "accuracy": acc}
     return ModelCard.model_validate({
         **meta, "features": features, "classes": classes, "preprocessing": preprocessing.model_dump(),
         "target_scale": list(target_scale) if target_scale is not None else None,
@@ -129,6 +149,7 @@ def build_card(meta: dict[str, object], summary: RunSummary, *, features: list[s
                      "selection": sel.metric if sel else "last"},
         "privacy": {"dp": priv.enabled, "max_epsilon": priv.max_epsilon, "delta": priv.delta, "accountant": priv.accountant},
         "watermark_commitment": summary.watermark.commitment if summary.watermark else None,
+        "parameters": parameters, "teacher": teacher,
     })
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedseek.outputs.report_data import RunData, epsilon_tracks
+from fedseek.outputs.report_delivery import DeliverySection, delivery_section
 from fedseek.outputs.report_federated import FederatedSection, federated_section, last_federated, pm
 from fedseek.outputs.report_format import NUMBER, Table, clean, fmt, fmt_bytes, fmt_seconds, num
 from fedseek.outputs.schema import MetricsRow, SitePrivacy, dump
@@ -106,6 +107,7 @@ class ReportView:
     summary: Table | None
     federated: FederatedSection | None = None  # None: no federated evaluation in this run
     nav: list[tuple[str, str]] = field(default_factory=list)
+    delivery: DeliverySection | None = None  # None: not a distillation run
 
 
 def build_view(data: RunData, plots: list[PlotSection]) -> ReportView:
@@ -117,6 +119,8 @@ def build_view(data: RunData, plots: list[PlotSection]) -> ReportView:
     federated = federated_section(data)
     nav = [(p.anchor, p.title) for p in plots] + [("sites", sites.title)]
     nav += [("federated", "Federated evaluation")] if federated is not None else []
+    delivery = delivery_section(data)
+    nav += [("delivery", "Teacher and student")] if delivery is not None else []
     nav.append(("events", "Rejected / refused / failed"))
     if rounds is not None:
         nav.append(("rounds", "Per round"))
@@ -125,7 +129,8 @@ def build_view(data: RunData, plots: list[PlotSection]) -> ReportView:
         title=name, run_dir=str(data.run_dir), generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), header=header(data, name),
         plots=plots, has_rounds=bool(data.rows), privacy_enabled=data.privacy.enabled,
         no_watermark=not any(p.anchor == "watermark" for p in plots) and (summary is None or summary.watermark is None),
-        sites=sites, events=events_section(data), rounds=rounds, summary=summary_table(data), federated=federated, nav=nav)
+        sites=sites, events=events_section(data), rounds=rounds, summary=summary_table(data), federated=federated, nav=nav,
+        delivery=delivery)
 
 
 # ---------------------------------------------------------------------------- header
@@ -136,7 +141,7 @@ def header(data: RunData, name: str) -> Header:
     if s is not None:
         facts += [("status", s.status), ("dataset", s.dataset), ("strategy", s.strategy), ("run id", s.run_id), ("seed", s.seed)]
     if data.model:
-        arch = ("task", "kind", "hidden", "input_shape", "num_classes")
+        arch = ("task", "kind", "hidden" if data.model.get("kind") != "cnn" else "width", "input_shape", "num_classes", "parameters")
         facts.append(("model", ", ".join(f"{k}={clean(data.model[k], 60)}" for k in arch if k in data.model)))
         pre = data.model.get("preprocessing")
         if isinstance(pre, dict) and pre.get("scaling"):

@@ -248,6 +248,29 @@ class ScalingSummary(_Record):
     outcomes: dict[str, str] = {}  # site -> answered / refused: ... / rejected: ... / timed_out
 
 
+class DeliveryModel(_Record):
+    """One model of the distillation comparison, measured on the coordinator's test set and this machine's CPU."""
+
+    model: str  # teacher | student | student INT8 (mode)
+    precision: str = "fp32"
+    parameters: int = 0
+    bytes: int = 0  # the weights as saved (torch.save of the state dict)
+    accuracy: float | None = None
+    latency_ms_batch1: float | None = None
+    latency_ms_batch256: float | None = None
+
+
+class DistillationSummary(_Record):
+    """distill: which run taught this one, with which loss, and how teacher, student and INT8 student compare."""
+
+    teacher_run: str
+    teacher_model: str  # e.g. "cnn width 16", "mlp hidden [64]"
+    teacher_parameters: int = 0
+    temperature: float = 3.0
+    alpha: float = 0.5
+    models: list[DeliveryModel] = []  # empty without a central test set
+
+
 class SelectionSummary(_Record):
     """Which round model.pt holds and why (model_last.pt is the last round)."""
 
@@ -306,6 +329,7 @@ class RunSummary(_Record):
     baseline: BaselineCheck | None = None  # None: no central test set
     warnings: list[str] = []  # what the operator should look at although the run completed
     scaling: ScalingSummary | None = None  # scaling: federated only
+    distillation: DistillationSummary | None = None  # distill: only
 
 
 def _check_version(data: Any, where: str) -> None:

@@ -68,7 +68,8 @@ class DPRound:
                 criterion=criterion,
                 grad_sample_mode=mode,
                 poisson_sampling=False,  # the loader already samples (secretly); Opacus' conversion would reseed it
-                noise_generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")),
+                # on the model's device: Opacus draws the noise there (a CPU generator fails on CUDA)
+                noise_generator=torch.Generator(device=_device_of(model)).manual_seed(int.from_bytes(os.urandom(8), "little")),
             )
         if mode == "ghost":
             module, optimizer, criterion, dp_loader = out  # backward MUST go through this criterion
@@ -127,3 +128,10 @@ class _quiet_opacus:
 
     def __exit__(self, *exc: Any) -> None:
         self._cm.__exit__(*exc)
+
+
+def _device_of(model: Any) -> Any:
+    """The device the model's parameters live on (CPU for a model without parameters)."""
+    import torch
+
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

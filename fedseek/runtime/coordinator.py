@@ -15,14 +15,24 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid
 
 from fedseek.outputs.model_card import build_card, preprocessing_facts
-from fedseek.outputs.schema import CompressionSummary, FederatedEvalRow, MetricsRow, RunSummary, read_rows
+from fedseek.outputs.schema import (
+    CompressionSummary,
+    DeliveryModel,
+    DistillationSummary,
+    FederatedEvalRow,
+    MetricsRow,
+    RunSummary,
+    read_rows,
+)
 from fedseek.outputs.store import RunOutputs
 from fedseek.runtime import checkpoint
 from fedseek.runtime.bookkeeping import RunBook
+from fedseek.runtime.distillation import TEACHER_RECORD, distill_meta
 from fedseek.runtime.exchange import send_and_receive
 from fedseek.runtime.federated_eval import FederatedEvaluator, due
 from fedseek.runtime.federated_scaling import ScalingFitter, scaling_request
@@ -33,6 +43,7 @@ from fedseek.runtime.rules import build_rule
 from fedseek.runtime.selection import Selection, baseline_check
 from fedseek.runtime.strategy import SiteStrategy
 from fedseek.runtime.task import RunPlan, apply_fitted, model_meta, plan_from_context
+from fedseek.serving.teacher import Teacher
 from fedseek.wire.records import FittedScaling, RoundConfig
 
 if TYPE_CHECKING:
@@ -74,6 +85,15 @@ class Coordinator:
         request = scaling_request(task)
         self.scaling = ScalingFitter(request, run_id=plan.run_id, timeout_s=cfg.round_timeout_s,
                                      data_schema=task.schema) if request is not None else None
+        self.teacher: Teacher | None = None
+        if cfg.distill is not None:  # checked before any site is asked (DistillError: one line)
+            from fedseek.serving.teacher import check_student, load_teacher
+            from fedseek.wire.transfer import to_record
+
+            self.teacher = load_teacher(cfg.distill)
+            schema = task.schema
+            check_student(self.teacher, self.meta, features=schema.features if schema else None, classes=schema.classes if schema else None)
+            self.strategy.extra = {TEACHER_RECORD: to_record(self.teacher.arrays)}
         self.round = 0
         self.initial: dict[str, float] | None = None
         self.stop_reason: str | None = None
@@ -99,7 +119,8 @@ class Coordinator:
             server_round=rnd, num_rounds=self.cfg.rounds, lr=t.lr, local_epochs=t.local_epochs, batch_size=t.batch_size,
             momentum=t.momentum, weighting=t.class_weighting, proximal_mu=s.proximal_mu if s.name == "fedprox" else 0.0,
             model=self.meta, seed=int(self.cfg.seed), run_id=self.plan.run_id, codec=dataclasses.asdict(self.codec),
-            data_schema=self.plan.task.schema, scaling=self.fitted)
+            data_schema=self.plan.task.schema, scaling=self.fitted,
+            distill=distill_meta(self.cfg.distill, self.teacher) if self.cfg.distill and self.teacher else None)
 
     @property
     def fitted(self) -> FittedScaling | None:
@@ -241,7 +262,7 @@ class Coordinator:
             federated_evaluation=self.book.federated.summary(cfg.evaluation.every), stop_reason=reason,
             wall_seconds=time.time() - started, selection=selected, baseline=baseline,
             warnings=[baseline.warning] if baseline is not None and baseline.warning else [],
-            scaling=self.scaling.summary if self.scaling is not None else None)
+            scaling=self.scaling.summary if self.scaling is not None else None, distillation=self._distillation(kept))
         self.save_model(summary, kept)
         self.out.write_summary(summary)
         self.audit("run_finished", status=status, reason=reason or "")
@@ -255,8 +276,20 @@ class Coordinator:
         card = build_card(self.meta.to_dict(), summary, features=schema.features if schema else None,
                           classes=schema.classes if schema else None,
                           preprocessing=preprocessing_facts(task.preprocess, task.columns, builtin=task.builtin, fitted=self.fitted),
-                          target_scale=task.target_scale)
+                          target_scale=task.target_scale, parameters=int(sum(np.asarray(v).size for v in kept.values())))
         self.out.save_model(kept, card.model_dump(), last=None if kept is self.model.arrays else self.model.arrays)
+
+    def _distillation(self, kept: dict[str, Any]) -> DistillationSummary | None:
+        """distill: the teacher and the comparison of teacher, student and INT8 student on the central test set."""
+        if self.teacher is None or self.cfg.distill is None:
+            return None
+        from fedseek.serving.teacher import compare, describe, module_from
+
+        t, spec, test = self.teacher, self.cfg.distill, self.plan.task.test
+        models = compare(t, module_from(self.meta, kept), test) if test is not None and len(test.y) else []
+        return DistillationSummary(teacher_run=str(t.run_dir), teacher_model=describe(t.meta),
+                                   teacher_parameters=t.parameters, temperature=spec.temperature, alpha=spec.alpha,
+                                   models=[DeliveryModel(**m) for m in models])
 
     def status(self, rows: list[MetricsRow]) -> tuple[str, str | None]:
         """completed; stopped (ended before the last round, the model trained); failed (no round changed the model): and why."""

@@ -31,7 +31,7 @@ class GlobalModel:
 
     def __init__(self, cfg: FederationSpec, input_shape: tuple[int, ...], num_classes: int) -> None:
         self.cfg = cfg
-        self.module = build_model(cfg.model.kind, input_shape, num_classes, cfg.model.hidden, seed=cfg.seed)
+        self.module = build_model(cfg.model.kind, input_shape, num_classes, cfg.model.hidden, seed=cfg.seed, width=cfg.model.width)
         self.arrays: Arrays = state_arrays(self.module)
         self.mask: Arrays | None = None
         if cfg.sparsity.enabled and cfg.sparsity.schedule == "fixed":

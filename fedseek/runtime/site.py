@@ -20,7 +20,7 @@ from fedseek.runtime.site_eval import handle_evaluate
 from fedseek.runtime.site_privacy import policy_refusal, training_gate
 from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, scaled_rows, scaling_refusal, schema_refusal
 from fedseek.runtime.site_stats import handle_stats
-from fedseek.train.local import TrainResult, resolve_device, train_local
+from fedseek.train.local import TrainResult, distill_targets, resolve_device, teacher_logits, train_local
 from fedseek.train.models import build_model
 from fedseek.wire.codec import CodecSpec, ErrorFeedback, encode
 from fedseek.wire.records import CONFIG, METRICS, SITE, RefusalMetrics, RoundConfig, TrainMetrics, refusal_content, site_record
@@ -37,7 +37,7 @@ FEEDBACK_FILE = "error_feedback.npz"
 def model_for(cfg: RoundConfig) -> torch.nn.Module:
     """The architecture the coordinator announced."""
     m = cfg.model
-    return build_model(m.kind, tuple(m.input_shape), int(m.num_classes), m.hidden)
+    return build_model(m.kind, tuple(m.input_shape), int(m.num_classes), m.hidden, width=m.width)
 
 
 def load_global(msg: Message, cfg: RoundConfig) -> tuple[torch.nn.Module, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -71,28 +71,56 @@ def handle_train(msg: Message, context: Context) -> Message:
     site = resolve_site(context)
     cfg = RoundConfig.from_record(msg.content.config_records[CONFIG])
     reason = schema_refusal(site, cfg.data_schema) or policy_refusal(site, cfg) or scaling_refusal(site, cfg.scaling)
+    teacher = None
+    if reason is None and cfg.distill is not None:  # checked before the ledger is charged
+        teacher, reason = load_teacher_record(msg, cfg)
     if reason is not None:
         return _refusal(msg, site, reason, None)
     if site.privacy is None:
-        return _train_reply(msg, context, site, cfg, None, None)
+        return _train_reply(msg, context, site, cfg, None, None, teacher)
     with training_gate(site, cfg) as gate:
         if gate.refusal is not None:
             return _refusal(msg, site, gate.refusal, gate.ledger)
-        return _train_reply(msg, context, site, cfg, gate.dp, gate.ledger)
+        return _train_reply(msg, context, site, cfg, gate.dp, gate.ledger, teacher)
+
+
+def load_teacher_record(msg: Message, cfg: RoundConfig) -> tuple[torch.nn.Module | None, str | None]:
+    """distill: the teacher the coordinator sent (its architecture in the round config, its weights beside the model), or why not."""
+    from fedseek.runtime.distillation import TEACHER_RECORD
+    from fedseek.serving.teacher import module_from
+    from fedseek.wire.transfer import from_record
+
+    assert cfg.distill is not None
+    t = cfg.distill.teacher
+    if list(t.input_shape) != list(cfg.model.input_shape) or t.num_classes != cfg.model.num_classes:
+        return None, "distill: the teacher's inputs or classes differ from the model's"
+    if TEACHER_RECORD not in msg.content.array_records:
+        return None, "distill: the round asks for distillation but carries no teacher weights"
+    try:
+        return module_from(t, from_record(msg.content.array_records[TEACHER_RECORD])), None
+    except (ValueError, RuntimeError) as exc:
+        return None, f"distill: {exc}"
 
 
 def _train_reply(msg: Message, context: Context, site: SiteRuntime, cfg: RoundConfig, dp: DPRound | None,
-                 ledger: PrivacyLedger | None) -> Message:
-    """Train on the site's training records (never the held-out ones) and reply with the encoded delta and typed metrics."""
+                 ledger: PrivacyLedger | None, teacher: torch.nn.Module | None = None) -> Message:
+    """Train on the site's training records (never the held-out ones) and reply with the encoded delta and typed metrics.
+
+    With a teacher (distill), the targets are the labels and the teacher's logits on the same records, computed
+    here: they never leave the site, and DP-SGD clips each record's whole loss, so the round costs what any round costs.
+    """
     model, global_arrays, mask = load_global(msg, cfg)
     x, y = scaled_rows(site, site.x, site.y, cfg.scaling)
+    if teacher is not None and cfg.distill is not None:
+        y = distill_targets(y, teacher_logits(teacher, x))
     # Without DP the run seed makes training reproducible; under DP batch choice and noise come from the site's CSPRNG.
     seed = cfg.seed * 100003 + cfg.server_round * 1009 + int(context.node_config.get("partition-id", 0))
     result = train_local(
         model, x, y, num_classes=site.num_classes, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
         momentum=cfg.momentum, device=resolve_device(site.device), seed=seed, proximal_mu=cfg.proximal_mu,
         weighting=cfg.weighting if dp is None else "none", privacy=dp, precision=site.precision, mask=mask,
-        class_weights=site.privacy.class_weights if site.privacy is not None else None, task=cfg.model.task)
+        class_weights=site.privacy.class_weights if site.privacy is not None else None, task=cfg.model.task,
+        distill=(cfg.distill.alpha, cfg.distill.temperature) if teacher is not None and cfg.distill is not None else None)
     # The delta is a DP release (when DP is on): encoding it is post-processing.
     local = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}

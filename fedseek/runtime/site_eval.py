@@ -64,7 +64,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     if site.y_eval is None or len(site.y_eval) == 0:
         return _refuse(msg, site, "no held-out evaluation split at this site (holdout_fraction is 0): training records are never evaluated")
     meta = cfg.model
-    model = build_model(meta.kind, tuple(meta.input_shape), int(meta.num_classes), meta.hidden)
+    model = build_model(meta.kind, tuple(meta.input_shape), int(meta.num_classes), meta.hidden, width=meta.width)
     arrays, _ = unpack_global(msg.content, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
     clip = site.privacy.evaluation.loss_clip if site.privacy is not None else 50.0

@@ -95,6 +95,7 @@ class SiteStrategy(Strategy):
         self.rng = np.random.default_rng(seed)
         self.excluded: dict[str, str] = {}  # site name -> reason (e.g. privacy budget spent)
         self.mask: dict[str, np.ndarray] | None = None  # the sparsity mask sent with (and enforced on) the model
+        self.extra: dict[str, ArrayRecord] = {}  # records sent beside the model every round (distill: the teacher's weights)
         self.outcome = RoundOutcome()
         self._sent: list[Message] = []
         self._global: dict[str, np.ndarray] = {}
@@ -119,7 +120,8 @@ class SiteStrategy(Strategy):
         self._global = from_record(arrays)
         list(self.inner.configure_train(server_round, arrays, config, cast(Grid, _SampledView(sampled))))
         records, payload = pack_global(self._global, self.mask, self.downlink)
-        content = RecordDict({**records, "config": config})
+        content = RecordDict({**records, **self.extra, "config": config})
+        payload += sum(int(r.count_bytes()) for r in self.extra.values())
         self._sent = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
         self.outcome.bytes_down = payload * len(sampled)
         return self._sent

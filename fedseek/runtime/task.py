@@ -62,7 +62,8 @@ class RunPlan:
 
 def model_meta(fed: FederationSpec, task: Task) -> ModelMeta:
     """The architecture description sent to sites and saved as model.json."""
-    return ModelMeta(kind=fed.model.kind, hidden=list(fed.model.hidden), input_shape=list(task.input_shape), num_classes=task.num_classes,
+    return ModelMeta(kind=fed.model.kind, hidden=list(fed.model.hidden), width=fed.model.width, input_shape=list(task.input_shape),
+                     num_classes=task.num_classes,
                      task=task.task_type)
 
 

@@ -34,20 +34,22 @@ def _load_model(run_dir: Path, card: ModelCard, int8: bool) -> Any:
 
     from fedseek.train.models import build_model
 
-    if card.precision == "int8":  # `fedseek quantize` output: TorchScript, no class definitions needed
+    if card.precision == "int8":  # `fedseek quantize` output: an INT8 state dict for the architecture the card names
         import warnings
 
-        scripted = run_dir / "model_int8.pt"
+        from fedseek.serving.quantize import INT8_FILE, load_int8
+
+        path = run_dir / INT8_FILE
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (see serving.quantize)
-                return torch.jit.load(str(scripted))
+                return load_int8(card, path)
         except Exception as exc:  # noqa: BLE001 - a missing or damaged file
-            raise PredictError(f"{scripted}: cannot load the INT8 model ({str(exc).splitlines()[0][:200]})") from None
+            raise PredictError(f"{path}: cannot load the INT8 model ({str(exc).splitlines()[0][:200]})") from None
     weights = run_dir / "model.pt"
     if not weights.is_file():
         raise PredictError(f"{weights}: not found (a finished run directory holds model.pt)")
-    model = build_model(card.kind, tuple(card.input_shape), card.num_classes, card.hidden, seed=0)
+    model = build_model(card.kind, tuple(card.input_shape), card.num_classes, card.hidden, seed=0, width=card.width)
     try:
         model.load_state_dict(torch.load(weights, weights_only=True))
     except Exception as exc:  # noqa: BLE001 - a truncated file or another architecture

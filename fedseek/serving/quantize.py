@@ -7,8 +7,10 @@ weights and activations), which needs calibration rows to fix the activation ran
 rows come from is explicit and recorded in the card: `synthetic` (inputs drawn at random, no
 record of anyone), or a table the operator names (for example the coordinator's own test table,
 held in the open; or a site's own records when the quantized model stays at that site, where
-local use releases nothing). The quantized model is saved as TorchScript (`model_int8.pt`) next
-to a copy of the card with `precision: int8`; `fedseek predict` and `fedseek serve` load it.
+local use releases nothing). The quantized model is saved as a state dict of INT8 tensors
+(`model_int8.pt`, readable with torch.load(weights_only=True): no code in the file) next to a
+copy of the card with `precision: int8`; `fedseek predict` and `fedseek serve` rebuild the
+quantized architecture from the card and load it (`load_int8`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedseek.files import atomic_write_bytes
 from fedseek.serving.predictor import PredictError, Predictor
 
 INT8_FILE = "model_int8.pt"
+UNPACKED_WEIGHT, UNPACKED_BIAS = ".unpacked_weight", ".unpacked_bias"
 SUPPORTED = ("Linear", "Conv2d", "GroupNorm", "Tanh", "AdaptiveAvgPool2d", "Sequential", "TabularMLP", "SmallCNN")
 
 
@@ -46,10 +49,8 @@ class QuantizeResult:
 def _calibration_rows(predictor: Predictor, source: str, rows: int, shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
     """Calibration inputs and the line the card records about them."""
     if source == "synthetic":
-        rng = np.random.default_rng(0)
-        if len(shape) >= 2:  # images: pixel intensities in [0, 1] as every fedseek image loader gives them
-            return rng.uniform(0.0, 1.0, (rows, *shape)).astype(np.float32), "synthetic (uniform [0, 1] pixels; no record of anyone)"
-        return rng.normal(0.0, 1.0, (rows, *shape)).astype(np.float32), "synthetic (standard normal features; no record of anyone)"
+        what = "uniform [0, 1] pixels" if len(shape) >= 2 else "standard normal features"
+        return _synthetic(rows, shape), f"synthetic ({what}; no record of anyone)"
     from fedseek.data import DataError
     from fedseek.data.loaders import read_table
 
@@ -66,6 +67,96 @@ def _check_layers(model: Any) -> None:
     unsupported = sorted({type(m).__name__ for m in model.modules()} - set(SUPPORTED))
     if unsupported:
         raise QuantizeError(f"layers {unsupported} are not supported by fedseek's INT8 quantization (supported: {', '.join(SUPPORTED)})")
+
+
+def portable_state(qmodel: Any) -> dict[str, Any]:
+    """The quantized model's state dict with FX's packed linear weights unpacked into INT8 tensors (weights_only-loadable)."""
+    from collections import OrderedDict
+
+    import torch
+
+    state = qmodel.state_dict()
+    out: OrderedDict[str, Any] = OrderedDict()
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # module versions: load_state_dict reads them
+    for key, value in state.items():
+        if isinstance(value, torch._C.ScriptObject):  # FX keeps a converted Linear's weight as a packed object
+            weight, bias = torch.ops.quantized.linear_unpack(value)
+            out[key + UNPACKED_WEIGHT] = weight
+            out[key + UNPACKED_BIAS] = bias if bias is not None else torch.zeros(0)
+        else:
+            out[key] = value
+    return out
+
+
+def state_bytes(state: dict[str, Any]) -> int:
+    """Bytes of a state dict as torch.save writes it."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return len(buf.getvalue())
+
+
+def quantize_module(model: Any, shape: tuple[int, ...], calib: np.ndarray | None = None) -> tuple[Any, str, int]:
+    """A quantized copy of `model` (the model itself is untouched), its mode and its saved size in bytes.
+
+    Convolutions: static (FX) with `calib` rows (default: synthetic ones, see _calibration_rows); else dynamic.
+    """
+    import copy
+
+    import torch
+
+    _check_layers(model)
+    model = copy.deepcopy(model).eval()
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        if calib is None:
+            calib = _synthetic(512, shape)
+        qmodel, mode = _static(model, calib), "static"
+    else:
+        qmodel, mode = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8), "dynamic"
+    return qmodel, mode, state_bytes(portable_state(qmodel))
+
+
+def load_int8(card: Any, path: Path) -> Any:
+    """Rebuild the quantized architecture the card describes and load `fedseek quantize`'s INT8 state into it."""
+    from collections import OrderedDict
+
+    import torch
+
+    from fedseek.train.models import build_model
+
+    mode = (card.quantization or {}).get("mode")
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"the card names no quantization mode (dynamic or static), got {mode!r}")
+    state = torch.load(path, weights_only=True)
+    if not isinstance(state, OrderedDict):
+        raise ValueError("not an INT8 state dict written by fedseek quantize")
+    model = build_model(card.kind, tuple(card.input_shape), card.num_classes, card.hidden, seed=0, width=card.width).eval()
+    if mode == "dynamic":
+        qmodel = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    else:  # the structure only: every scale, zero point and weight comes from the file
+        qmodel = _static(model, np.zeros((2, *card.input_shape), dtype=np.float32))
+    packed = {k[: -len(UNPACKED_WEIGHT)] for k in state if k.endswith(UNPACKED_WEIGHT)}
+    plain = type(state)((k, v) for k, v in state.items() if not k.endswith((UNPACKED_WEIGHT, UNPACKED_BIAS)))
+    plain._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # module versions
+    result = qmodel.load_state_dict(plain, strict=False)
+    missing = set(result.missing_keys) - packed
+    if missing or result.unexpected_keys:
+        raise ValueError(f"the INT8 state does not fit the card's architecture (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(result.unexpected_keys)[:3]})")
+    for key in packed:
+        bias = state[key + UNPACKED_BIAS]
+        module, _, attr = key.rpartition(".")
+        setattr(qmodel.get_submodule(module), attr,
+                torch.ops.quantized.linear_prepack(state[key + UNPACKED_WEIGHT], bias if bias.numel() else None))
+    return qmodel.eval()
+
+
+def _synthetic(rows: int, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if len(shape) >= 2:  # images: pixel intensities in [0, 1] as every fedseek image loader gives them
+        return rng.uniform(0.0, 1.0, (rows, *shape)).astype(np.float32)
+    return rng.normal(0.0, 1.0, (rows, *shape)).astype(np.float32)
 
 
 def _static(model: Any, calib: np.ndarray) -> Any:
@@ -92,7 +183,7 @@ def _static(model: Any, calib: np.ndarray) -> Any:
 
 def quantize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, calibration: str = "synthetic", rows: int = 512,
                  force: bool = False) -> QuantizeResult:
-    """Quantize RUN_DIR's model.pt into OUT (default RUN_DIR/int8): model_int8.pt (TorchScript) and model.json (precision int8).
+    """Quantize RUN_DIR's model.pt into OUT (default RUN_DIR/int8): model_int8.pt (INT8 state dict) and model.json (precision int8).
 
     PyTorch 2.13 marks torch.ao.quantization as deprecated in favour of the separate torchao package; its warnings
     are silenced here (the API still works and is what this build installs).
@@ -120,17 +211,12 @@ def _quantize(run_dir: str | Path, out_dir: str | Path | None, calibration: str,
         raise QuantizeError(f"{out}: exists and is not empty (give another --out, or --force)")
     shape = tuple(int(d) for d in card.input_shape)
     convs = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    if convs:
-        calib, calib_text = _calibration_rows(predictor, calibration, rows, shape)
-        qmodel, mode = _static(model, calib), "static"
-    else:
-        qmodel, mode, calib_text = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8), "dynamic", \
-            "none needed (dynamic: activations quantized per batch at run time)"
-    example = torch.zeros((2, *shape), dtype=torch.float32)
-    with torch.no_grad():
-        scripted = torch.jit.trace(qmodel, example)
+    calib, calib_text = _calibration_rows(predictor, calibration, rows, shape) if convs else (None, "")
+    qmodel, mode, _ = quantize_module(model, shape, calib)
+    if mode == "dynamic":
+        calib_text = "none needed (dynamic: activations quantized per batch at run time)"
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
+    torch.save(portable_state(qmodel), buf)
     fp32 = io.BytesIO()
     torch.save(torch.load(Path(run_dir) / "model.pt", weights_only=True), fp32)
     out.mkdir(parents=True, exist_ok=True)

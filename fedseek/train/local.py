@@ -82,6 +82,52 @@ class RegressionLoss(nn.Module):
         return nn.functional.mse_loss(out.reshape(-1), target.reshape(-1).to(out.dtype), reduction=self.reduction)
 
 
+class DistillLoss(nn.Module):
+    """Knowledge distillation from a teacher's logits: a * CE(label) + (1 - a) * T^2 * KL(teacher_T || student_T).
+
+    The target packs, per record, its label in column 0 and the teacher's logits for that record
+    after it, so a record's loss depends on that record alone (per-sample clipping stays exact)
+    and Poisson sampling draws label and teacher answer together. Like RegressionLoss it keeps a
+    `reduction` attribute, which Opacus' ghost clipping sets to "none".
+    """
+
+    def __init__(self, alpha: float, temperature: float, weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
+        """`alpha` weighs the hard-label cross-entropy, `temperature` softens both distributions."""
+        super().__init__()
+        if not (0.0 <= alpha <= 1.0) or temperature <= 0:
+            raise ValueError(f"distillation needs 0 <= alpha <= 1 and temperature > 0 (got {alpha}, {temperature})")
+        self.alpha, self.temperature, self.weight, self.reduction = float(alpha), float(temperature), weight, reduction
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-record loss reduced by `reduction`; out (N, K) student logits, target (N, 1 + K)."""
+        out = out.float()
+        labels, teacher = target[:, 0].long(), target[:, 1:].to(out.dtype)
+        t = self.temperature
+        ce = nn.functional.cross_entropy(out, labels, weight=self.weight, reduction="none")
+        log_p = nn.functional.log_softmax(out / t, dim=1)
+        log_q = nn.functional.log_softmax(teacher / t, dim=1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(dim=1) * (t * t)
+        loss = self.alpha * ce + (1.0 - self.alpha) * kl
+        if self.reduction == "none":
+            return loss
+        return loss.sum() if self.reduction == "sum" else loss.mean()
+
+
+def distill_targets(y: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
+    """Pack labels and the teacher's logits into the (N, 1 + K) float target DistillLoss reads."""
+    if len(teacher_logits) != len(y) or teacher_logits.ndim != 2:
+        raise ValueError(f"teacher logits of shape {teacher_logits.shape} for {len(y)} labels")
+    return np.concatenate([np.asarray(y, dtype=np.float32)[:, None], np.asarray(teacher_logits, dtype=np.float32)], axis=1)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """The teacher's raw logits for x on the CPU (the site's own records: computed locally, never released)."""
+    teacher.eval()
+    out = [teacher(torch.as_tensor(x[i : i + batch_size], dtype=torch.float32)).float().numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
 def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], lr: float, mu: float) -> None:
     """FedProx as a decoupled proximal step w -= lr*mu*(w - w_global): data-independent, so DP-safe."""
     with torch.no_grad():
@@ -108,6 +154,7 @@ def train_local(
     mask: dict[str, np.ndarray] | None = None,
     class_weights: list[float] | None = None,
     task: str = "classification",
+    distill: tuple[float, float] | None = None,
 ) -> TrainResult:
     """Train `model` in place on (x, y) for `epochs`; with `privacy` (a DPRound) under Opacus DP-SGD.
 
@@ -116,6 +163,7 @@ def train_local(
     `seed` makes non-DP runs reproducible; under DP nothing random derives from it (the coordinator knows it).
     `class_weights` (fixed, from the site's policy) weight the loss instead of `weighting`.
     `task` regression trains the one output on the float target with mean squared error.
+    `distill` (alpha, temperature): y is distill_targets(labels, teacher logits) and the loss is DistillLoss.
     """
     device = torch.device(device)
     amp_dtype = check_precision(precision, device, private=privacy is not None)
@@ -125,8 +173,9 @@ def train_local(
     start = time.perf_counter()
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     regression = task == "regression"
-    weights = None if regression else _loss_weights(y, num_classes, weighting, class_weights)
-    criterion, optimizer, loader = _sgd_setup(model, x, y, lr, batch_size, momentum, seed, weights, device, regression)
+    labels = y[:, 0].astype(np.int64) if distill is not None else y
+    weights = None if regression else _loss_weights(labels, num_classes, weighting, class_weights)
+    criterion, optimizer, loader = _sgd_setup(model, x, y, lr, batch_size, momentum, seed, weights, device, regression, distill)
     train_model, optimizer, criterion, loader, enforcer = _wrap(model, optimizer, criterion, loader, privacy, mask)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     total_loss, total_n, steps = 0.0, 0, 0
@@ -160,13 +209,19 @@ def _loss_weights(y: np.ndarray, num_classes: int, weighting: str, fixed: list[f
 def _sgd_setup(
     model: nn.Module, x: np.ndarray, y: np.ndarray, lr: float, batch_size: int, momentum: float,
     seed: int, weights: torch.Tensor | None, device: torch.device, regression: bool = False,
+    distill: tuple[float, float] | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
-    """The (class-weighted) loss or MSE, plain SGD over the trainable parameters, and a seeded shuffling loader (replaced under DP)."""
-    criterion: nn.Module = RegressionLoss() if regression else nn.CrossEntropyLoss(
-        weight=weights.to(device) if weights is not None else None)
+    """The (class-weighted) loss, MSE or distillation loss, plain SGD over the trainable parameters, and a seeded shuffling loader
+    (replaced under DP)."""
+    w = weights.to(device) if weights is not None else None
+    criterion: nn.Module
+    if distill is not None:
+        criterion = DistillLoss(distill[0], distill[1], weight=w)
+    else:
+        criterion = RegressionLoss() if regression else nn.CrossEntropyLoss(weight=w)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(_tensors(x, y, regression), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
+    loader = DataLoader(_tensors(x, y, regression or distill is not None), batch_size=min(batch_size, len(y)), shuffle=True, generator=gen)
     return criterion, optimizer, loader
 
 

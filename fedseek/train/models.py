@@ -55,9 +55,9 @@ class SmallCNN(nn.Module):
 
 
 def build_model(
-    kind: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64,), seed: int | None = None
+    kind: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64,), seed: int | None = None, width: int = 16
 ) -> nn.Module:
-    """Build a model by name ('mlp' | 'cnn') for inputs of `input_shape` (without batch dim)."""
+    """Build a model by name ('mlp' | 'cnn') for inputs of `input_shape` (without batch dim); `hidden` sizes the MLP, `width` the CNN."""
     if seed is not None:
         torch.manual_seed(seed)
     if kind == "mlp":
@@ -72,5 +72,7 @@ def build_model(
             channels, size = int(input_shape[0]), int(input_shape[-1])
         else:
             raise ValueError(f"cnn needs image inputs (H, W) or (C, H, W), got shape {tuple(input_shape)}")
-        return SmallCNN(channels, size, num_classes)
+        if width < 4 or width % 4:
+            raise ValueError(f"cnn width must be a multiple of 4 (GroupNorm uses 4 groups), got {width}")
+        return SmallCNN(channels, size, num_classes, width)
     raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(map(repr, MODEL_KINDS))}")

@@ -148,6 +148,6 @@ def verify_file(
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{model_path} must hold a state_dict (a dict of tensors), got {type(state).__name__}")
-    model = build_model(str(kind), shape, classes, hidden=hid)
+    model = build_model(str(kind), shape, classes, hidden=hid, width=int(meta.get("width", 16)))
     model.load_state_dict(state, strict=True)
     return verify_model(model, key, alpha)

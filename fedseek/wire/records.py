@@ -72,6 +72,7 @@ class ModelMeta(_Wire):
 
     kind: str
     hidden: list[int] = [64]
+    width: int = Field(16, ge=4, le=1024, multiple_of=4)  # cnn only
     input_shape: list[int]
     num_classes: int = Field(ge=1)  # outputs: classes, or 1 for regression
     task: str = Field("classification", pattern="^(classification|regression)$")
@@ -81,6 +82,14 @@ class ModelMeta(_Wire):
         if (self.task == "regression") != (self.num_classes == 1):
             raise ValueError("a regression model has exactly one output; a classifier at least two")
         return self
+
+
+class DistillMeta(_Wire):
+    """Federated distillation: the teacher's architecture (its weights travel in the "teacher" ArrayRecord) and the loss."""
+
+    teacher: ModelMeta
+    temperature: float = Field(gt=0, le=100)
+    alpha: float = Field(ge=0, le=1)
 
 
 class FittedScaling(_Wire):
@@ -107,9 +116,10 @@ class RoundConfig(_Wire):
     codec: dict[str, Any] = {}
     data_schema: DataSchema | None = Field(None, alias="data-schema")  # what the site's data must look like
     scaling: FittedScaling | None = None  # scaling: federated: the statistics the sites computed before round 1
+    distill: DistillMeta | None = None  # distill: train the model on the teacher's softened answers too
 
     def to_record(self) -> ConfigRecord:
-        """The ConfigRecord form (flat: the model, codec, data schema and scaling travel as JSON text)."""
+        """The ConfigRecord form (flat: the model, codec, data schema, scaling and distillation travel as JSON text)."""
         d = self.to_dict()
         d["model"] = json.dumps(self.model.to_dict())
         d["codec"] = json.dumps(self.codec)
@@ -117,12 +127,14 @@ class RoundConfig(_Wire):
             d["data-schema"] = self.data_schema.model_dump_json()
         if self.scaling is not None:
             d["scaling"] = self.scaling.model_dump_json()
+        if self.distill is not None:
+            d["distill"] = json.dumps(self.distill.to_dict())
         return ConfigRecord(d)
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> RoundConfig:
         """Parse and validate the coordinator's round config; RecordError naming the key otherwise."""
-        d = _json_keys(dict(rec), ("model", "codec", "data-schema", "scaling"), "round config")
+        d = _json_keys(dict(rec), ("model", "codec", "data-schema", "scaling", "distill"), "round config")
         parsed: RoundConfig = cls._parse(d, "round config")
         return parsed
 
