@@ -13,8 +13,10 @@ Measured:
   fp16 with GradScaler (non-DP), and DP-SGD (Opacus ghost clipping) in fp32 and bf16;
 - teacher accuracy; a student CNN (width 16, <= 1/8 of the parameters) trained on the labels alone
   and by distillation (alpha 0.5, T 3), non-DP and under DP-SGD (epsilon reported);
-- fp32 vs INT8 (static, synthetic calibration; `fedseek quantize`'s code) for teacher and student:
-  accuracy, saved bytes, CPU latency at batch 1 and 256 (this machine's CPU, torch's default threads).
+- fp32 vs INT8 (static, synthetic calibration; `fedseek quantize`'s code, the INT8 module traced as
+  `fedseek predict` / `serve` load it) for teacher and student: accuracy, saved bytes (fp32: model.pt as
+  torch.save writes it, and the same weights in the INT8 file's packing), CPU latency at batch 1 and
+  256 (this machine's CPU, torch's default threads).
 The teacher trains in fp32 (batch 32, lr 0.02); the students at lr 0.05, the DP ones in bf16 autocast (batch 128).
 
 Usage: python benchmarks/delivery_images.py [--device cuda] [--quick] [--out PATH]
@@ -42,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fedseek.config import PrivacySpec  # noqa: E402
 from fedseek.data.loaders import load_image_folder  # noqa: E402
 from fedseek.privacy import DPRound, PrivacyLedger  # noqa: E402
+from fedseek.serving import int8_file  # noqa: E402
 from fedseek.serving.measure import latency_ms, model_bytes  # noqa: E402
-from fedseek.serving.quantize import quantize_module  # noqa: E402
+from fedseek.serving.quantize import quantize_module, traced  # noqa: E402
 from fedseek.train.local import distill_targets, evaluate, teacher_logits, train_local  # noqa: E402
 from fedseek.train.models import build_model  # noqa: E402
 
@@ -166,7 +169,9 @@ def main() -> int:
     for name, m, params in (("teacher", teacher, tp), ("student (distilled)", students["distilled"]["model"], sp)):
         rows.append(cpu_row(f"{name} fp32", m, xte, yte, model_bytes(m), params))
         q, mode, nbytes = quantize_module(m, shape, calib)
+        q = traced(q, shape)  # as fedseek predict / serve load it
         rows.append(cpu_row(f"{name} INT8 ({mode})", q, xte, yte, nbytes, params))
+        rows[-2]["bytes_same_format"] = len(int8_file.dumps(m.state_dict()))  # fp32 weights in the INT8 file's packing
         f32, i8 = rows[-2], rows[-1]
         agree = float(np.mean(m(torch.as_tensor(xte)).argmax(1).numpy() == q(torch.as_tensor(xte)).argmax(1).numpy()))
         i8.update({"agreement_with_fp32": agree, "bytes_ratio": f32["bytes"] / i8["bytes"],

@@ -67,6 +67,39 @@ def test_the_cnn_is_quantized_statically_with_synthetic_calibration(tmp_path, ca
     print(f"digits CNN: fp32 {np.mean(fp32 == test.y):.4f}, int8 {np.mean(int8 == test.y):.4f}, agreement {np.mean(fp32 == int8):.4f}")
     assert np.mean(fp32 == int8) >= 0.98
     assert json.loads((run / "int8" / "model.json").read_text())["quantization"]["calibration"].startswith("synthetic")
+    # fedseek's own packing (no pickle): the 10k-weight CNN's file is >= 3.5x smaller than its model.pt
+    data = (run / "int8" / "model_int8.pt").read_bytes()
+    assert data.startswith(b"FSQ8") and (run / "model.pt").stat().st_size >= 3.5 * len(data)
+
+
+def test_the_int8_file_round_trips_exactly_and_a_damaged_one_is_one_line(tmp_path):
+    from fedseek.serving import int8_file
+    from fedseek.serving.predictor import PredictError
+    from fedseek.serving.quantize import portable_state, quantize_module
+
+    for model, shape in ((build_model("mlp", (30,), 2, [64], seed=0), (30,)), (build_model("cnn", (1, 8, 8), 3, seed=0), (1, 8, 8))):
+        q, _, nbytes = quantize_module(model, shape, np.random.default_rng(0).uniform(0, 1, (64, *shape)).astype(np.float32))
+        state = portable_state(q)
+        back = int8_file.loads(int8_file.dumps(state))
+        assert list(back) == list(state) and nbytes == len(int8_file.dumps(state))
+        for key, value in state.items():
+            got = back[key]
+            if isinstance(value, torch.Tensor) and value.is_quantized:
+                assert torch.equal(value.int_repr(), got.int_repr()) and value.qscheme() == got.qscheme(), key
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(value, got) and value.shape == got.shape, key
+    run = _run_dir(tmp_path / "run", key=False)
+    from fedseek.serving.quantize import quantize_run
+
+    quantize_run(run, tmp_path / "q")
+    path = tmp_path / "q" / "model_int8.pt"
+    path.write_bytes(path.read_bytes()[:-40])  # truncated
+    with pytest.raises(PredictError, match="cannot load the INT8 model") as err:
+        Predictor(tmp_path / "q")
+    assert "\n" not in str(err.value)
+    path.write_bytes(b"PK\x03\x04 a zip, or a pickle: never unpickled")
+    with pytest.raises(PredictError, match="not a fedseek INT8 model file"):
+        Predictor(tmp_path / "q")
 
 
 @pytest.mark.parametrize(("case", "message"), [

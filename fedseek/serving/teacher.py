@@ -134,13 +134,15 @@ def compare(teacher: Teacher, student: Any, test: Any) -> list[dict[str, Any]]:
     import warnings
 
     from fedseek.serving.measure import latency_ms, model_bytes
-    from fedseek.serving.quantize import quantize_module
+    from fedseek.serving.quantize import quantize_module, traced
     from fedseek.train.local import predict_scores
 
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (see serving.quantize)
-        int8, mode, int8_bytes = quantize_module(student, tuple(int(d) for d in test.x.shape[1:]))
+        shape = tuple(int(d) for d in test.x.shape[1:])
+        int8, mode, int8_bytes = quantize_module(student, shape)
+        int8 = traced(int8, shape)  # as `fedseek predict` / `serve` load it
     for name, model, nbytes, params, precision in (
         ("teacher", teacher.module(), model_bytes(teacher.module()), teacher.parameters, "fp32"),
         ("student", student, model_bytes(student), int(sum(p.numel() for p in student.parameters())), "fp32"),
