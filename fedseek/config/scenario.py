@@ -112,11 +112,20 @@ class DataSpec(StrictSpec):
 
 
 class SimulationSpec(StrictSpec):
-    """Flower simulation engine (Ray) resources."""
+    """Flower simulation engine (Ray) resources: a Ray fedseek starts on this machine, or an existing cluster (`ray_address`)."""
 
     cpus_per_site: int = Field(1, ge=1)
-    ray_cpus: int | None = Field(None, ge=1, description="default: all cores")
+    gpus_per_site: float = Field(0.0, ge=0.0, le=64.0, description="GPUs a virtual site's actor reserves (0.5: two sites per GPU)")
+    ray_cpus: int | None = Field(None, ge=1, description="CPUs of the Ray fedseek starts; default: all cores")
+    ray_address: str | None = Field(None, min_length=1, description="an existing Ray cluster (HOST:PORT of its head, or 'auto'); "
+                                    "fedseek neither starts nor stops it")
     node_wait_s: float = Field(120.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _cluster_resources(self) -> SimulationSpec:
+        if self.ray_address is not None and self.ray_cpus is not None:
+            raise ValueError("ray_cpus sizes the Ray fedseek starts; with ray_address the cluster's own resources are used")
+        return self
 
 
 class ByzantineSpec(StrictSpec):

@@ -21,6 +21,8 @@ def simulate(
                          typer.Option("--state-dir", help="Sites' persistent state (privacy ledgers); default OUT/sites.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Overall limit in seconds.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint after a crash.")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Run on this existing Ray cluster (HOST:PORT of its head, "
+                                                    "or auto); fedseek neither starts nor stops it.")] = None,
 ) -> int:
     """Run a scenario with N virtual sites (Flower simulation engine)."""
     from fedseek.ops.launcher import AlreadyFinished
@@ -28,7 +30,7 @@ def simulate(
     from fedseek.ops.simulate import simulate as run_simulation
 
     try:
-        run_simulation(scenario, out, state_dir=state_dir, timeout_s=timeout, resume=resume)
+        run_simulation(scenario, out, state_dir=state_dir, timeout_s=timeout, resume=resume, ray_address=ray_address)
     except AlreadyFinished as exc:
         err.print(str(exc), highlight=False)
         return 0

@@ -39,17 +39,20 @@ def _header(cfg: ScenarioConfig) -> str:
 
 def _request(cfg: ScenarioConfig, scenario_path: Path, out: Path, port: int, *, state_dir: str | Path | None,
              timeout_s: float | None, resume: bool) -> RunRequest:
-    """The run config and simulation federation config for this scenario."""
+    """The run config and simulation federation config for this scenario (on an existing cluster: its own resources)."""
     run_config: dict[str, RunConfigValue] = {"config-path": str(scenario_path), "out-dir": str(out), "config-kind": "scenario",
                                              "resume": resume}
     if state_dir is not None:
         run_config["state-dir"] = str(Path(state_dir).resolve())
-    ray_cpus = cfg.simulation.ray_cpus or max(1, _cores())
+    federation: dict[str, int | float] = {"num-supernodes": cfg.num_sites, "client-resources-num-cpus": cfg.simulation.cpus_per_site}
+    if cfg.simulation.gpus_per_site:
+        federation["client-resources-num-gpus"] = cfg.simulation.gpus_per_site
+    if cfg.simulation.ray_address is None:  # Ray refuses num_cpus when it connects to an existing cluster
+        federation["init-args-num-cpus"] = cfg.simulation.ray_cpus or max(1, _cores())
     return RunRequest(
         flwr_home=out / ".flwr", connection=CONNECTION, out=out, run_config=run_config, rounds=cfg.rounds, sites=cfg.num_sites,
         timeout_s=timeout_s or (cfg.round_timeout_s * cfg.rounds + cfg.simulation.node_wait_s + 300),
-        federation_config={"num-supernodes": cfg.num_sites, "client-resources-num-cpus": cfg.simulation.cpus_per_site,
-                           "init-args-num-cpus": ray_cpus},
+        federation_config=federation,
         site_word="virtual sites", error=SimulationError, finish_on_outputs=True,
         metrics=cfg.metrics, run_name=cfg.name, watermark=cfg.watermark.enabled,
         resume_hint=f"continue from the last checkpoint with `fedseek simulate {scenario_path} --out {out} --resume`")
@@ -61,13 +64,21 @@ def _request(cfg: ScenarioConfig, scenario_path: Path, out: Path, port: int, *, 
 STOP_GRACE_S = 1.0
 
 
-def _start_superlink(flwr_home: Path, port: int, log_fh: Any) -> ProcessTree:
-    """The private simulation SuperLink (insecure, loopback only, its database in OUT/.flwr)."""
+def _start_superlink(flwr_home: Path, port: int, log_fh: Any, ray_address: str | None = None) -> ProcessTree:
+    """The private simulation SuperLink (insecure, loopback only, its database in OUT/.flwr).
+
+    Its simulation engine calls ray.init() without an address, which joins the cluster RAY_ADDRESS
+    names, else one started with `ray start` on this machine, else starts a Ray of its own. So
+    RAY_ADDRESS is always set: the cluster asked for, or "local" (a Ray of its own, even when the
+    shell names a cluster or one runs on this machine).
+    """
+    env = flower_env(flwr_home)
+    env["RAY_ADDRESS"] = ray_address if ray_address is not None else "local"
     return start_process(
         [flwr_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port), "--database", str(flwr_home / "state.db"),
          "--disable-runtime-dependency-installation"],
-        env=flower_env(flwr_home), log=log_fh, name="superlink",
+        env=env, log=log_fh, name="superlink",
     )
 
 
@@ -95,11 +106,19 @@ def simulate(
     timeout_s: float | None = None,
     on_round: Callable[[MetricsRow], None] | None = None,
     resume: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Run a scenario to completion; returns summary.json's content or raises SimulationError."""
+    """Run a scenario to completion; returns summary.json's content or raises SimulationError.
+
+    `ray_address` (or the scenario's simulation.ray_address) runs the virtual sites on that existing Ray cluster.
+    """
     console = console or Console(stderr=True)
     scenario_path = Path(scenario_path).resolve()
     cfg = load_scenario(scenario_path)  # ConfigError surfaces before anything starts
+    if ray_address is not None:
+        cfg.simulation.ray_address, cfg.simulation.ray_cpus = ray_address, None
+    if cfg.simulation.ray_address is not None:
+        _check_cluster(cfg, console)
     if cfg.data.own_tables:  # every table read, split and checked here: a bad file is one line, before any process
         from fedseek.data.scenario_data import check_scenario_data
 
@@ -119,7 +138,7 @@ def simulate(
     console.print(_header(cfg))
     launcher: Launcher | None = None
     with open(log_path, "ab") as log_fh:
-        superlink = _start_superlink(req.flwr_home, port, log_fh)
+        superlink = _start_superlink(req.flwr_home, port, log_fh, cfg.simulation.ray_address)
         try:
             req.check_alive = _watch(superlink, log_path)
             launcher = Launcher(req, console)  # stages the app while the SuperLink starts
@@ -133,6 +152,23 @@ def simulate(
                 launcher.close()
             superlink.stop(timeout_s=STOP_GRACE_S)
     return report(console, outcome, out, t0)
+
+
+def _check_cluster(cfg: ScenarioConfig, console: Console) -> None:
+    """The cluster answers and every node can run a virtual site (SimulationError, one line); say what it has."""
+    from fedseek.ops.ray_cluster import ClusterError, check_cluster
+
+    address = str(cfg.simulation.ray_address)
+    try:
+        info = check_cluster(address)
+    except ClusterError as exc:
+        raise SimulationError(str(exc)) from None
+    need = cfg.simulation.cpus_per_site
+    if info.cpus < need or (cfg.simulation.gpus_per_site and info.gpus < cfg.simulation.gpus_per_site):
+        raise SimulationError(f"Ray cluster {address}: {info.cpus:g} CPUs and {info.gpus:g} GPUs cannot hold one virtual site "
+                              f"({need} CPUs, {cfg.simulation.gpus_per_site:g} GPUs: simulation.cpus_per_site / gpus_per_site)")
+    console.print(f"Ray cluster {address}: {len(info.nodes)} nodes, {info.cpus:g} CPUs, {info.gpus:g} GPUs; up to "
+                  f"{int(info.cpus // need)} virtual sites at a time")
 
 
 def _distill_state(cfg: ScenarioConfig, scenario_path: Path, state_dir: str | Path | None, console: Console) -> str | Path | None:
