@@ -19,6 +19,7 @@ SuperLink, `flwr run`, Ray) of a tiny task: synthetic bank transactions, one ban
 
 Writes benchmarks/results/scale.json.
 Run: .venv/bin/python benchmarks/scale.py [--quick]   (--quick: 100 sites only)
+     .venv/bin/python benchmarks/scale.py --configs 10000:0.01,10000:0.1 --out benchmarks/results/scale_10k.json
 """
 
 from __future__ import annotations
@@ -280,8 +281,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100 sites only")
     ap.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     ap.add_argument("--keep", type=Path, default=None, help="keep run directories here (default: a temp dir, removed)")
+    ap.add_argument("--configs", default=None, help="SITES:FRACTION,... instead of the default set (e.g. 10000:0.01,10000:0.1)")
     args = ap.parse_args()
     configs = [(100, 0.1), (100, 1.0)] + ([] if args.quick else [(1000, 0.1), (1000, 1.0)])
+    if args.configs:
+        configs = [(int(n), float(f)) for n, f in (c.split(":") for c in args.configs.split(","))]
     train_s = train_seconds_per_call(int(ROWS_PER_BANK * 0.75), 1, 16, [64])
     print(f"train_local on a ~{int(ROWS_PER_BANK * 0.75)}-row site: {train_s * 1000:.2f} ms per call", flush=True)
     runs = []

@@ -320,3 +320,22 @@ def test_federated_evaluation_section(tmp_path: Path, std: float) -> None:
         assert "federated accuracy</div>" in page
     assert f"evaluation budget spent {escape(EVIL)}" in page and EVIL not in page
     assert "federated_evaluation.sites" in page and "3 site(s): see the table above" in page
+
+
+def test_thousands_of_sites_are_aggregated_and_the_sites_to_look_at_listed(tmp_path: Path) -> None:
+    """Beyond MAX_SITE_ROWS sites: min / median / max over all of them, then the refusing site and the highest epsilons first."""
+    from fedseek.outputs.report_sites import MAX_SITE_ROWS
+
+    n = MAX_SITE_ROWS + 300
+    summary = _summary(3, sites=n)
+    summary["privacy"]["sites"]["site-007"]["refusals"] = 2
+    run = _write(tmp_path / "run", [_row(r, sites=5) for r in (1, 2, 3)], summary)
+    page = build_report(run)
+    _assert_self_contained(page)
+    assert f"{n:,} sites: above, min / median / max over all of them" in page
+    sites = page[page.index('id="sites"'):page.index("</section>", page.index('id="sites"'))]
+    assert sites.count("<tr>") <= MAX_SITE_ROWS + 1 + 12  # the shown rows + headers + the aggregate's rows
+    first = sites.index("site-007")
+    assert first < sites.index(f"site-{n - 1:03d}") < sites.index(f"site-{n - 2:03d}")  # refusing first, then highest epsilon
+    assert "site-010<" not in sites  # a low-epsilon site beyond the first MAX_SITE_ROWS is left to summary.json
+    assert f"{2.7 + 0.01 * (n - 1):.4f}" in sites and "2.7000" in sites  # the aggregate's max and min cover every site

@@ -18,11 +18,11 @@ from fedseek.outputs.report_data import RunData, epsilon_tracks
 from fedseek.outputs.report_delivery import DeliverySection, delivery_section
 from fedseek.outputs.report_federated import FederatedSection, federated_section, last_federated, pm
 from fedseek.outputs.report_format import NUMBER, Table, clean, fmt, fmt_bytes, fmt_seconds, num
-from fedseek.outputs.schema import MetricsRow, SitePrivacy, dump
+from fedseek.outputs.report_sites import SitesSection, sites_section
+from fedseek.outputs.schema import MetricsRow, dump
 
 MAX_TABLE_ROWS = 500  # rejections / failures / refusals listed before "... and N more"
 OPEN_ROUNDS = 30  # the per-round table starts folded above this many rounds
-_VIEW_VALUES = ("epsilon", "delta", "noise_multiplier", "sample_rate", "num_examples", "train_loss")
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,6 @@ class Header:
     notes: list[str]
     status: str = ""  # summary.json's status (completed / stopped / failed); "" without a summary
     warnings: list[str] = field(default_factory=list)  # summary.json's warnings (e.g. no better than the majority class)
-
-
-@dataclass(frozen=True)
-class SitesSection:
-    """Per-site privacy (DP on) or participation (DP off)."""
-
-    title: str
-    table: Table | None
-    notes: list[str]
 
 
 @dataclass(frozen=True)
@@ -242,81 +233,6 @@ def run_cards(data: RunData) -> list[tuple[str, str]]:
     if s is not None and num(s.sparsity):
         cards.append(("final sparsity", f"{100 * s.sparsity:.1f}%"))
     return cards
-
-
-# ---------------------------------------------------------------------------- per site
-@dataclass
-class _Seen:
-    """A site as metrics.jsonl shows it: rounds trained / refused, DP steps, last reported values."""
-
-    trained: int = 0
-    refused: int = 0
-    steps: int | None = None
-    values: dict[str, Any] = field(default_factory=dict)
-    last_status: str = ""
-
-
-def _seen_in_rows(rows: list[MetricsRow]) -> dict[str, _Seen]:
-    seen: dict[str, _Seen] = {}
-    for row in rows:
-        for name, view in row.sites.items():
-            d = seen.setdefault(name, _Seen())
-            if view.status == "refused":
-                d.refused += 1
-            else:
-                d.trained += 1
-                if view.dp_steps is not None:
-                    d.steps = (d.steps or 0) + view.dp_steps
-                d.values.update({k: getattr(view, k) for k in _VIEW_VALUES if num(getattr(view, k)) is not None})
-            d.last_status = f"{view.status} (round {row.round})"
-    return seen
-
-
-def _site_row(name: str, summary: SitePrivacy | None, m: _Seen, data: RunData) -> list[str]:
-    """One site's cells: the summary's values first, what metrics.jsonl showed otherwise."""
-    s = summary.model_dump(exclude_none=True) if summary is not None else {}
-    privacy = data.privacy
-    excluded = data.summary.excluded_sites if data.summary is not None else {}
-    note = clean(excluded[name], 160) if name in excluded else m.last_status
-    trained, refusals = s.get("rounds_trained", m.trained), s.get("refusals", m.refused)
-    if not privacy.enabled:
-        return [name, fmt(trained), fmt(refusals), fmt(m.values.get("num_examples"), 0), fmt(m.values.get("train_loss")), note]
-    eps = s.get("epsilon", m.values.get("epsilon"))
-    finite = num(eps)
-    pct = 100 * finite / privacy.budget if privacy.budget and finite is not None else None
-    used = "—" if pct is None else f"{pct:.1f}%" if pct < 99.95 else f"{pct:.2f}%"
-    steps = s.get("steps") if num(s.get("steps")) is not None else m.steps
-
-    def value(key: str) -> Any:  # the summary's value, else the last one metrics.jsonl showed
-        return s.get(key, m.values.get(key))
-
-    return [name, fmt(eps), used, fmt(value("delta"), 2), fmt(value("noise_multiplier"), 3), fmt(value("sample_rate"), 3),
-            fmt(steps, 0), fmt(trained), fmt(refusals), fmt(m.values.get("num_examples"), 0), note]
-
-
-def sites_section(data: RunData) -> SitesSection:
-    """Per-site privacy (DP on) or participation (DP off), merged from summary.json and metrics.jsonl."""
-    privacy = data.privacy
-    title = "Per-site privacy" if privacy.enabled else "Per-site participation"
-    per = privacy.summary.sites
-    seen = _seen_in_rows(data.rows)
-    names = sorted(set(per) | set(seen))
-    if not names:
-        return SitesSection(title, None, [])
-    rows = [_site_row(n, per.get(n), seen.get(n) or _Seen(), data) for n in names]
-    if privacy.enabled:
-        headers = ["site", "epsilon", "of budget", "delta", "noise multiplier", "sample rate", "DP steps", "rounds trained",
-                   "refusals", "examples", "last status / exclusion"]
-    else:
-        headers = ["site", "rounds trained", "refusals", "examples", "last train loss", "last status / exclusion"]
-    notes = []
-    if privacy.enabled:
-        notes.append("Epsilon is what each site reported with its last accepted update (its ledger may hold more: rounds whose "
-                     "update was rejected or failed still spent budget at the site). DP steps are summed over accepted rounds.")
-    missing = sorted(set(seen) - set(per)) if per else []
-    if missing:
-        notes.append(f"{len(missing)} site(s) appear in metrics.jsonl but not in summary.json.")
-    return SitesSection(title, Table(headers, rows, "sites"), notes)
 
 
 # ---------------------------------------------------------------------------- events, rounds, summary
