@@ -20,6 +20,7 @@ SuperLink, `flwr run`, Ray) of a tiny task: synthetic bank transactions, one ban
 Writes benchmarks/results/scale.json.
 Run: .venv/bin/python benchmarks/scale.py [--quick]   (--quick: 100 sites only)
      .venv/bin/python benchmarks/scale.py --configs 10000:0.01,10000:0.1 --out benchmarks/results/scale_10k.json
+     .venv/bin/python benchmarks/scale.py --ray-cluster 2 --configs 100:1.0,1000:0.1 --out benchmarks/results/scale_cluster.json
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ simulation: {{cpus_per_site: 1, node_wait_s: 600}}
 """
 
 
-def run_one(num_sites: int, fraction: float, work: Path, train_s: float) -> dict[str, Any]:
+def run_one(num_sites: int, fraction: float, work: Path, train_s: float, ray_address: str | None = None) -> dict[str, Any]:
     from rich.console import Console
 
     from fedseek.ops.simulate import simulate
@@ -236,7 +237,7 @@ def run_one(num_sites: int, fraction: float, work: Path, train_s: float) -> dict
     error = None
     with TreeMemory(interval=0.5) as mem:
         try:
-            summary = simulate(scenario, out, console=console, timeout_s=3000)
+            summary = simulate(scenario, out, console=console, timeout_s=3000, ray_address=ray_address)
         except Exception as exc:  # noqa: BLE001 - report, do not hide
             summary, error = None, f"{type(exc).__name__}: {str(exc)[-1500:]}"
     wall = time.time() - t0
@@ -253,6 +254,7 @@ def run_one(num_sites: int, fraction: float, work: Path, train_s: float) -> dict
     res: dict[str, Any] = {
         "num_sites": num_sites,
         "fraction_train": fraction,
+        "mode": "this machine (a Ray fedseek starts)" if ray_address is None else f"existing Ray cluster {ray_address}",
         "rounds": ROUNDS,
         "rounds_completed": len(rows),
         "train_calls_per_round": calls,
@@ -282,6 +284,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     ap.add_argument("--keep", type=Path, default=None, help="keep run directories here (default: a temp dir, removed)")
     ap.add_argument("--configs", default=None, help="SITES:FRACTION,... instead of the default set (e.g. 10000:0.01,10000:0.1)")
+    ap.add_argument("--ray-cluster", type=int, default=0, metavar="NODES",
+                    help="run on a Ray cluster of NODES nodes x 1 CPU started here on loopback (Ray's multi-node test harness)")
     args = ap.parse_args()
     configs = [(100, 0.1), (100, 1.0)] + ([] if args.quick else [(1000, 0.1), (1000, 1.0)])
     if args.configs:
@@ -289,11 +293,21 @@ def main() -> None:
     train_s = train_seconds_per_call(int(ROWS_PER_BANK * 0.75), 1, 16, [64])
     print(f"train_local on a ~{int(ROWS_PER_BANK * 0.75)}-row site: {train_s * 1000:.2f} ms per call", flush=True)
     runs = []
+    cluster = None
+    if args.ray_cluster:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process (ours and the simulation's) on 127.0.0.1
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        for _ in range(args.ray_cluster - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        print(f"Ray cluster {cluster.address}: {args.ray_cluster} nodes x 1 CPU", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedseek-scale-") as tmp:
         base = args.keep or Path(tmp)
         for n, f in configs:
             print(f"== {n} sites, fraction_train {f:g}", flush=True)
-            r = run_one(n, f, base / f"n{n}-f{f:g}", train_s)
+            r = run_one(n, f, base / f"n{n}-f{f:g}", train_s, cluster.address if cluster else None)
             runs.append(r)
             print(json.dumps({k: r[k] for k in ("ok", "wall_s", "startup_s", "round_seconds", "steady_round_s", "seconds_per_call",
                                                 "actor_seconds_per_call", "overhead_seconds_per_call", "peak_pss_mb", "peak_rss_mb",
@@ -332,6 +346,10 @@ def main() -> None:
         "runs": runs,
         "fits": fits,
     }
+    if cluster is not None:
+        result["ray_cluster"] = {"nodes": args.ray_cluster, "cpus_per_node": 1, "address": cluster.address,
+                                 "how": "ray.cluster_utils.Cluster on loopback: a head and NODES-1 more raylets on this machine"}
+        cluster.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,7 +1,7 @@
 """`fedseek simulate --ray-address`: the virtual sites run on an existing two-node Ray cluster, with the single-machine result.
 
 The test starts the cluster itself (Ray's own multi-node test harness, ray.cluster_utils: a head
-and a second node on this machine, 1 CPU each, processes the test stops), runs the same seeded
+and a second node on this machine, 1 CPU each, bound to 127.0.0.1, processes the test stops), runs the same seeded
 non-DP scenario on the cluster and on a Ray fedseek starts, and reads from Ray's actor table
 (the GCS, Ray's state) that virtual sites ran on both nodes. fedseek must neither start nor stop
 the cluster: it is still up, with both nodes, after the run.
@@ -10,12 +10,14 @@ the cluster: it is still up, with both nodes, after the run.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 SCENARIO = {
     "name": "cluster", "seed": 3, "num_sites": 4, "rounds": 3,
     "data": {"dataset": "breast_cancer", "test_fraction": 0.25}, "partition": {"scheme": "iid"},
@@ -26,15 +28,26 @@ SCENARIO = {
 
 @pytest.fixture(scope="module")
 def cluster():
+    """Two nodes on 127.0.0.1 only: Ray binds to the machine's address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read
+    at import, so the constant is patched too for a worker that imported Ray already); the simulations inherit it."""
+    import ray._private.ray_constants as constants
     from ray.cluster_utils import Cluster
 
+    old = os.environ.get(LOOPBACK), constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK], constants.ENABLE_RAY_CLUSTER = "0", False
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         c.add_node(num_cpus=1)
         c.wait_for_nodes()
+        assert c.address.startswith("127.0.0.1:"), c.address
         yield c
     finally:
         c.shutdown()
+        constants.ENABLE_RAY_CLUSTER = old[1]
+        if old[0] is None:
+            os.environ.pop(LOOPBACK, None)
+        else:
+            os.environ[LOOPBACK] = old[0]
 
 
 def _actor_nodes(address: str) -> set[str]:
