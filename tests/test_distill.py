@@ -215,3 +215,15 @@ def test_distillation_of_a_regression_is_refused_at_load(tmp_path):
     scen.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="distill: knowledge distillation softens class answers"):
         load_scenario(scen)
+
+
+def test_a_teacher_architecture_beyond_the_bounds_is_rejected_before_anything_is_built():
+    """A hostile coordinator cannot make a site allocate an enormous teacher: the round config's architecture is bounded."""
+    from fedseek.wire.records import DistillMeta
+
+    with pytest.raises(ValueError, match="less than or equal to 65536"):
+        DistillMeta.model_validate({"teacher": {"kind": "mlp", "hidden": [10**9], "input_shape": [30], "num_classes": 2},
+                                    "temperature": 3.0, "alpha": 0.5})
+    with pytest.raises(ValueError, match="at most 64 items"):
+        DistillMeta.model_validate({"teacher": {"kind": "mlp", "hidden": [8] * 1000, "input_shape": [30], "num_classes": 2},
+                                    "temperature": 3.0, "alpha": 0.5})

@@ -71,7 +71,7 @@ class ModelMeta(_Wire):
     """The architecture a site builds before loading the global weights (also saved as model.json)."""
 
     kind: str
-    hidden: list[int] = [64]
+    hidden: list[Annotated[int, Field(ge=1, le=65_536)]] = Field([64], max_length=64)  # bounded: a site builds what it is told
     width: int = Field(16, ge=4, le=1024, multiple_of=4)  # cnn only
     input_shape: list[int]
     num_classes: int = Field(ge=1)  # outputs: classes, or 1 for regression
