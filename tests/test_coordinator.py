@@ -97,6 +97,18 @@ def in_process_sites(run_config: dict, nodes: list[int]) -> Responder:
     return respond
 
 
+def run_in_process(scenario: Path, out: Path, num_sites: int):
+    """A scenario's whole run on one machine without Ray: the coordinator and the real ClientApp in this process. Same
+    seed, same result as `fedseek simulate` (non-DP): the slow tier compares simulations against it instead of starting a
+    second Flower/Ray run."""
+    from tests.conftest import flower_task_identity
+
+    rc = _run_config(scenario, out)
+    nodes = list(range(1, num_sites + 1))
+    with flower_task_identity():
+        return _coordinator(FakeGrid(nodes, in_process_sites(rc, nodes)), rc)
+
+
 def _coordinator(grid: FakeGrid, run_config: dict):
     return run_coordinator(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
 

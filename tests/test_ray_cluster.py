@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from tests.test_coordinator import run_in_process
+
 LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 SCENARIO = {
     "name": "cluster", "seed": 3, "num_sites": 4, "rounds": 3,
@@ -51,23 +53,6 @@ def cluster():
             os.environ[LOOPBACK] = old[0]
 
 
-def _single_machine(scen: Path, out: Path) -> dict:
-    """The same scenario on one machine: the coordinator and the real ClientApp in this process (the fake Grid of the
-    fast tier), which gives a simulation's result without starting a second Ray (the suite's time budget)."""
-    from flwr.app import Context, RecordDict
-
-    from fedseek.runtime.coordinator import run_coordinator
-    from tests.conftest import flower_task_identity
-    from tests.test_coordinator import FakeGrid, in_process_sites
-
-    rc = {"config-path": str(scen), "config-kind": "scenario", "out-dir": str(out), "state-dir": "", "resume": False}
-    nodes = list(range(1, SCENARIO["num_sites"] + 1))
-    with flower_task_identity():
-        summary = run_coordinator(FakeGrid(nodes, in_process_sites(rc, nodes)),
-                                  Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
-    return summary.model_dump()
-
-
 def _actor_nodes(address: str) -> set[str]:
     """Node ids that ran Flower's ClientApp actors, from the GCS actor table."""
     import ray
@@ -90,7 +75,7 @@ def test_a_scenario_runs_on_both_nodes_of_an_existing_cluster_with_the_single_ma
     scen = tmp_path / "scenario.yaml"
     scen.write_text(yaml.safe_dump(SCENARIO))
     quiet = Console(file=open(tmp_path / "console.txt", "w"), width=120)  # noqa: SIM115 - closed with the test's tmp dir
-    local = _single_machine(scen, tmp_path / "local")
+    local = run_in_process(scen, tmp_path / "local", SCENARIO["num_sites"]).model_dump()
     on_cluster = simulate(scen, tmp_path / "cluster", console=quiet, ray_address=cluster.address)
     assert on_cluster["status"] == "completed" and on_cluster["rounds_completed"] == 3
     assert on_cluster["final_accuracy"] == pytest.approx(local["final_accuracy"])

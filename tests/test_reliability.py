@@ -16,6 +16,7 @@ import torch
 
 from fedseek.ops.processes import ProcessTree, is_running
 from tests.conftest import ROOT
+from tests.test_coordinator import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +77,7 @@ def test_kill_9_after_round_3_then_resume_matches_uninterrupted_run(tmp_path):
     scen = _scenario(tmp_path, "resume", "seed: 11\nnum_sites: 4\nrounds: 6\ndata: {dataset: breast_cancer}\n"
                      "strategy: {name: fedadam, min_sites: 4, fraction_train: 0.75, server_lr: 0.01}\n"
                      "train: {local_epochs: 1, lr: 0.05, batch_size: 16}\n")
-    _simulate(scen, tmp_path / "straight")
+    run_in_process(scen, tmp_path / "straight", 4)  # the uninterrupted run (the same result as a simulation; no second Ray)
 
     out = tmp_path / "crashed"
     proc = subprocess.Popen([sys.executable, "-m", "fedseek", "simulate", str(scen), "--out", str(out)],
