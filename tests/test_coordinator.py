@@ -97,13 +97,13 @@ def in_process_sites(run_config: dict, nodes: list[int]) -> Responder:
     return respond
 
 
-def run_in_process(scenario: Path, out: Path, num_sites: int):
+def run_in_process(scenario: Path, out: Path, num_sites: int, state_dir: Path | None = None):
     """A scenario's whole run on one machine without Ray: the coordinator and the real ClientApp in this process. Same
     seed, same result as `fedseek simulate` (non-DP): the slow tier compares simulations against it instead of starting a
     second Flower/Ray run."""
     from tests.conftest import flower_task_identity
 
-    rc = _run_config(scenario, out)
+    rc = {**_run_config(scenario, out), "state-dir": str(state_dir or "")}
     nodes = list(range(1, num_sites + 1))
     with flower_task_identity():
         return _coordinator(FakeGrid(nodes, in_process_sites(rc, nodes)), rc)

@@ -12,6 +12,7 @@ import pytest
 
 from fedseek.privacy import PrivacyLedger, epsilon_for
 from tests.conftest import ROOT
+from tests.test_coordinator import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +65,10 @@ def test_dp_budget_refusal_and_restart_continue_epsilon(tmp_path):
         "privacy: {epsilon_budget: 2.3, delta: 1.0e-5, noise_multiplier: 2.0, grad_sample_mode: ghost}\n"
     )
     state = tmp_path / "state"
-    first = _fedseek("simulate", str(scen), "--out", str(tmp_path / "run1"), "--state-dir", str(state))
-    assert first.returncode == 0, first.stderr[-3000:]
+    # the first run in this process (the coordinator and the real ClientApp, no Ray: the suite's time budget); the second is a
+    # real simulation in new processes that must find the ledgers the first one left
+    first = run_in_process(scen, tmp_path / "run1", 3, state_dir=state)
+    assert first.rounds_completed == 2
     led = PrivacyLedger(state / "site-000", accountant="rdp", delta=1e-5, epsilon_budget=2.3)
     eps_after_run1 = led.epsilon()
     assert len(led.rounds) == 2 and eps_after_run1 > 0
