@@ -238,7 +238,8 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
 
 def test_a_surrogate_trained_on_served_answers_carries_the_mark():
     """Extraction in miniature: 1000 natural queries to a breast-cancer model, hard labels; the surrogate is detected at
-    p <= 1e-6 from the logged marked queries, a model trained on the true labels is not."""
+    p <= 1e-6 from the logged marked queries, a model trained on the true labels is not. The key is fixed (the test is
+    deterministic); at 300 epochs 16 keys out of 16 gave p <= 1e-9 (at 150 epochs 2 keys in 12 missed 1e-6)."""
     from fedseek.data import load_builtin
     from fedseek.train.local import predict_scores, train_local
 
@@ -247,12 +248,13 @@ def test_a_surrogate_trained_on_served_answers_carries_the_mark():
     train_local(served, train.x, train.y, num_classes=2, epochs=3, lr=0.05, batch_size=32, seed=1)
     rng = np.random.default_rng(0)
     xq = np.concatenate([train.x, train.x[rng.integers(0, len(train.x), 574)] + rng.normal(0, 0.1, (574, 30)).astype(np.float32)])
-    m = mark(predict_scores(served, xq), xq.astype(np.float64).tolist(), os.urandom(32), 0.1)
+    key = np.random.default_rng(18).bytes(32)
+    m = mark(predict_scores(served, xq), xq.astype(np.float64).tolist(), key, 0.1)
     assert m.marked.sum() >= 25
 
     def fitted(y: np.ndarray, x: np.ndarray, seed: int) -> torch.nn.Module:
         model = build_model("mlp", train.input_shape, 2, [64], seed=seed)
-        train_local(model, x, y, num_classes=2, epochs=150, lr=0.1, batch_size=64, momentum=0.9, seed=seed)
+        train_local(model, x, y, num_classes=2, epochs=300, lr=0.1, batch_size=64, momentum=0.9, seed=seed)
         return model
 
     surrogate = fitted(m.labels, xq, 5)
@@ -262,7 +264,7 @@ def test_a_surrogate_trained_on_served_answers_carries_the_mark():
     assert sur.detected, sur
     assert not ind.detected and ind.p_value > 1e-3, ind
     served_acc = float((predict_scores(served, test.x).argmax(1) == test.y).mean())
-    marked_acc = float((mark(predict_scores(served, test.x), test.x.astype(np.float64).tolist(), os.urandom(32), 0.1).labels
+    marked_acc = float((mark(predict_scores(served, test.x), test.x.astype(np.float64).tolist(), key, 0.1).labels
                         == test.y).mean())
     assert marked_acc >= served_acc - 0.05  # the exact accuracy cost is measured in benchmarks/output_watermark.py
 
