@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
+StrategyName = Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
 PartitionScheme = Literal["iid", "dirichlet", "quantity", "natural"]
 DatasetName = Literal["breast_cancer", "digits", "bank_fraud"]
 QuantizerName = Literal["none", "fp16", "int8"]  # the value format on the wire ("none" = fp32)

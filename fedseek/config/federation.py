@@ -28,8 +28,12 @@ class StrategySpec(StrictSpec):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_sites: int = Field(2, ge=1, description="sites needed before a round starts")
     proximal_mu: float = Field(0.0, ge=0.0)
-    server_lr: float = Field(0.01, gt=0.0, description="FedAdam eta")
+    server_lr: float | None = Field(None, gt=0.0, description="server learning rate (fedadam eta, default 0.01; fedavgm, default 1.0)")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm: momentum of the server's update over rounds")
     server_tau: float = Field(1e-3, gt=0.0, description="FedAdam tau")
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="> 0: the released model is an exponential moving average of the global models "
+        "(sites train from the latest; under DP the average cancels part of the noise)")
     trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="FedTrimmedAvg: share cut at each end")
     num_malicious: int = Field(0, ge=0, description="Krum/MultiKrum: assumed Byzantine sites")
     num_to_select: int = Field(1, ge=1, description="MultiKrum: updates averaged")
@@ -43,6 +47,9 @@ class TrainSpec(StrictSpec):
     batch_size: int = Field(32, ge=1)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     class_weighting: Literal["none", "balanced"] = "none"
+    recipe: Literal["fixed", "auto"] = Field(
+        "fixed", description="auto: a DP site sets its own batch (all its records, up to its max_batch_size), one local epoch "
+        "and lr 0.5 / max_grad_norm; sites without DP use the recipe above")
 
 
 class EvaluationPrivacySpec(StrictSpec):
@@ -297,4 +304,7 @@ class FederationSpec(StrictSpec):
     def _federated_selection_needs_evaluation(self) -> FederationSpec:
         if self.selection.source == "federated" and self.selection.metric != "last" and self.evaluation.every <= 0:
             raise ValueError("selection.source federated needs a federated evaluation: set evaluation.every (e.g. 1)")
+        if self.strategy.ema_decay > 0 and self.watermark.enabled:
+            raise ValueError("strategy.ema_decay: the watermark is embedded in each round's global model, not in the released "
+                             "average; use one or the other")
         return self

@@ -133,6 +133,7 @@ def simulate(
     req = _request(cfg, scenario_path, out, port, state_dir=state_dir, timeout_s=timeout_s, resume=resume)
     write_connection(req.flwr_home, CONNECTION, f"127.0.0.1:{port}")
     _warn_spent_ledgers(cfg, Path(state_dir) if state_dir else out / "sites", console)
+    _note_horizon(cfg, console)
     log_path = out / "flower.log"
     t0 = time.time()
     console.print(_header(cfg))
@@ -199,6 +200,28 @@ def _distill_state(cfg: ScenarioConfig, scenario_path: Path, state_dir: str | Pa
     console.print(f"[yellow]note:[/] {shared} does not exist: if the teacher run used --state-dir, give the same one here so "
                   "the sites' ledgers count the teacher's rounds too")
     return None
+
+
+def horizon_note(cfg: ScenarioConfig) -> str | None:
+    """Under DP, what a mismatch between the scenario's rounds and the sites' planning horizon does (None: they agree)."""
+    pol = cfg.privacy
+    if pol is None or not pol.enabled or pol.noise_multiplier is not None or pol.target_epsilon_per_round is not None:
+        return None
+    if pol.planning_rounds < cfg.rounds:
+        return (f"the sites plan their budget over privacy.planning_rounds {pol.planning_rounds} but the scenario runs {cfg.rounds} "
+                f"rounds: their budgets are spent by round {pol.planning_rounds} and later rounds are refused or much noisier "
+                f"(set planning_rounds: {cfg.rounds} to spread the budget over the run)")
+    if pol.planning_rounds > cfg.rounds:
+        return (f"the sites plan their budget over privacy.planning_rounds {pol.planning_rounds} but the scenario runs {cfg.rounds} "
+                f"rounds: the run spends about {cfg.rounds}/{pol.planning_rounds} of it, with more noise than needed "
+                f"(set planning_rounds: {cfg.rounds} to use it all)")
+    return None
+
+
+def _note_horizon(cfg: ScenarioConfig, console: Console) -> None:
+    note = horizon_note(cfg)
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def _warn_spent_ledgers(cfg: ScenarioConfig, state_root: Path, console: Console) -> None:

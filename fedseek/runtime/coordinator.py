@@ -118,7 +118,7 @@ class Coordinator:
         return RoundConfig(
             server_round=rnd, num_rounds=self.cfg.rounds, lr=t.lr, local_epochs=t.local_epochs, batch_size=t.batch_size,
             momentum=t.momentum, weighting=t.class_weighting, proximal_mu=s.proximal_mu if s.name == "fedprox" else 0.0,
-            model=self.meta, seed=int(self.cfg.seed), run_id=self.plan.run_id, codec=dataclasses.asdict(self.codec),
+            recipe=t.recipe, model=self.meta, seed=int(self.cfg.seed), run_id=self.plan.run_id, codec=dataclasses.asdict(self.codec),
             data_schema=self.plan.task.schema, scaling=self.fitted,
             distill=distill_meta(self.cfg.distill, self.teacher) if self.cfg.distill and self.teacher else None)
 
@@ -143,7 +143,7 @@ class Coordinator:
             row = self.run_round(rnd)
             if row is None:
                 break
-            if self.selection.observe(rnd, self.selection.judged(row), self.model.arrays):
+            if self.selection.observe(rnd, self.selection.judged(row), self.model.released):
                 flwr_log("early stop after round %d: no %s improvement in %d rounds", rnd, self.cfg.selection.metric,
                          self.cfg.selection.patience)
                 self.audit("early_stopped", round=rnd, metric=self.cfg.selection.metric, patience=self.cfg.selection.patience)
@@ -193,6 +193,7 @@ class Coordinator:
             self.model.set_record(aggregate)
         sparsity = self.model.update_mask(rnd)
         wm_row = self.watermark.embed(rnd, self.model) if self.watermark is not None else None
+        self.model.update_average()
         central = self.model.evaluate(self.plan.task.test)
         row = self.book.record_round(rnd, outcome, self.nodes, started=t0, central=central, codec=self.codec.kind, sparsity=sparsity,
                                      watermark=wm_row, federated=self.federated_evaluation(rnd))
@@ -244,7 +245,8 @@ class Coordinator:
         rows = read_rows(self.out.metrics_path)
         status, reason = self.status(rows)
         selected = self.selection.summary(rows[-1].round if rows else 0)
-        kept = self.selection.best_arrays if self.selection.active and self.selection.best_arrays is not None else self.model.arrays
+        released = self.model.released
+        kept = self.selection.best_arrays if self.selection.active and self.selection.best_arrays is not None else released
         kept_metrics, kept_pred = self.model.evaluate_arrays(kept, self.plan.task.test)
         baseline = baseline_check(self.plan.task.test, kept_metrics, kept_pred)
         summary = RunSummary(
@@ -277,7 +279,8 @@ class Coordinator:
                           classes=schema.classes if schema else None,
                           preprocessing=preprocessing_facts(task.preprocess, task.columns, builtin=task.builtin, fitted=self.fitted),
                           target_scale=task.target_scale, parameters=int(sum(np.asarray(v).size for v in kept.values())))
-        self.out.save_model(kept, card.model_dump(), last=None if kept is self.model.arrays else self.model.arrays)
+        released = self.model.released
+        self.out.save_model(kept, card.model_dump(), last=None if kept is released else released)
 
     def _distillation(self, kept: dict[str, Any]) -> DistillationSummary | None:
         """distill: the teacher and the comparison of teacher, student and INT8 student on the central test set."""

@@ -219,7 +219,7 @@ class FederatedEvaluator:
 
     def messages(self, rnd: int, model: GlobalModel, nodes: list[int]) -> tuple[list[Message], int]:
         """One EVALUATE message per node: the packed global model (as in TRAIN) and the evaluation config; and the bytes sent."""
-        records, payload = pack_global(model.arrays, model.mask, self.downlink)
+        records, payload = pack_global(model.released, model.mask, self.downlink)  # what the run releases (the average with ema_decay)
         config = EvalConfig(server_round=rnd, model=self.meta, run_id=self.run_id, data_schema=self.data_schema,
                             scaling=self.scaling).to_record()
         content = RecordDict({**records, CONFIG: config})

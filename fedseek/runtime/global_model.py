@@ -34,6 +34,8 @@ class GlobalModel:
         self.module = build_model(cfg.model.kind, input_shape, num_classes, cfg.model.hidden, seed=cfg.seed, width=cfg.model.width)
         self.arrays: Arrays = state_arrays(self.module)
         self.mask: Arrays | None = None
+        self.ema_decay = float(cfg.strategy.ema_decay)
+        self.ema: Arrays | None = None  # strategy.ema_decay > 0: the released model, an average of the global models
         if cfg.sparsity.enabled and cfg.sparsity.schedule == "fixed":
             # data-independent: drawn from the run's seed before any site trains
             self.mask = init_mask(self.arrays, cfg.sparsity.target, seed=cfg.seed)
@@ -86,14 +88,40 @@ class GlobalModel:
         self.apply_mask()
         return self.sparsity()
 
+    def update_average(self) -> None:
+        """strategy.ema_decay: fold this round's global model into the released average (post-processing of DP releases).
+
+        Sites keep training from the latest global model; the average is what is evaluated and saved:
+        under DP the noise of successive rounds is independent, so averaging them cancels part of it.
+        """
+        if self.ema_decay <= 0.0:
+            return
+        if self.ema is None:
+            self.ema = {k: v.copy() for k, v in self.arrays.items()}
+        else:
+            d = self.ema_decay
+            self.ema = {k: (d * self.ema[k] + (1.0 - d) * v).astype(np.float32) for k, v in self.arrays.items()}
+        if self.mask is not None:
+            for k in self.ema:
+                m = self.mask.get(canonical_name(k))
+                if m is not None:
+                    self.ema[k] = np.where(m, self.ema[k], 0.0).astype(np.float32)
+
+    @property
+    def released(self) -> Arrays:
+        """The model the run releases: the average (strategy.ema_decay > 0, after round 1) or the latest global model."""
+        return self.ema if self.ema is not None else self.arrays
+
     def sparsity(self) -> float:
         """Fraction of masked coordinates (0 without a mask)."""
         return sparsity_of(self.mask) if self.mask is not None else 0.0
 
     def evaluate(self, test: Any) -> dict[str, float]:
-        """Central evaluation on the coordinator's held-out set ({} when it has none)."""
+        """Central evaluation of the released model on the coordinator's held-out set ({} when it has none)."""
         if test is None:
             return {}
+        if self.ema is not None:
+            return self.evaluate_arrays(self.ema, test)[0]
         return _metrics(self.load_module(), test)
 
     def evaluate_arrays(self, arrays: Arrays, test: Any) -> tuple[dict[str, float], np.ndarray | None]:
@@ -112,15 +140,15 @@ class GlobalModel:
             self.load_module()
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights and mask."""
-        return {"arrays": self.arrays, "mask": self.mask}
+        """Weights, mask and the released average."""
+        return {"arrays": self.arrays, "mask": self.mask, "ema": self.ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore weights and mask; ValueError when they belong to another architecture."""
         arrays = state["arrays"]
         if set(arrays) != set(self.arrays) or any(arrays[k].shape != v.shape for k, v in self.arrays.items()):
             raise ValueError("checkpoint does not match this model's architecture")
-        self.arrays, self.mask = arrays, state["mask"]
+        self.arrays, self.mask, self.ema = arrays, state["mask"], state.get("ema")  # checkpoints before ema_decay lack it
 
 
 def _metrics(module: Any, test: Any) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
 from fedseek.config import StrategySpec
 from fedseek.names import STRATEGIES
@@ -16,7 +16,8 @@ def build_rule(spec: StrategySpec) -> FedAvg:
     rules = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(proximal_mu=spec.proximal_mu, **common),
-        "fedadam": lambda: FedAdam(eta=spec.server_lr, tau=spec.server_tau, **common),
+        "fedavgm": lambda: FedAvgM(server_learning_rate=spec.server_lr or 1.0, server_momentum=spec.server_momentum, **common),
+        "fedadam": lambda: FedAdam(eta=spec.server_lr or 0.01, tau=spec.server_tau, **common),
         "fedmedian": lambda: FedMedian(**common),
         "fedtrimmedavg": lambda: FedTrimmedAvg(beta=spec.trim_beta, **common),
         "krum": lambda: Krum(num_malicious_nodes=spec.num_malicious, **common),

@@ -17,7 +17,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedseek.files import atomic_write_bytes
 from fedseek.runtime.site_eval import handle_evaluate
-from fedseek.runtime.site_privacy import policy_refusal, training_gate
+from fedseek.runtime.site_privacy import policy_refusal, site_recipe, training_gate
 from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, scaled_rows, scaling_refusal, schema_refusal
 from fedseek.runtime.site_stats import handle_stats
 from fedseek.train.local import TrainResult, distill_targets, resolve_device, teacher_logits, train_local
@@ -69,7 +69,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     """One training round at a site: the site's own policy first, then (under DP) its locked, pre-charged ledger."""
     torch.set_num_threads(1)  # one core per virtual site; the engine runs several in parallel
     site = resolve_site(context)
-    cfg = RoundConfig.from_record(msg.content.config_records[CONFIG])
+    cfg = site_recipe(site, RoundConfig.from_record(msg.content.config_records[CONFIG]))
     reason = schema_refusal(site, cfg.data_schema) or policy_refusal(site, cfg) or scaling_refusal(site, cfg.scaling)
     teacher = None
     if reason is None and cfg.distill is not None:  # checked before the ledger is charged

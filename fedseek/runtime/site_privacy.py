@@ -33,6 +33,25 @@ class RoundGate:
     refusal: str | None = None
 
 
+AUTO_STEP = 0.5  # recipe auto: lr x max_grad_norm, the longest step one clipped full-batch gradient can take (see docs/privacy.md)
+
+
+def site_recipe(site: SiteRuntime, cfg: RoundConfig) -> RoundConfig:
+    """The round's recipe as this site runs it: under DP with recipe auto, the site's own (from its record count and clip norm).
+
+    One noisy gradient step on all of the site's records per round (DP-FedSGD), batches of at most the site's
+    max_batch_size, and a learning rate that makes lr x max_grad_norm = AUTO_STEP. Rules fixed in advance and tuned
+    on public data (digits, breast cancer), never on the site's records: choosing them costs no privacy. The record
+    count is treated as public, as everywhere in DP-SGD (it sets the sampling rate, and the site reports it).
+    """
+    pol = site.privacy
+    if cfg.recipe != "auto" or pol is None or len(site.y) == 0:
+        return cfg
+    batch = min(len(site.y), pol.max_batch_size)
+    return cfg.model_copy(update={"batch_size": batch, "local_epochs": 1, "momentum": 0.0, "lr": AUTO_STEP / pol.max_grad_norm,
+                                  "proximal_mu": 0.0})
+
+
 def policy_refusal(site: SiteRuntime, cfg: RoundConfig) -> str | None:
     """Why the site's own policy refuses this round's recipe (None = acceptable)."""
     pol = site.privacy

@@ -193,12 +193,15 @@ class SiteStrategy(Strategy):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Sampling RNG, excluded sites and the inner strategy's server-optimizer state (FedAdam's m_t, v_t)."""
+        """Sampling RNG, excluded sites and the inner strategy's server-optimizer state (FedAdam's m_t, v_t; FedAvgM's momentum)."""
         inner: dict[str, np.ndarray] = {}
         for attr in ("m_t", "v_t"):
             val = getattr(self.inner, attr, None)
             if isinstance(val, dict):
                 inner.update({f"{attr}/{k}": np.asarray(v) for k, v in val.items()})
+        momentum = getattr(self.inner, "momentum_vector", None)  # FedAvgM's server momentum, a list in the model's order
+        if isinstance(momentum, list):
+            inner.update({f"momentum_vector/{i:05d}": np.asarray(v) for i, v in enumerate(momentum)})
         return {"rng": self.rng.bit_generator.state, "excluded": dict(self.excluded), "inner": inner,
                 "influence": self.influence.state_dict()}
 
@@ -211,3 +214,6 @@ class SiteStrategy(Strategy):
             vals = {k.split("/", 1)[1]: v for k, v in state["inner"].items() if k.startswith(attr + "/")}
             if vals:
                 setattr(self.inner, attr, vals)
+        momentum = [v for k, v in sorted(state["inner"].items()) if k.startswith("momentum_vector/")]
+        if momentum:
+            self.inner.momentum_vector = momentum  # type: ignore[attr-defined]

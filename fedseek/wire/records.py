@@ -110,6 +110,7 @@ class RoundConfig(_Wire):
     momentum: float = Field(0.0, ge=0, lt=1)
     weighting: str = "none"
     proximal_mu: float = Field(0.0, alias="proximal-mu", ge=0)
+    recipe: str = Field("fixed", pattern="^(fixed|auto)$")  # auto: a DP site derives batch, epochs and lr itself
     model: ModelMeta
     seed: int = 0
     run_id: str = Field("", alias="run-id")
