@@ -36,7 +36,7 @@ check: lint
 test: $(STAMP)
 	$(BIN)/ruff check .
 	@$(BIN)/mypy > .mypy-test.log 2>&1 & mypy_pid=$$!; \
-	$(PYTEST) tests; tests_rc=$$?; \
+	$(PYTEST) --durations=15 tests; tests_rc=$$?; \
 	wait $$mypy_pid; mypy_rc=$$?; cat .mypy-test.log; rm -f .mypy-test.log; \
 	test $$tests_rc -eq 0 -a $$mypy_rc -eq 0
 
