@@ -66,12 +66,17 @@ class GlobalModel:
 
     def apply_mask(self) -> None:
         """Zero the pruned coordinates."""
+        self.arrays = self._masked(self.arrays)
+
+    def _masked(self, arrays: Arrays) -> Arrays:
+        """`arrays` with the pruned coordinates zeroed (the same dict without a mask)."""
         if self.mask is None:
-            return
-        for k in self.arrays:
+            return arrays
+        for k in arrays:
             m = self.mask.get(canonical_name(k))
             if m is not None:
-                self.arrays[k] = np.where(m, self.arrays[k], 0.0).astype(np.float32)
+                arrays[k] = np.where(m, arrays[k], 0.0).astype(np.float32)
+        return arrays
 
     def update_mask(self, rnd: int) -> float:
         """Progressive magnitude pruning of the aggregate (schedule from config); returns the sparsity now in force."""
@@ -101,11 +106,7 @@ class GlobalModel:
         else:
             d = self.ema_decay
             self.ema = {k: (d * self.ema[k] + (1.0 - d) * v).astype(np.float32) for k, v in self.arrays.items()}
-        if self.mask is not None:
-            for k in self.ema:
-                m = self.mask.get(canonical_name(k))
-                if m is not None:
-                    self.ema[k] = np.where(m, self.ema[k], 0.0).astype(np.float32)
+        self.ema = self._masked(self.ema)
 
     @property
     def released(self) -> Arrays:
