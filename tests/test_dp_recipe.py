@@ -37,6 +37,14 @@ def test_auto_recipe_is_the_sites_own_under_dp_and_the_coordinators_otherwise():
     assert site_recipe(_site(67, None), _cfg("auto")) == _cfg("auto")  # no DP: the coordinator's recipe
     assert site_recipe(_site(67, pol), _cfg("fixed")) == _cfg("fixed")
     assert RoundConfig.from_record(_cfg("auto").to_record()).recipe == "auto"
+    from flwr.app import ConfigRecord
+
+    from fedseek.wire.records import RecordError
+
+    bad = dict(_cfg("auto").to_record())
+    bad["recipe"] = "unbounded"
+    with pytest.raises(RecordError, match="recipe"):  # a coordinator cannot name a recipe the site does not know
+        RoundConfig.from_record(ConfigRecord(bad))
 
 
 def test_a_bad_recipe_name_is_one_line_naming_the_choices(tmp_path):

@@ -10,8 +10,6 @@ independently trained model is not, and a log that was edited or belongs to anot
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ import pytest
 import torch
 
 from fedseek import watermark as wm
-from fedseek.ops.processes import free_port
+from fedseek.ops.processes import free_port, stop_child
 from fedseek.outputs.model_card import ModelCard, Preprocessing
 from fedseek.serving.predictor import Predictor
 from fedseek.train.models import build_model
@@ -75,13 +73,7 @@ class Server:
 
     def stop(self) -> str:
         self.client.close()
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_child(self.proc)
         return self.proc.stdout.read() if self.proc.stdout else ""
 
 

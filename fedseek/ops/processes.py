@@ -227,3 +227,15 @@ def stop_detached(pid: int, started: float, timeout_s: float = 15.0) -> list[int
         return []
     sid = pid if _session(pid) == pid else None
     return terminate(members({pid: started}, sid), timeout_s, refresh=lambda: members({pid: started}, sid))
+
+
+def stop_child(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
+    """Stop a child this process started (by its pid): SIGTERM, then SIGKILL after `timeout_s`; its exit code."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    return proc.returncode
