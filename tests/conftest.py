@@ -52,9 +52,9 @@ def task_identity() -> Iterator[None]:
 #: `pytest -n 2 --dist loadfile` (make check / make test) each worker takes whole files in collection order, so the
 #: heavy ones are started first and the many short files fill the gaps at the end instead of one long file running
 #: alone after the other worker has finished. Unlisted files keep their place after these.
-HEAVY_FILES = ("test_reliability.py", "test_deploy_hostile.py", "test_deploy.py", "test_simulation.py", "test_own_data.py",
-               "test_site_loss.py", "test_deploy_resume.py", "test_ray_cluster.py", "test_regression_scaling.py", "test_watermark.py",
-               "test_transport.py")
+HEAVY_FILES = ("test_simulation.py", "test_reliability.py", "test_deploy_hostile.py", "test_deploy.py", "test_site_loss.py",
+               "test_own_data.py", "test_deploy_resume.py", "test_ray_cluster.py", "test_watermark.py", "test_transport.py",
+               "test_regression_scaling.py")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

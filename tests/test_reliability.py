@@ -1,4 +1,5 @@
-"""Reliability in real simulations: bad updates, Byzantine sites, coordinator kill -9 and resume."""
+"""Reliability: bad updates and Byzantine sites (scenario `faults:`, the coordinator with the real ClientApp in-process),
+and in real simulations coordinator kill -9 and resume, SIGTERM."""
 
 from __future__ import annotations
 
@@ -34,11 +35,18 @@ def _simulate(scen: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def _in_process(scen: Path, out: Path) -> dict:
+    """A scenario run by the coordinator with the real ClientApp (and its simulated-faults mod) in this process: the
+    rejection and bound logic under test does not depend on Flower's transport (the simulations below cover that)."""
+    num_sites = int(next(ln.split(":")[1] for ln in scen.read_text().splitlines() if ln.startswith("num_sites:")))
+    return run_in_process(scen, out, num_sites).model_dump()
+
+
 def test_nan_and_wrong_shape_sites_are_rejected_and_counted(tmp_path):
     scen = _scenario(tmp_path, "bad", "seed: 4\nnum_sites: 6\nrounds: 2\ndata: {dataset: breast_cancer}\n"
                      "strategy: {min_sites: 6}\ntrain: {local_epochs: 2, lr: 0.05, batch_size: 16}\n"
                      "faults: {byzantine: {fraction: 0.34, attack: [nan, wrong_shape]}}\n")
-    s = _simulate(scen, tmp_path / "out")
+    s = _in_process(scen, tmp_path / "out")
     assert s["rounds_completed"] == 2
     assert s["rejected_updates"] == 4  # 2 bad sites x 2 rounds
     reasons = " | ".join(r["reason"] for r in s["rejections"])
@@ -57,7 +65,7 @@ def test_byzantine_sign_flip_default_bound_holds_unbounded_fedavg_degrades(tmp_p
             "strategy: {{name: {rule}, min_sites: 10}}\ntrain: {{local_epochs: 2, lr: 0.05, batch_size: 16, momentum: 0.9}}\n"
             "validation: {{norm_bound: {bound}}}\nfaults: {{byzantine: {{fraction: {frac}, attack: sign_flip}}}}\n")
     runs = {"fedavg": ("fedavg", "adaptive", 0.3), "unbounded": ("fedavg", "off", 0.3)}
-    summaries = {label: _simulate(_scenario(tmp_path, label, body.format(rule=rule, bound=bound, frac=frac)), tmp_path / label)
+    summaries = {label: _in_process(_scenario(tmp_path, label, body.format(rule=rule, bound=bound, frac=frac)), tmp_path / label)
                  for label, (rule, bound, frac) in runs.items()}
     acc = {label: s["final_accuracy"] for label, s in summaries.items()}
     print("byzantine 30% sign-flip x4 on digits:", acc)
