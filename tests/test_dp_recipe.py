@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -104,6 +105,8 @@ def test_a_run_with_server_momentum_and_an_average_saves_the_average(tmp_path):
     assert all(np.allclose(np.asarray(kept[k]), model_state["ema"][k]) for k in model_state["ema"])
     assert not all(np.allclose(model_state["ema"][k], model_state["arrays"][k]) for k in model_state["ema"])
     assert summary.final_accuracy is not None and summary.final_accuracy > summary.initial["accuracy"]
+    card = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert card["training"]["average"] == 0.6 and card["training"]["round"] == 3  # the card says model.pt is an average
 
 
 def test_an_average_with_the_watermark_is_refused_in_one_line():

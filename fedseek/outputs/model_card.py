@@ -59,6 +59,7 @@ class TrainingFacts(_Card):
     rounds_completed: int = 0
     round: int = 0  # the round model.pt holds
     selection: str = "last"
+    average: float | None = None  # strategy.ema_decay: model.pt is this exponential average of the global models up to `round`
 
 
 class PrivacyFacts(_Card):
@@ -131,7 +132,8 @@ def card_spec(card: ModelCard) -> PreprocessSpec:
 
 
 def build_card(meta: dict[str, object], summary: RunSummary, *, features: list[str] | None, classes: list[str] | None,
-               preprocessing: Preprocessing, target_scale: tuple[float, float] | None = None, parameters: int | None = None) -> ModelCard:
+               preprocessing: Preprocessing, target_scale: tuple[float, float] | None = None, parameters: int | None = None,
+               average: float | None = None) -> ModelCard:
     """The card of the model a run keeps (the round summary.selection names)."""
     sel = summary.selection
     priv = summary.privacy
@@ -146,7 +148,7 @@ def build_card(meta: dict[str, object], summary: RunSummary, *, features: list[s
         "target_scale": list(target_scale) if target_scale is not None else None,
         "training": {"name": summary.name, "run_id": summary.run_id, "data": summary.dataset, "num_sites": summary.num_sites,
                      "rounds_completed": summary.rounds_completed, "round": sel.round if sel else summary.rounds_completed,
-                     "selection": sel.metric if sel else "last"},
+                     "selection": sel.metric if sel else "last", "average": average},
         "privacy": {"dp": priv.enabled, "max_epsilon": priv.max_epsilon, "delta": priv.delta, "accountant": priv.accountant},
         "watermark_commitment": summary.watermark.commitment if summary.watermark else None,
         "parameters": parameters, "teacher": teacher,

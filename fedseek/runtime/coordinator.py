@@ -278,7 +278,8 @@ class Coordinator:
         card = build_card(self.meta.to_dict(), summary, features=schema.features if schema else None,
                           classes=schema.classes if schema else None,
                           preprocessing=preprocessing_facts(task.preprocess, task.columns, builtin=task.builtin, fitted=self.fitted),
-                          target_scale=task.target_scale, parameters=int(sum(np.asarray(v).size for v in kept.values())))
+                          target_scale=task.target_scale, parameters=int(sum(np.asarray(v).size for v in kept.values())),
+                          average=self.cfg.strategy.ema_decay or None)
         released = self.model.released
         self.out.save_model(kept, card.model_dump(), last=None if kept is released else released)
 
