@@ -2,6 +2,8 @@
 
 Simulated faults (drop-outs, Byzantine updates) are a mod on the train handler that acts only
 in simulations whose scenario asks for them; a deployed site passes straight through it.
+`secure_aggregation` runs Flower's SecAgg+ protocol for the messages of a distributed-DP round
+(privacy.mode distributed) and passes every other message through.
 """
 
 from flwr.app import Context, Message
@@ -9,11 +11,12 @@ from flwr.clientapp import ClientApp
 
 from fedseek.runtime.faults import simulated_faults
 from fedseek.runtime.site import handle_evaluate, handle_query, handle_stats, handle_train
+from fedseek.runtime.site_secure import secure_aggregation
 
 app = ClientApp()
 
 
-@app.train(mods=[simulated_faults])
+@app.train(mods=[secure_aggregation, simulated_faults])
 def train(msg: Message, context: Context) -> Message:
     """Local (DP-)training on the site's private data."""
     return handle_train(msg, context)

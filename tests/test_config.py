@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 WriteYaml = Callable[..., Path]
 
 
-@pytest.mark.parametrize("name", ["hospitals", "digits", "banks", "hospitals_dp", "digits_student", "digits_dp"])
+@pytest.mark.parametrize("name", ["hospitals", "digits", "banks", "hospitals_dp", "digits_student", "digits_dp", "digits_distributed_dp"])
 def test_shipped_scenarios_load(name: str) -> None:
     cfg = load_scenario(ROOT / "simulations" / f"{name}.yaml")
     assert isinstance(cfg, ScenarioConfig)

@@ -83,14 +83,15 @@ def _site_context(run_config: dict, node: int, pid: int) -> Context:
 def in_process_sites(run_config: dict, nodes: list[int]) -> Responder:
     """Every node runs fedseek's real ClientApp (clients/app.py) in this process."""
     from flwr.common.constant import ErrorCode
+    from flwr.common.serde import message_from_proto, message_to_proto
 
     from clients.app import app
 
     contexts = {n: _site_context(run_config, n, i) for i, n in enumerate(nodes)}
 
     def respond(node: int, msg: Message) -> Message:
-        try:
-            return app(msg, contexts[node])
+        try:  # each site gets its own copy, as through the transport (SecAgg+'s mod edits the content it receives)
+            return app(message_from_proto(message_to_proto(msg)), contexts[node])
         except Exception as exc:  # as Flower's runtime does: an exception in the ClientApp becomes an error reply
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 

@@ -92,6 +92,27 @@ def test_prv_cross_checked_against_google_pld_and_tighter_than_rdp() -> None:
         assert prv < 0.95 * epsilon_for([(sigma, q, steps)], 1e-5, "rdp")
 
 
+def test_distributed_charges_cross_checked_against_google_dp_accounting(tmp_path: Path) -> None:
+    """distributed DP: the ledger's epsilon (the secure sum's noise, one full-batch step per round) and its local floor
+    (each charge at the site's own share) equal dp-accounting's RDP of a Gaussian mechanism composed over the rounds."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    ledger = PrivacyLedger(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=1e6)
+    sigma, honest, rounds = 11.57, 13, 60
+    for r in range(rounds):
+        ledger.charge(sigma, 1.0, 1, run_id="r", server_round=r + 1, local_noise_multiplier=sigma / honest ** 0.5)
+
+    def google(s: float) -> float:
+        acc = dp_accounting.rdp.RdpAccountant()
+        acc.compose(dp_accounting.GaussianDpEvent(s), rounds)
+        return float(acc.get_epsilon(1e-5))
+
+    assert ledger.epsilon() == pytest.approx(google(sigma), rel=2e-2)
+    assert ledger.local_floor_epsilon() == pytest.approx(google(sigma / honest ** 0.5), rel=2e-2)
+    assert ledger.local_floor_epsilon() > 4 * ledger.epsilon()  # 13.5 against 3.0
+    again = PrivacyLedger(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=1e6)  # the share survives a reload
+    assert again.local_floor_epsilon() == pytest.approx(ledger.local_floor_epsilon())
+
+
 def test_fresh_engine_each_round_would_reset_but_ledger_does_not(tmp_path: Path) -> None:
     """The trap we avoid: Opacus' own per-round accountant only knows its round."""
     x, y = _data()

@@ -64,6 +64,26 @@ class EvaluationPrivacySpec(StrictSpec):
     loss_clip: float = Field(5.0, gt=0.0, description="per-record loss is clipped to [0, loss_clip] before summing")
 
 
+class DistributedPrivacySpec(StrictSpec):
+    """mode distributed: what the site trusts about the secure sum its noise share hides in (its own policy)."""
+
+    min_sites: int = Field(3, ge=3, le=1000, description="the fewest sites whose noise shares must be in every sum the coordinator "
+                           "unmasks; the site refuses a round (and withholds its key shares) with fewer")
+    colluders: int = Field(0, ge=0, le=997, description="sites assumed to collude with the coordinator (their shares are "
+                           "discounted: each site adds noise for min_sites - colluders honest sites)")
+
+    @model_validator(mode="after")
+    def _fewer_colluders(self) -> DistributedPrivacySpec:
+        if self.colluders >= self.min_sites:
+            raise ValueError(f"privacy.distributed.colluders ({self.colluders}) must be below min_sites ({self.min_sites})")
+        return self
+
+    @property
+    def honest(self) -> int:
+        """Sites whose noise the sum is guaranteed to hold beyond the colluders' view."""
+        return self.min_sites - self.colluders
+
+
 class PrivacySpec(StrictSpec):
     """A site's record-level DP policy (Opacus DP-SGD), owned by the site.
 
@@ -72,6 +92,10 @@ class PrivacySpec(StrictSpec):
     """
 
     enabled: bool = True
+    mode: Literal["local", "distributed"] = Field(
+        "local", description="local: every update leaves the site carrying the full DP noise; distributed: one clipped full-batch "
+        "step per round with a noise share, released only inside a SecAgg+ sum (see docs/privacy.md)")
+    distributed: DistributedPrivacySpec = Field(default_factory=lambda: DistributedPrivacySpec())
     epsilon_budget: float = Field(3.0, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     noise_multiplier: float | None = Field(None, gt=0.0)
@@ -281,6 +305,26 @@ def check_task_fit(fed: FederationSpec, task: str) -> None:
                          f"{', '.join(CLASSIFICATION_METRICS + ('loss',))} or last")
 
 
+class SecureAggregationSpec(StrictSpec):
+    """The coordinator's side of distributed DP: rounds aggregated with Flower's SecAgg+ (only the sum is unmasked)."""
+
+    enabled: bool = True
+    min_sites: int = Field(3, ge=3, le=1000, description="a round's sum is unmasked only with at least this many sites' updates in it")
+    colluders: int = Field(0, ge=0, le=997, description="sites assumed to collude with the coordinator: the key-share threshold "
+                           "is above it")
+    clipping_range: float = Field(64.0, gt=0.0, le=1e6, description="SecAgg+ quantizes each value a site sends into "
+                                  "[-clipping_range, clipping_range] (2^22 levels)")
+
+    @model_validator(mode="after")
+    def _fewer_colluders(self) -> SecureAggregationSpec:
+        if self.colluders >= self.min_sites:
+            raise ValueError(f"secure_aggregation.colluders ({self.colluders}) must be below min_sites ({self.min_sites})")
+        return self
+
+
+SECURE_RULES = ("fedavg", "fedavgm", "fedadam")  # rules that take the secure mean as one update (robust rules need each reply)
+
+
 class FederationSpec(StrictSpec):
     """What the coordinator runs: shared by scenarios and the deployed coordinator."""
 
@@ -299,6 +343,30 @@ class FederationSpec(StrictSpec):
     evaluation: FederatedEvaluationSpec = Field(default_factory=FederatedEvaluationSpec)
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
     distill: DistillSpec | None = Field(None, description="train this run's model as a student of a finished run's model")
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        None, description="distributed DP: each round's updates are summed with Flower's SecAgg+ and only the sum is unmasked")
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> FederationSpec:
+        self.check_secure_aggregation()
+        return self
+
+    def check_secure_aggregation(self) -> None:
+        """ValueError when secure aggregation is on with a rule, codec or site count it cannot serve."""
+        sa = self.secure_aggregation
+        if sa is None or not sa.enabled:
+            return
+        if self.strategy.name not in SECURE_RULES:
+            raise ValueError(f"secure_aggregation: strategy {self.strategy.name!r} needs each site's update; the coordinator sees "
+                             f"only the sum (use one of {', '.join(SECURE_RULES)})")
+        if self.compression.codec != "none":
+            raise ValueError(f"secure_aggregation: compression.codec {self.compression.codec!r} does not apply (SecAgg+ sums dense "
+                             "quantized vectors); use none")
+        if self.strategy.min_sites < sa.min_sites:
+            raise ValueError(f"strategy.min_sites ({self.strategy.min_sites}) is below secure_aggregation.min_sites ({sa.min_sites}): "
+                             "a round could start with fewer sites than the sum needs")
+        if self.distill is not None:
+            raise ValueError("secure_aggregation: distill is not supported in distributed mode")
 
     @model_validator(mode="after")
     def _federated_selection_needs_evaluation(self) -> FederationSpec:

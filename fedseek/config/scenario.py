@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from fedseek.config.federation import FederationSpec, PrivacySpec, check_task_fit
+from fedseek.config.federation import FederationSpec, PrivacySpec, SecureAggregationSpec, check_task_fit
 from fedseek.config.loading import ConfigError, StrictSpec, load_yaml, parse, resolve_path
 from fedseek.config.preprocess import PreprocessSpec
 from fedseek.names import Attack, DatasetName, Device, PartitionScheme, Precision, TaskType
@@ -188,11 +188,37 @@ class ScenarioConfig(FederationSpec):
             if rows is not None and p is not None and p.enabled and p.delta * rows / self.num_sites >= 1.0:
                 raise ValueError(f"privacy.delta {p.delta} is not below 1/n for the ~{rows // self.num_sites} rows of an average site: "
                                  "use a delta well below 1/n (a delta of 1/n lets a release expose a whole record)")
+        self._distributed_fits()
         if self.strategy.min_sites > self.num_sites:
             raise ValueError(
                 f"strategy.min_sites ({self.strategy.min_sites}) exceeds num_sites ({self.num_sites})"
             )
         return self
+
+
+    def _distributed_fits(self) -> None:
+        """privacy.mode distributed at the sites <-> secure_aggregation at the coordinator (filled in from the policy when absent)."""
+        p, sa = self.privacy, self.secure_aggregation
+        distributed = p is not None and p.enabled and p.mode == "distributed"
+        if not distributed:
+            if sa is not None and sa.enabled:
+                raise ValueError("secure_aggregation needs sites whose policy is distributed DP: set privacy.mode: distributed")
+            return
+        assert p is not None
+        if sa is None:
+            sa = self.secure_aggregation = SecureAggregationSpec(min_sites=p.distributed.min_sites, colluders=p.distributed.colluders)
+            if self.strategy.min_sites < sa.min_sites:
+                self.strategy.min_sites = sa.min_sites
+            self.check_secure_aggregation()
+        if not sa.enabled:
+            raise ValueError("privacy.mode distributed needs secure_aggregation enabled at the coordinator")
+        if sa.min_sites < p.distributed.min_sites:
+            raise ValueError(f"secure_aggregation.min_sites ({sa.min_sites}) is below privacy.distributed.min_sites "
+                             f"({p.distributed.min_sites}): every site would refuse the round")
+        expected = max(1, round(self.num_sites * self.strategy.fraction_train))
+        if expected < sa.min_sites:
+            raise ValueError(f"secure_aggregation.min_sites ({sa.min_sites}) exceeds the ~{expected} sites sampled per round "
+                             f"(num_sites {self.num_sites} x strategy.fraction_train {self.strategy.fraction_train})")
 
 
 def load_scenario(path: str | Path) -> ScenarioConfig:

@@ -105,6 +105,8 @@ def _entry_row(e: dict[str, Any]) -> tuple[str, ...]:
     t = e["type"]
     if t == "charge":
         what = f"sigma {e['noise_multiplier']:.4g}  q {e['sample_rate']:.4g}  steps {e['steps']}  -> epsilon {e['epsilon_after']:.4f}"
+        if "local_noise_multiplier" in e:  # distributed DP: sigma is the secure sum's noise; the site added its share
+            what += f"  (distributed: own share sigma {e['local_noise_multiplier']:.4g})"
     elif t == "refusal":
         p = e["projected_epsilon"]
         what = f"projected epsilon {p if isinstance(p, str) else format(p, '.4f')}"
@@ -142,6 +144,14 @@ def show(state_dir: StateDir, kind: KindsOpt = KindOrAll.all) -> None:
         for e in chain.entries:
             t.add_row(*_entry_row(e))
         out.print(t)
+        if chain.floor_history != chain.history:
+            from fedseek.privacy.accounting import epsilon_for
+
+            delta, accountant = float(chain.header["delta"]), str(chain.header["accountant"])
+            floor = epsilon_for(chain.floor_history, delta, accountant)
+            out.print(f"distributed DP: epsilon {epsilon_for(chain.history, delta, accountant):.4f}"
+                      f" against a coordinator that follows SecAgg+ with at most the assumed colluders; local floor (the "
+                      f"site's own noise shares alone): epsilon {floor:.4f}")
         shown += 1
     if not shown:
         raise _fail(f"error: no privacy ledger in {state_dir}", 2)

@@ -203,6 +203,9 @@ def _summary_rows(s: RunSummary) -> list[tuple[str, str]]:
     if priv.enabled:
         rows.append(("max epsilon (per site)",
                      f"{priv.max_epsilon or 0:.4f} of {priv.epsilon_budget} (delta {priv.delta}, {priv.accountant})"))
+        if priv.mode == "distributed":
+            trust = f"sums of >= {priv.min_sites} sites, <= {priv.colluders} colluding"
+            rows.append(("distributed DP", f"{trust}; local floor max epsilon {_fmt(priv.max_local_epsilon, '.4g')}"))
     elif priv.max_epsilon is not None:
         rows.append(("max epsilon (per site)", f"{priv.max_epsilon:.4f} (as reported by the sites)"))
     rows += [("rejected updates", str(s.rejected_updates)), ("refused rounds", str(s.refused_rounds)),

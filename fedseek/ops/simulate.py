@@ -33,6 +33,8 @@ class SimulationError(RunError):
 
 def _header(cfg: ScenarioConfig) -> str:
     dp = f", DP eps<={cfg.privacy.epsilon_budget:g}" if cfg.privacy and cfg.privacy.enabled else ""
+    if dp and cfg.privacy and cfg.privacy.mode == "distributed":
+        dp += f" (distributed: SecAgg+ sums of >= {cfg.privacy.distributed.min_sites} sites)"
     return (f"[bold]fedseek[/] simulate [cyan]{cfg.name}[/]: {cfg.num_sites} sites, {cfg.rounds} rounds, "
             f"{cfg.data.source_name}, {cfg.strategy.name}{dp}")
 

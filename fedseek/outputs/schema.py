@@ -62,6 +62,7 @@ class SiteRoundView(_Record):
     num_examples: int | None = Field(None, alias="num-examples")
     epsilon_budget: float | None = Field(None, alias="epsilon-budget")
     projected_epsilon: float | None = Field(None, alias="projected-epsilon")
+    local_epsilon: float | None = Field(None, alias="local-epsilon")  # distributed DP: the site's own share alone
 
 
 class WatermarkRound(_Record):
@@ -197,6 +198,7 @@ class SitePrivacy(_Record):
     sample_rate: float | None = None
     rounds_trained: int = 0
     refusals: int = 0
+    local_epsilon: float | None = None  # distributed DP: epsilon of the site's own noise share alone (its local floor)
 
 
 class PrivacySummary(_Record):
@@ -208,6 +210,10 @@ class PrivacySummary(_Record):
     epsilon_budget: float | None = None
     max_epsilon: float | None = None
     sites: dict[str, SitePrivacy] = {}
+    mode: Literal["local", "distributed"] = "local"
+    min_sites: int | None = None  # distributed: every unmasked sum held at least this many sites' shares
+    colluders: int | None = None  # distributed: colluding sites the guarantee allows for
+    max_local_epsilon: float | None = None  # distributed: the worst site's local floor
 
 
 class CompressionSummary(_Record):

@@ -226,20 +226,36 @@ class PrivacyLedger:
                 f"> budget {self.epsilon_budget:g} (spent {self.epsilon():.4f}, delta {self.delta:g}, {self.accountant})")
         return projected
 
-    def charge(self, noise_multiplier: float, sample_rate: float, steps: int, *, run_id: str, server_round: int) -> float:
+    def charge(self, noise_multiplier: float, sample_rate: float, steps: int, *, run_id: str, server_round: int,
+               local_noise_multiplier: float | None = None) -> float:
         """Append a chained charge and fsync it before returning (call it BEFORE training); epsilon after it.
 
         A charge is always recorded, even past the budget (the budget is enforced by `check`): what ran is never under-counted.
+        `local_noise_multiplier` (distributed DP): the noise the site's own share carries, below the accounted one (which the
+        secure sum carries); `local_floor_epsilon` accounts it.
         """
         s, q, n = self._mechanism(noise_multiplier, sample_rate, steps)
+        body: dict[str, Any] = {"type": "charge", "run_id": str(run_id), "server_round": int(server_round), "noise_multiplier": s,
+                                "sample_rate": q, "steps": n}
+        if local_noise_multiplier is not None:
+            body["local_noise_multiplier"] = self._mechanism(local_noise_multiplier, q, n)[0]
         with self._writing():
             eps = self.projected_epsilon(s, q, n)
             if not math.isfinite(eps):
                 raise LedgerError(f"privacy ledger {self.path}: epsilon of noise {s:g}, q {q:g}, {n} steps is not finite; "
                                   "refusing to spend it")
-            self._commit({"type": "charge", "run_id": str(run_id), "server_round": int(server_round), "noise_multiplier": s,
-                          "sample_rate": q, "steps": n, "epsilon_after": eps})
+            self._commit({**body, "epsilon_after": eps})
         return eps
+
+    def local_floor_epsilon(self) -> float:
+        """Epsilon of the site's releases counting only its own noise (distributed-DP charges at their local share).
+
+        What the site keeps if the coordinator and every other site colluded or the secure aggregation failed; equal to
+        `epsilon()` for a ledger with local-DP charges only.
+        """
+        from fedseek.privacy.accounting import epsilon_for
+
+        return epsilon_for(self._chain.floor_history, self.delta, self.accountant)
 
     def record(self, noise_multiplier: float, sample_rate: float, steps: int, *, run_id: str, server_round: int) -> float:
         """Deprecated name of `charge` (kept for callers written before charge-before-training)."""

@@ -123,6 +123,8 @@ def entry_problem(e: dict[str, Any]) -> str | None:
         return "has no valid run_id / server_round"
     if t == "charge":
         why = mechanism_problem(e.get("noise_multiplier"), e.get("sample_rate"), e.get("steps"))
+        if why is None and "local_noise_multiplier" in e:
+            why = mechanism_problem(e.get("local_noise_multiplier"), e.get("sample_rate"), e.get("steps"))
         if why is None and not _positive(e.get("epsilon_after"), or_zero=True):
             why = f"has epsilon_after {e.get('epsilon_after')!r}, not a finite number >= 0"
         return why
@@ -173,6 +175,12 @@ class Chain:
     def history(self) -> list[tuple[float, float, int]]:
         """The accountant's history (noise, sample rate, steps), rebuilt from the chained charges."""
         return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in self.of_type("charge")]
+
+    @property
+    def floor_history(self) -> list[tuple[float, float, int]]:
+        """The history with each distributed-DP charge at the noise of the site's own share (its local floor)."""
+        return [(float(e.get("local_noise_multiplier", e["noise_multiplier"])), float(e["sample_rate"]), int(e["steps"]))
+                for e in self.of_type("charge")]
 
     @property
     def calibrated_noise(self) -> float | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fedseek.config import PrivacySpec
+from fedseek.config import PrivacySpec, SecureAggregationSpec
 from fedseek.outputs.schema import (
     FederatedEvalRow,
     FederatedEvalSummary,
@@ -39,7 +39,8 @@ def _site_views(screened: Screened) -> dict[str, SiteRoundView]:
         m = r.metrics
         views[r.site or str(r.node_id)] = SiteRoundView(
             status="trained", epsilon=m.epsilon, delta=m.delta, noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate,
-            dp_steps=m.dp_steps, dp_steps_total=m.dp_steps_total, train_loss=m.train_loss, num_examples=m.num_examples)
+            dp_steps=m.dp_steps, dp_steps_total=m.dp_steps_total, train_loss=m.train_loss, num_examples=m.num_examples,
+            local_epsilon=m.local_epsilon)
     for f in screened.refused:
         rm = f.refusal or RefusalMetrics()
         views[f.site or str(f.node_id)] = SiteRoundView(
@@ -161,19 +162,25 @@ class RunBook:
             site.update(view.model_dump(exclude_none=True, exclude={"status"}))
             site["last_round"] = rnd
 
-    def privacy_summary(self, privacy: PrivacySpec | None) -> PrivacySummary:
-        """The summary's privacy section: policy, each site's last reported spend, the worst epsilon."""
+    def privacy_summary(self, privacy: PrivacySpec | None, secure: SecureAggregationSpec | None = None) -> PrivacySummary:
+        """The summary's privacy section: policy, each site's last reported spend, the worst epsilon (and, when the rounds
+        were secure sums, the coordinator's min_sites and colluders and the worst local floor the sites reported)."""
         sites = {
             name: SitePrivacy(epsilon=s.get("epsilon"), delta=s.get("delta"), steps=s.get("dp_steps_total"),
                               noise_multiplier=s.get("noise_multiplier"), sample_rate=s.get("sample_rate"),
-                              rounds_trained=s["rounds_trained"], refusals=s["refusals"])
+                              rounds_trained=s["rounds_trained"], refusals=s["refusals"], local_epsilon=s.get("local_epsilon"))
             for name, s in sorted(self.sites.items())
         }
         eps = [v.epsilon for v in sites.values() if v.epsilon is not None]
+        floors = [v.local_epsilon for v in sites.values() if v.local_epsilon is not None]
+        distributed = secure is not None and secure.enabled
         return PrivacySummary(
             enabled=bool(privacy and privacy.enabled), accountant=privacy.accountant if privacy else None,
             delta=privacy.delta if privacy else None, epsilon_budget=privacy.epsilon_budget if privacy else None,
-            max_epsilon=max(eps) if eps else None, sites=sites)
+            max_epsilon=max(eps) if eps else None, sites=sites, mode="distributed" if distributed else "local",
+            min_sites=secure.min_sites if secure is not None and distributed else None,
+            colluders=secure.colluders if secure is not None and distributed else None,
+            max_local_epsilon=max(floors) if floors else None)
 
     def state_dict(self) -> dict[str, Any]:
         """Totals, site views and rejections (plain data)."""

@@ -40,6 +40,7 @@ from fedseek.runtime.global_model import GlobalModel
 from fedseek.runtime.log import flwr_log
 from fedseek.runtime.nodes import QUERY_SHARE, NodeTracker
 from fedseek.runtime.rules import build_rule
+from fedseek.runtime.secure_round import secure_exchange
 from fedseek.runtime.selection import Selection, baseline_check
 from fedseek.runtime.strategy import SiteStrategy
 from fedseek.runtime.task import RunPlan, apply_fitted, model_meta, plan_from_context
@@ -184,8 +185,12 @@ class Coordinator:
             self.audit("stopped_early", round=rnd, reason=self.stop_reason)
             return None
         timeout = max(self.cfg.round_timeout_s - self.nodes.round.query_seconds, 0.0)
-        replies = send_and_receive(self.grid, msgs, timeout=timeout) if msgs else []
-        aggregate, _ = self.strategy.aggregate_train(rnd, replies)
+        secure = self.cfg.secure_aggregation
+        if msgs and secure is not None and secure.enabled:  # distributed DP: only the SecAgg+ sum is ever unmasked
+            aggregate, _ = self.strategy.aggregate_secure(rnd, secure_exchange(self.grid, rnd, msgs, secure, timeout or None))
+        else:
+            replies = send_and_receive(self.grid, msgs, timeout=timeout) if msgs else []
+            aggregate, _ = self.strategy.aggregate_train(rnd, replies)
         outcome = self.strategy.outcome
         self.nodes.after_round(outcome.sampled, outcome.timed_out)
         self._audit_round(rnd, outcome)
@@ -252,7 +257,8 @@ class Coordinator:
         summary = RunSummary(
             name=cfg.name, run_id=self.plan.run_id, rounds=cfg.rounds, rounds_completed=len(rows), status=status,
             num_sites=self.plan.expected_sites, strategy=cfg.strategy.name, dataset=self.plan.task.name, seed=cfg.seed,
-            initial=self.initial, final=final, final_accuracy=final.get("accuracy"), privacy=self.book.privacy_summary(self.plan.privacy),
+            initial=self.initial, final=final, final_accuracy=final.get("accuracy"),
+            privacy=self.book.privacy_summary(self.plan.privacy, cfg.secure_aggregation),
             bytes_up=totals["bytes_up"], wire_bytes_up=totals["wire_bytes_up"], dense_bytes_up=totals["dense_bytes_up"],
             bytes_down=totals["bytes_down"],
             compression=CompressionSummary(codec=codec.kind, topk_fraction=codec.topk_fraction, quantize=codec.quantize,

@@ -73,6 +73,24 @@ def _reencode(msg: Message, reply: Message, cfg: RoundConfig, attack: str, scale
     reply.content.array_records["update"] = ArrayRecord({"blob": Array(pack_blob(enc.arrays, enc.meta))})
 
 
+SECURE_VALUES = "fitres.parameters"  # a distributed-DP reply's values, before SecAgg+ masks them
+
+
+def _corrupt_secure(reply: Message, attack: str, scale: float, rng: np.random.Generator) -> None:
+    """A Byzantine site inside secure aggregation: its values are attacked before masking (nothing checks them there)."""
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
+
+    arrays = parameters_to_ndarrays(arrayrecord_to_parameters(reply.content.array_records[SECURE_VALUES], keep_input=True))
+    values = {str(i): a for i, a in enumerate(arrays)}
+    if attack == "nan":
+        bad = {k: np.full_like(v, np.nan) for k, v in values.items()}
+    else:
+        bad = corrupt(values, attack if attack != "wrong_shape" else "scale", scale, rng)
+    params = ndarrays_to_parameters([np.asarray(bad[str(i)], dtype=np.float32) for i in range(len(arrays))])
+    reply.content.array_records[SECURE_VALUES] = parameters_to_arrayrecord(params, keep_input=True)
+
+
 def simulated_faults(msg: Message, context: Context, call_next: Handler) -> Message:
     """ClientApp mod: in a scenario with faults, drop out or corrupt TRAIN replies; otherwise a pass-through."""
     if msg.metadata.message_type != MessageType.TRAIN or str(context.run_config.get("config-kind", "scenario")) != "scenario" \
@@ -87,6 +105,10 @@ def simulated_faults(msg: Message, context: Context, call_next: Handler) -> Mess
         raise RuntimeError(f"simulated drop-out of site-{index:03d} in round {rnd}")
     reply = call_next(msg, context)
     attack = attack_for(faults, scenario.num_sites, scenario.seed, index)
+    if attack is not None and not reply.has_error() and SECURE_VALUES in reply.content.array_records:
+        log.info("site-%03d is Byzantine (%s) in secure round %d", index, attack, rnd)
+        _corrupt_secure(reply, attack, faults.byzantine.scale, rng)
+        return reply
     if attack is None or reply.has_error() or "update" not in reply.content.array_records:
         return reply
     log.info("site-%03d is Byzantine (%s) in round %d", index, attack, rnd)

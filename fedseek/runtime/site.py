@@ -19,6 +19,7 @@ from fedseek.files import atomic_write_bytes
 from fedseek.runtime.site_eval import handle_evaluate
 from fedseek.runtime.site_privacy import policy_refusal, site_recipe, training_gate
 from fedseek.runtime.site_runtime import SiteRuntime, resolve_site, scaled_rows, scaling_refusal, schema_refusal
+from fedseek.runtime.site_secure import handle_secure_train, is_secure
 from fedseek.runtime.site_stats import handle_stats
 from fedseek.train.local import TrainResult, distill_targets, resolve_device, teacher_logits, train_local
 from fedseek.train.models import build_model
@@ -68,9 +69,13 @@ def _save_feedback(state_dir: Path, fb: ErrorFeedback) -> None:
 def handle_train(msg: Message, context: Context) -> Message:
     """One training round at a site: the site's own policy first, then (under DP) its locked, pre-charged ledger."""
     torch.set_num_threads(1)  # one core per virtual site; the engine runs several in parallel
+    if is_secure(msg):  # distributed DP: the training step inside SecAgg+ (its mod masks the reply)
+        return handle_secure_train(msg, context)
     site = resolve_site(context)
     cfg = site_recipe(site, RoundConfig.from_record(msg.content.config_records[CONFIG]))
     reason = schema_refusal(site, cfg.data_schema) or policy_refusal(site, cfg) or scaling_refusal(site, cfg.scaling)
+    if reason is None and site.privacy is not None and site.privacy.mode == "distributed":
+        reason = "privacy.mode distributed: this site sends updates only inside secure aggregation, and this round is not secure"
     teacher = None
     if reason is None and cfg.distill is not None:  # checked before the ledger is charged
         teacher, reason = load_teacher_record(msg, cfg)

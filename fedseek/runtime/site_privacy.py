@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -105,12 +106,15 @@ def training_gate(site: SiteRuntime, cfg: RoundConfig) -> Iterator[RoundGate]:
         try:
             noise = noise_for_round(pol, ledger, q, steps)
             projected = ledger.check(noise, q, steps, run_id=cfg.run_id, server_round=rnd)
-            dp = DPRound(pol, ledger, noise, run_id=cfg.run_id, server_round=rnd, slack=slack)
+            # distributed: the site injects its share; the secure sum of >= min_sites - colluders honest shares carries `noise`
+            share = noise / math.sqrt(pol.distributed.honest) if pol.mode == "distributed" else None
+            dp = DPRound(pol, ledger, noise, run_id=cfg.run_id, server_round=rnd, slack=slack, share=share)
             dp.charge(q, steps)
         except (BudgetExceeded, LedgerError) as exc:
             yield RoundGate(ledger=ledger, refusal=str(exc))
             return
-        log.info("site %s round %d: DP noise %.4f q %.4f steps %d -> epsilon %.4f (charged)", site.name, rnd, noise, q, steps, projected)
+        log.info("site %s round %d: DP noise %.4f%s q %.4f steps %d -> epsilon %.4f (charged)", site.name, rnd, noise,
+                 f" (share {share:.4f})" if share is not None else "", q, steps, projected)
         yield RoundGate(dp=dp, ledger=ledger)
     finally:
         lock.__exit__(None, None, None)

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from fedseek.config import ValidationSpec
 from fedseek.runtime.influence import InfluenceBounds
 from fedseek.runtime.nodes import NodeTracker
+from fedseek.runtime.secure_round import SecureOutcome
 from fedseek.wire.records import site_name
 from fedseek.wire.screening import Bounds, Issue, Screened, SiteReply, as_messages, screen_replies
 from fedseek.wire.transfer import from_record, pack_global
@@ -143,6 +144,81 @@ class SiteStrategy(Strategy):
         if not screened.accepted:
             return None, None
         return self._aggregate(server_round, screened.accepted)
+
+    def aggregate_secure(self, server_round: int, secure: SecureOutcome) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """distributed DP: account for each site's part in the secure round, and apply the unmasked mean as one update.
+
+        The mean is of n_i x delta_i over the K sites in the sum; times K / N (N: their record counts, public) it is the
+        example-weighted FedAvg delta. Screening sees only the sum: it must be readable, of the model's shapes, finite,
+        within max_update_norm (if set) and pass the aggregate check; otherwise the round keeps the previous model.
+        """
+        from fedseek.runtime.site_secure import REFUSED
+        from fedseek.wire.records import METRICS, TrainMetrics
+
+        screened, unreadable, seen = Screened(), [], set()
+        for r in secure.collected:
+            node = secure.sent_to.get(r.metadata.reply_to_message_id, int(r.metadata.src_node_id))
+            seen.add(node)
+            site = self.nodes.name(node)
+            if r.has_error():
+                reason = str(r.error.reason)
+                if reason.startswith(REFUSED):
+                    screened.refused.append(Issue(node, site, reason[len(REFUSED):]))
+                    self.excluded[site or f"node-{node}"] = reason[len(REFUSED):]
+                else:
+                    screened.failed.append(Issue(node, site, f"failed in the secure round: {reason[:200]}"))
+                continue
+            try:
+                metrics = TrainMetrics.from_record(r.content.metric_records[METRICS])
+            except Exception as exc:  # its masked vector is in the sum all the same: the sum cannot be weighted
+                unreadable.append(f"{site}: {type(exc).__name__}")
+                continue
+            screened.accepted.append(SiteReply(node, site, {}, metrics))
+        screened.bytes_up = screened.wire_bytes_up = secure.bytes_up
+        screened.accepted.sort(key=lambda r: (r.site, r.node_id))
+        out = self.outcome
+        out.screened = screened
+        out.timed_out = sorted(n for n in out.sampled if secure.stages >= 1 and n not in secure.answered_setup)
+        for n in out.sampled:
+            if n in seen or n in out.timed_out:
+                continue
+            site, why = self.nodes.name(n), secure.errors.get(n, "")
+            if why.startswith(REFUSED):
+                screened.refused.append(Issue(n, site, why[len(REFUSED):]))
+                self.excluded[site or f"node-{n}"] = why[len(REFUSED):]
+            else:
+                screened.failed.append(Issue(n, site, f"left the secure round before sending its masked update{': ' if why else ''}"
+                                                      f"{why[:200]}"))
+        problem = secure.halted if secure.mean is None else ""
+        if not problem and unreadable:
+            problem = f"replies in the sum have unreadable metrics ({', '.join(unreadable)}): the sum cannot be weighted"
+        new: dict[str, np.ndarray] = {}
+        if not problem:
+            new, problem = self._secure_model(secure.mean or [], screened.accepted)
+        if problem:
+            out.model_kept = f"previous global model kept: secure aggregation: {problem}"
+            log.warning("round %d: %s", server_round, out.model_kept)
+            self.audit("global_model_kept", round=server_round, reason=out.model_kept)
+            return None, None
+        total = sum(r.num_examples for r in screened.accepted)
+        return self._aggregate(server_round, [SiteReply(0, "secure-sum", new, TrainMetrics(num_examples=total))])
+
+    def _secure_model(self, mean: list[np.ndarray], accepted: list[SiteReply]) -> tuple[dict[str, np.ndarray], str]:
+        """The global model plus the example-weighted delta the secure mean stands for, or why it cannot be used."""
+        keys = list(self._global)
+        if len(mean) != len(keys) or any(tuple(m.shape) != tuple(self._global[k].shape) for m, k in zip(mean, keys, strict=False)):
+            return {}, "the unmasked sum does not have the model's shapes"
+        total = sum(r.num_examples for r in accepted)
+        if not accepted or total <= 0:
+            return {}, "no readable site in the sum"
+        scale = len(accepted) / total
+        delta = {k: (m * scale).astype(np.float32) for k, m in zip(keys, mean, strict=True)}
+        norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.values())))
+        if not np.isfinite(norm):
+            return {}, "the unmasked sum is not finite"
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            return {}, f"the aggregate update's norm {norm:.4g} exceeds validation.max_update_norm {self.max_update_norm:g}"
+        return {k: (self._global[k] + delta[k]).astype(self._global[k].dtype) for k in keys}, ""
 
     def _aggregate(self, server_round: int, accepted: list[SiteReply]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The inner rule's aggregate, or (None, None) with the previous model and rule state kept when it raises or is unfit."""

@@ -157,6 +157,8 @@ class TrainMetrics(_Wire):
     dp_steps: int | None = Field(None, alias="dp-steps", ge=0, le=MAX_COUNT)
     dp_steps_total: int | None = Field(None, alias="dp-steps-total", ge=0, le=MAX_COUNT)
     epsilon_budget: float | None = Field(None, alias="epsilon-budget", ge=0, le=MAX_EPSILON)
+    local_epsilon: float | None = Field(None, alias="local-epsilon", ge=0, le=MAX_REAL,
+                                        description="distributed DP: the site's epsilon counting only its own noise share")
 
     def to_record(self) -> MetricRecord:
         """The MetricRecord form."""

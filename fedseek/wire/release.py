@@ -32,11 +32,15 @@ TRAIN_REPLY: dict[str, tuple[Status, str]] = {
     "dp_steps": ("public", "epochs * ceil(n/B)"),
     "dp_steps_total": ("public", "sum of past dp_steps"),
     "epsilon_budget": ("public", "the site's declared policy"),
+    "local_epsilon": ("public", _POLICY + " (distributed DP: the epsilon of the site's own noise shares alone)"),
 }
 
 UPDATE: dict[str, tuple[Status, str]] = {
     "delta": ("dp", "the DP-SGD model delta (clipped per record, noised, accounted); its encoding is post-processing"),
     "error_feedback": ("dp", "residuals of earlier DP releases (post-processing)"),
+    "secure_share": ("dp", ("distributed DP: n x (the site's clipped full-batch step with its noise share), quantized and masked "
+                           "by SecAgg+; only the sum of >= min_sites sites' values is unmasked, and it carries the accounted "
+                           "noise; the share alone is the site's local floor (docs/privacy.md)")),
 }
 
 REFUSAL_REPLY: dict[str, tuple[Status, str]] = {
