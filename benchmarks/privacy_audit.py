@@ -4,6 +4,7 @@ Writes benchmarks/results/privacy_audit.json (``--quick``: the temp dir, never t
 
     .venv/bin/python benchmarks/privacy_audit.py            # default: ~5-8 min on 2 cores (3 configurations x 17 federations)
     .venv/bin/python benchmarks/privacy_audit.py --quick    # smoke: ~1 min (5 federations, 300 canaries, 3 rounds, MLP [64])
+    .venv/bin/python benchmarks/privacy_audit.py --distributed --only dp_eps3_distributed,dp_eps8_distributed  # adds distributed DP
     options: --budgets 3,8  --canaries 500  --federations 17  --workers 2  --out PATH   (prefix `nice -n 10` on a shared machine)
 
 What is trained
@@ -49,6 +50,13 @@ is (eps, delta)-DP, P[>= v correct of r guesses] <= P[Binomial(r, e^eps / (1 + e
 reported epsilon is the largest eps whose tail is still below the level. The first federation of a configuration is the
 audited run (decided before training); the other 16 are independent repetitions of the same procedure, reported as a
 spread (min-median-max), which is NOT itself a 95% bound (taking the max over runs would be a multiple test).
+
+Distributed DP (``--distributed``: configurations ``dp_eps*_distributed``): every site runs privacy.mode distributed
+(``site_secure.distributed_recipe``: one clipped full-batch step per round, lr 0.5 / C, noise share sigma / sqrt(4) through
+the same gate and ledger), and the coordinator adds the example-weighted mean of the sites' steps, exactly the sum SecAgg+
+unmasks (to its quantization; the masking itself is tested in tests/test_distributed_dp.py). The claim under test is the
+audit site's ledger epsilon, which counts on the four shares together; the coordinator view is then each round's
+aggregate step (nothing finer is ever unmasked).
 
 Audit 2: LiRA (Carlini et al., S&P 2022)
 ----------------------------------------
@@ -142,6 +150,7 @@ class RunConfig:
     name: str
     epsilon_budget: float | None  # None: no DP (privacy=None at every site)
     setup: Setup = field(default_factory=Setup)
+    mode: str = "local"  # distributed: every site's noise share summed (privacy.mode distributed, all 4 sites, no colluder)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -197,8 +206,11 @@ def _privacy_spec(cfg: RunConfig) -> Any:
     if cfg.epsilon_budget is None:
         return None
     s = cfg.setup
+    extra: dict[str, Any] = {}
+    if cfg.mode == "distributed":  # the sum of all the federation's shares carries the accounted noise
+        extra = {"mode": "distributed", "distributed": {"min_sites": 2 + s.other_sites, "colluders": 0}}
     return PrivacySpec(epsilon_budget=cfg.epsilon_budget, delta=s.delta, max_grad_norm=s.max_grad_norm, accountant=s.accountant,
-                       planning_rounds=s.rounds, max_local_epochs=max(10, s.local_epochs))
+                       planning_rounds=s.rounds, max_local_epochs=max(10, s.local_epochs), **extra)
 
 
 def _dp_gate() -> tuple[Any, Any, str]:
@@ -278,6 +290,7 @@ def run_federation(cfg: RunConfig, index: int) -> dict[str, Any]:
     import torch
 
     from fedseek.runtime.site_runtime import SiteRuntime
+    from fedseek.runtime.site_secure import distributed_recipe
     from fedseek.train.local import evaluate
     from fedseek.train.models import build_model
     from fedseek.wire.records import RoundConfig
@@ -311,9 +324,10 @@ def run_federation(cfg: RunConfig, index: int) -> dict[str, Any]:
             num, den = {kk: np.zeros_like(v, dtype=np.float64) for kk, v in glob.items()}, 0
             for i, site in enumerate(sites):
                 local = _load(build_model("mlp", (input_dim,), k, list(s.hidden)), glob)
-                res, ledger = _train_site(site, rc, local, seed * 100003 + rnd * 1009 + i)
+                site_rc = distributed_recipe(site, rc) if cfg.mode == "distributed" else rc
+                res, ledger = _train_site(site, site_rc, local, seed * 100003 + rnd * 1009 + i)
                 delta = {kk: v - glob[kk] for kk, v in _arrays(local).items()}
-                if i == 0:
+                if i == 0 and cfg.mode != "distributed":
                     coord_score += _coordinator_score(model, glob, delta, init, data)
                 if res.dp:
                     noise.setdefault(site.name, set()).add(round(float(res.dp["noise_multiplier"]), 4))
@@ -323,7 +337,10 @@ def run_federation(cfg: RunConfig, index: int) -> dict[str, Any]:
                 for kk in num:
                     num[kk] += n * delta[kk]
                 den += n
-            glob = {kk: (glob[kk] + num[kk] / den).astype(np.float32) for kk in glob}  # FedAvg, weighted by num-examples
+            step = {kk: num[kk] / den for kk in glob}  # FedAvg, weighted by num-examples; distributed: what SecAgg+ unmasks
+            if cfg.mode == "distributed":  # the coordinator sees only the sum: its view is each round's aggregate step
+                coord_score += _coordinator_score(model, glob, step, init, data)
+            glob = {kk: (glob[kk] + step[kk]).astype(np.float32) for kk in glob}
         # The final model's view: how far each canary column moved from its (public) initial value, along the canary's direction.
         u = canary_directions(model, _reset_canaries(glob, init, d), data["canary_x"], data["canary_y"], d)
         moved = (glob["net.0.weight"][:, d:] - init["net.0.weight"][:, d:]).astype(np.float64)
@@ -468,7 +485,7 @@ def analyse(cfg: RunConfig, runs: list[dict[str, Any]], sims: int) -> dict[str, 
         views[view.removesuffix("_score")] = a
     eps_acc = [r["epsilon_audit_site"] for r in runs if r["epsilon_audit_site"] is not None]
     out: dict[str, Any] = {
-        "name": cfg.name, "dp": cfg.epsilon_budget is not None, "epsilon_budget": cfg.epsilon_budget, "delta": s.delta,
+        "name": cfg.name, "dp": cfg.epsilon_budget is not None, "mode": cfg.mode, "epsilon_budget": cfg.epsilon_budget, "delta": s.delta,
         "accountant": s.accountant if cfg.epsilon_budget is not None else None,
         "accounted_epsilon_audit_site": first["epsilon_audit_site"], "accounted_epsilon_max_site": first["epsilon_max"],
         "accounted_epsilon_audit_site_range": [min(eps_acc), max(eps_acc)] if eps_acc else None,
@@ -528,6 +545,9 @@ def main() -> None:
     ap.add_argument("--federations", type=int, default=None, help="federations per configuration (1 target + shadows)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--distributed", action="store_true", help="also audit privacy.mode distributed at each budget (the sum of the "
+                    "four sites' noise shares; the coordinator view is then each round's aggregate)")
+    ap.add_argument("--only", default=None, help="run only these configurations (comma-separated names) and replace them in --out")
     args = ap.parse_args()
     setup = Setup()
     if args.quick:
@@ -537,7 +557,12 @@ def main() -> None:
     if args.federations:
         setup = replace(setup, federations=args.federations)
     out_path = args.out or (QUICK_DIR / "privacy_audit.quick.json" if args.quick else RESULTS / "privacy_audit.json")
-    configs = [RunConfig(f"dp_eps{float(b):g}", float(b), setup) for b in args.budgets.split(",") if b] + [RunConfig("no_dp", None, setup)]
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    configs = [RunConfig(f"dp_eps{b:g}", b, setup) for b in budgets] + [RunConfig("no_dp", None, setup)]
+    if args.distributed:
+        configs += [RunConfig(f"dp_eps{b:g}_distributed", b, setup, mode="distributed") for b in budgets]
+    if args.only:
+        configs = [c for c in configs if c.name in args.only.split(",")]
     tasks = [(c, i) for c in configs for i in range(setup.federations)]
     t0 = time.time()
     log(f"privacy_audit: {len(configs)} configurations x {setup.federations} federations on {args.workers} worker(s)")
@@ -554,6 +579,12 @@ def main() -> None:
     train_wall = time.time() - t0
     sims = 10 if args.quick else 40
     results = [analyse(c, done[c.name], sims) for c in configs]
+    if args.only and out_path.exists():  # keep the configurations not rerun from the earlier measurement
+        import json
+
+        earlier = json.loads(out_path.read_text())["results"]
+        rerun = {r["name"] for r in results}
+        results = [r for r in earlier if r["name"] not in rerun] + results
     wall = time.time() - t0
     _print_table(results, wall)
     write_json(out_path, {
@@ -563,7 +594,8 @@ def main() -> None:
             "audit": "one-run audit, Steinke, Nasr & Jagielski 2023 (NeurIPS): m canaries each in w.p. 1/2 (secrets), all at site-000; "
                      "white-box Dirac-style input canaries (own input column each); score = column movement along the canary's gradient "
                      "direction; guesses on a fixed 6-point (k+, k-) grid at level 0.05/6 each (Bonferroni); bound in benchmarks/_audit_bound.py",
-            "views": {"final": "final global model only", "coordinator": "site-000's per-round deltas (what its ledger's epsilon covers)"},
+            "views": {"final": "final global model only", "coordinator": "site-000's per-round deltas (what its ledger's epsilon covers); "
+                      "distributed configurations: each round's aggregate step, all the coordinator unmasks"},
             "lira": "online LiRA (Carlini et al. 2022), global variance, logit-scaled confidence of the final global model; each of the "
                     "configuration's federations is the target in turn, the others are its shadows (random in/out of site-001's candidates)",
             "dp_path": "per round and site: site_privacy.training_gate (or a reproduction of site._dp_round) -> train_local(privacy=DPRound); FedAvg of deltas",
