@@ -3,7 +3,7 @@
 Three site daemons on 127.0.0.1; site-c runs a modified ClientApp (tests/hostile_site: the real
 site code, with its reply replaced in the scheduled rounds). In the run each round is one attack
 mode: a nested
-JSON blob header, inf / NaN / negative / 1e12 num-examples, 1e30 values, a sign flip x10, wrong
+JSON blob header, NaN num-examples, 1e30 values, a sign flip x10, wrong
 shapes, a refusal and an update that name the honest site-a, and finally no reply at all. The run
 must complete, every attack must be rejected (or the silent site timed out once and backed off),
 site-a and site-b must never be excluded or blamed, and the model must still learn (final accuracy
@@ -41,18 +41,16 @@ pytestmark = pytest.mark.slow
 SITES, ATTACKER, HONEST = ("site-a", "site-b", "site-c"), "site-c", {"site-a", "site-b"}
 ROUND_TIMEOUT_S = 20
 # round -> attack, and a word the rejection reason must contain
+# (inf, negative and 1e12 num-examples are rejected the same way as NaN: tests/test_hostile_sites.py runs all four in-process)
 SCHEDULE: dict[int, tuple[str, str]] = {
     1: ("nested_json", "header"),
-    2: ("inf_examples", "num-examples"),
-    3: ("nan_examples", "num-examples"),
-    4: ("negative_examples", "num-examples"),
-    5: ("huge_examples", "num-examples"),
-    6: ("values_1e30", "above bound"),
-    7: ("sign_flip_x10", "above bound"),
-    8: ("wrong_shapes", "shape"),
-    9: ("refusal_as_victim", "impersonation"),
-    10: ("reply_as_victim", "impersonation"),
-    11: ("silent", ""),
+    2: ("nan_examples", "num-examples"),
+    3: ("values_1e30", "above bound"),
+    4: ("sign_flip_x10", "above bound"),
+    5: ("wrong_shapes", "shape"),
+    6: ("refusal_as_victim", "impersonation"),
+    7: ("reply_as_victim", "impersonation"),
+    8: ("silent", ""),
 }
 ROUNDS = len(SCHEDULE)
 
@@ -124,7 +122,8 @@ def test_one_hostile_site_over_tls_is_rejected_every_round_and_the_run_completes
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     assert {e["event"] for e in audit if e.get("site") in HONEST} <= {"site_joined"}, audit
     impersonations = [e for e in audit if e["event"] == "impersonation"]
-    assert [(e["round"], e["site"], e["claimed"]) for e in impersonations] == [(9, ATTACKER, "site-a"), (10, ATTACKER, "site-a")]
+    victims = [r for r, (mode, _) in SCHEDULE.items() if mode.endswith("_as_victim")]
+    assert [(e["round"], e["site"], e["claimed"]) for e in impersonations] == [(r, ATTACKER, "site-a") for r in victims]
     assert [e["site"] for e in audit if e["event"] == "site_backoff"] == [ATTACKER]
     # a silent site costs one round time-out, not two
     assert rows[-1].round_seconds < 2 * ROUND_TIMEOUT_S, rows[-1].round_seconds

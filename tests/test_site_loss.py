@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 SITES = ("site-a", "site-b", "site-c")
 VICTIM = "site-c"
-ROUNDS = 3
+ROUNDS = 2
 ROUND_TIMEOUT_S = 20.0
 NODE_WAIT_S = 90.0  # what a round would stall for if the coordinator kept waiting for the dead site
 SLACK_S = 15.0  # after the timeout: Flower's 3 s reply polling, aggregation, evaluation, checkpoint (on a busy 2-core box)
@@ -61,7 +61,7 @@ def _read_from(path: Path, offset: int) -> str:
 
 @pytest.fixture(scope="module")
 def small_fed(tmp_path_factory):
-    """Coordinator (round_timeout_s 20, 3 rounds) and three running sites; site-c has 20x more records."""
+    """Coordinator (round_timeout_s 20, 2 rounds) and three running sites; site-c has 20x more records."""
     root = tmp_path_factory.mktemp("siteloss")
     certs = root / "certs"
     port = free_port()
