@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -66,6 +67,21 @@ def _actor_nodes(address: str) -> set[str]:
         ray.shutdown()
 
 
+def _with_site_tables(tmp: Path) -> dict:
+    """SCENARIO on four hospitals' own CSV files (the Ray path of data.tables: each worker loads its site's file)."""
+    from sklearn.datasets import load_breast_cancer
+
+    bc = load_breast_cancer(as_frame=True).frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    test, train = bc.iloc[:140], bc.iloc[140:]
+    names = []
+    for i, part in enumerate(np.array_split(np.arange(len(train)), 4)):
+        train.iloc[part].to_csv(tmp / f"site{i}.csv", index=False)
+        names.append(f"site{i}.csv")
+    test.to_csv(tmp / "test.csv", index=False)
+    scen = {k: v for k, v in SCENARIO.items() if k not in ("data", "partition")}
+    return {**scen, "data": {"tables": names, "label_column": "target", "test_table": "test.csv"}}
+
+
 @pytest.mark.slow
 def test_a_scenario_runs_on_both_nodes_of_an_existing_cluster_with_the_single_machine_result(tmp_path: Path, cluster) -> None:
     from rich.console import Console
@@ -73,7 +89,7 @@ def test_a_scenario_runs_on_both_nodes_of_an_existing_cluster_with_the_single_ma
     from fedseek.ops.simulate import simulate
 
     scen = tmp_path / "scenario.yaml"
-    scen.write_text(yaml.safe_dump(SCENARIO))
+    scen.write_text(yaml.safe_dump(_with_site_tables(tmp_path)))
     quiet = Console(file=open(tmp_path / "console.txt", "w"), width=120)  # noqa: SIM115 - closed with the test's tmp dir
     local = run_in_process(scen, tmp_path / "local", SCENARIO["num_sites"]).model_dump()
     on_cluster = simulate(scen, tmp_path / "cluster", console=quiet, ray_address=cluster.address)
