@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes, parameters_to_ndarrays
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
@@ -269,3 +269,70 @@ def test_a_byzantine_site_inside_the_sum_spoils_rounds_but_cannot_steer_past_the
     rc2 = _run_config(scen2, honest_out)
     _coordinator(FakeGrid(nodes, in_process_sites(rc2, nodes)), rc2)
     assert all(r.model_kept is None and r.accepted == 5 for r in read_rows(honest_out / "metrics.jsonl"))
+
+
+def _stage_index(msg: Message) -> int | None:
+    stage = _stage(msg)
+    return Stage.all().index(stage) if stage in Stage.all() else None
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_site_sending_malformed_protocol_replies_cannot_crash_the_run(tmp_path, stage):
+    """Site 5 answers one SecAgg+ stage with garbage: a missing public key, shares for a node outside the round, a masked
+    vector of the wrong shape, key shares that rebuild nothing. The run always completes. In the first three stages the
+    site counts as dropped (rejected, named) and the other four are summed (a drop-out before the key exchange completes
+    is taken out of the round; Flower's workflow alone would fail it); with bad shares the round keeps the previous
+    model."""
+    scen, out = _distributed(tmp_path, rounds=1), tmp_path / "out"
+    rc, nodes = _run_config(scen, out), [1, 2, 3, 4, 5]
+    honest = in_process_sites(rc, nodes)
+
+    def respond(node: int, msg: Message):
+        reply = honest(node, msg)
+        if node != 5 or reply.has_error() or _stage_index(msg) != stage:
+            return reply
+        cfg = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if stage == 0:
+            del cfg[Key.PUBLIC_KEY_1]
+        elif stage == 1:
+            cfg[Key.DESTINATION_LIST] = [999] * len(cfg[Key.DESTINATION_LIST])
+        elif stage == 2:
+            cfg[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(np.zeros(3, np.int64))]
+        else:
+            cfg[Key.SHARE_LIST] = [bytes(len(b)) for b in cfg[Key.SHARE_LIST]]
+        return reply
+
+    summary = _coordinator(FakeGrid(nodes, respond), rc)
+    (row,) = read_rows(out / "metrics.jsonl")
+    assert summary.rounds_completed == 1
+    if stage < 3:
+        assert row.accepted == 4 and row.model_kept is None
+    else:
+        assert row.model_kept is not None
+        assert summary.final_accuracy == summary.initial["accuracy"]
+    if stage < 3:
+        assert [r.site for r in row.rejections] == ["site-004"] and f"stage {stage}" in row.rejections[0].reason
+
+
+def test_a_well_formed_but_wrong_masked_vector_is_caught_by_the_range_of_the_sum(tmp_path):
+    """Site 5 sends random integers of the right shapes for its masked vector: the masks no longer cancel, the unmasked
+    'mean' is noise spread over SecAgg+'s whole ring, and the coordinator discards it (an honest mean lies within the
+    clipping range) instead of making it the global model."""
+    scen, out = _distributed(tmp_path, rounds=1), tmp_path / "out"
+    rc, nodes = _run_config(scen, out), [1, 2, 3, 4, 5]
+    honest = in_process_sites(rc, nodes)
+    rng = np.random.default_rng(0)
+
+    def respond(node: int, msg: Message):
+        reply = honest(node, msg)
+        if node == 5 and not reply.has_error() and _stage_index(msg) == 2:
+            cfg = reply.content.config_records[RECORD_KEY_CONFIGS]
+            arrays = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
+            forged = [arrays[0]] + [rng.integers(0, 2**32, size=a.shape, dtype=np.int64).astype(a.dtype) for a in arrays[1:]]
+            cfg[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in forged]
+        return reply
+
+    summary = _coordinator(FakeGrid(nodes, respond), rc)
+    (row,) = read_rows(out / "metrics.jsonl")
+    assert row.model_kept is not None and "outside SecAgg+'s range" in row.model_kept
+    assert summary.final_accuracy == summary.initial["accuracy"]

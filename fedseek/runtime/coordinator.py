@@ -187,7 +187,8 @@ class Coordinator:
         timeout = max(self.cfg.round_timeout_s - self.nodes.round.query_seconds, 0.0)
         secure = self.cfg.secure_aggregation
         if msgs and secure is not None and secure.enabled:  # distributed DP: only the SecAgg+ sum is ever unmasked
-            aggregate, _ = self.strategy.aggregate_secure(rnd, secure_exchange(self.grid, rnd, msgs, secure, timeout or None))
+            shapes = [tuple(np.shape(v)) for v in self.model.arrays.values()]
+            aggregate, _ = self.strategy.aggregate_secure(rnd, secure_exchange(self.grid, rnd, msgs, secure, timeout or None, shapes))
         else:
             replies = send_and_receive(self.grid, msgs, timeout=timeout) if msgs else []
             aggregate, _ = self.strategy.aggregate_train(rnd, replies)

@@ -162,6 +162,8 @@ class SiteStrategy(Strategy):
             site = self.nodes.name(node)
             if r.has_error():
                 reason = str(r.error.reason)
+                if node in secure.malformed:
+                    continue  # rejected below
                 if reason.startswith(REFUSED):
                     screened.refused.append(Issue(node, site, reason[len(REFUSED):]))
                     self.excluded[site or f"node-{node}"] = reason[len(REFUSED):]
@@ -179,8 +181,10 @@ class SiteStrategy(Strategy):
         out = self.outcome
         out.screened = screened
         out.timed_out = sorted(n for n in out.sampled if secure.stages >= 1 and n not in secure.answered_setup)
+        for n, why in sorted(secure.malformed.items()):
+            screened.rejected.append(Issue(n, self.nodes.name(n), why))
         for n in out.sampled:
-            if n in seen or n in out.timed_out:
+            if n in seen or n in out.timed_out or n in secure.malformed:
                 continue
             site, why = self.nodes.name(n), secure.errors.get(n, "")
             if why.startswith(REFUSED):
@@ -194,7 +198,7 @@ class SiteStrategy(Strategy):
             problem = f"replies in the sum have unreadable metrics ({', '.join(unreadable)}): the sum cannot be weighted"
         new: dict[str, np.ndarray] = {}
         if not problem:
-            new, problem = self._secure_model(secure.mean or [], screened.accepted)
+            new, problem = self._secure_model(secure.mean or [], screened.accepted, secure.value_range)
         if problem:
             out.model_kept = f"previous global model kept: secure aggregation: {problem}"
             log.warning("round %d: %s", server_round, out.model_kept)
@@ -203,11 +207,20 @@ class SiteStrategy(Strategy):
         total = sum(r.num_examples for r in screened.accepted)
         return self._aggregate(server_round, [SiteReply(0, "secure-sum", new, TrainMetrics(num_examples=total))])
 
-    def _secure_model(self, mean: list[np.ndarray], accepted: list[SiteReply]) -> tuple[dict[str, np.ndarray], str]:
-        """The global model plus the example-weighted delta the secure mean stands for, or why it cannot be used."""
+    def _secure_model(self, mean: list[np.ndarray], accepted: list[SiteReply], value_range: float) -> tuple[dict[str, np.ndarray], str]:
+        """The global model plus the example-weighted delta the secure mean stands for, or why it cannot be used.
+
+        Every site's values are clipped into SecAgg+'s range, so an honest mean lies within it; a mean outside it means
+        a masked vector or a key share was wrong (the masks did not cancel) and the sum is noise.
+        """
         keys = list(self._global)
         if len(mean) != len(keys) or any(tuple(m.shape) != tuple(self._global[k].shape) for m, k in zip(mean, keys, strict=False)):
             return {}, "the unmasked sum does not have the model's shapes"
+        if value_range > 0:
+            outside = sum(int(np.count_nonzero(~(np.abs(m) <= value_range * (1 + 1e-6)))) for m in mean)
+            if outside:
+                return {}, (f"{outside} values of the unmasked mean lie outside SecAgg+'s range +-{value_range:g}: a site's masked "
+                            "vector or key shares were wrong, the masks did not cancel")
         total = sum(r.num_examples for r in accepted)
         if not accepted or total <= 0:
             return {}, "no readable site in the sum"
