@@ -336,3 +336,19 @@ def test_a_well_formed_but_wrong_masked_vector_is_caught_by_the_range_of_the_sum
     (row,) = read_rows(out / "metrics.jsonl")
     assert row.model_kept is not None and "outside SecAgg+'s range" in row.model_kept
     assert summary.final_accuracy == summary.initial["accuracy"]
+
+
+def test_sites_out_of_budget_refuse_inside_the_protocol_and_are_excluded(tmp_path):
+    """Planned for one round, every site's budget is spent after it: in round 2 each refuses from inside the secure round
+    (its refusal travels as a named error reply), nothing is unmasked, the sites are excluded and the run stops."""
+    privacy = {**PRIVACY, "planning_rounds": 1, "epsilon_budget": 1.0}
+    scen = _scenario(tmp_path, num_sites=5, rounds=3, strategy={"min_sites": 4}, privacy=privacy)
+    out = tmp_path / "out"
+    rc, nodes = {**_run_config(scen, out), "state-dir": str(tmp_path / "state")}, [1, 2, 3, 4, 5]
+    summary = _coordinator(FakeGrid(nodes, in_process_sites(rc, nodes)), rc)
+    rows = read_rows(out / "metrics.jsonl")
+    assert rows[0].accepted == 5 and rows[0].model_kept is None
+    assert rows[1].refused == 5 and rows[1].accepted == 0 and rows[1].model_kept is not None
+    assert all("epsilon" in r.reason or "budget" in r.reason for r in rows[1].refusals), rows[1].refusals
+    assert len(summary.excluded_sites) == 5 and summary.rounds_completed == 2
+    assert summary.privacy.max_epsilon <= 1.0

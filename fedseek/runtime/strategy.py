@@ -152,7 +152,6 @@ class SiteStrategy(Strategy):
         example-weighted FedAvg delta. Screening sees only the sum: it must be readable, of the model's shapes, finite,
         within max_update_norm (if set) and pass the aggregate check; otherwise the round keeps the previous model.
         """
-        from fedseek.runtime.site_secure import REFUSED
         from fedseek.wire.records import METRICS, TrainMetrics
 
         screened, unreadable, seen = Screened(), [], set()
@@ -161,14 +160,8 @@ class SiteStrategy(Strategy):
             seen.add(node)
             site = self.nodes.name(node)
             if r.has_error():
-                reason = str(r.error.reason)
-                if node in secure.malformed:
-                    continue  # rejected below
-                if reason.startswith(REFUSED):
-                    screened.refused.append(Issue(node, site, reason[len(REFUSED):]))
-                    self.excluded[site or f"node-{node}"] = reason[len(REFUSED):]
-                else:
-                    screened.failed.append(Issue(node, site, f"failed in the secure round: {reason[:200]}"))
+                if node not in secure.malformed:  # (malformed replies are rejected below)
+                    self._secure_issue(screened, node, str(r.error.reason), "failed in the secure round")
                 continue
             try:
                 metrics = TrainMetrics.from_record(r.content.metric_records[METRICS])
@@ -184,15 +177,8 @@ class SiteStrategy(Strategy):
         for n, why in sorted(secure.malformed.items()):
             screened.rejected.append(Issue(n, self.nodes.name(n), why))
         for n in out.sampled:
-            if n in seen or n in out.timed_out or n in secure.malformed:
-                continue
-            site, why = self.nodes.name(n), secure.errors.get(n, "")
-            if why.startswith(REFUSED):
-                screened.refused.append(Issue(n, site, why[len(REFUSED):]))
-                self.excluded[site or f"node-{n}"] = why[len(REFUSED):]
-            else:
-                screened.failed.append(Issue(n, site, f"left the secure round before sending its masked update{': ' if why else ''}"
-                                                      f"{why[:200]}"))
+            if n not in seen and n not in out.timed_out and n not in secure.malformed:
+                self._secure_issue(screened, n, secure.errors.get(n, ""), "left the secure round before sending its masked update")
         problem = secure.halted if secure.mean is None else ""
         if not problem and unreadable:
             problem = f"replies in the sum have unreadable metrics ({', '.join(unreadable)}): the sum cannot be weighted"
@@ -206,6 +192,17 @@ class SiteStrategy(Strategy):
             return None, None
         total = sum(r.num_examples for r in screened.accepted)
         return self._aggregate(server_round, [SiteReply(0, "secure-sum", new, TrainMetrics(num_examples=total))])
+
+    def _secure_issue(self, screened: Screened, node: int, reason: str, failed: str) -> None:
+        """A site's error in a secure round: its refusal (excluded from later rounds, as a plain refusal) or a failure."""
+        from fedseek.runtime.site_secure import REFUSED
+
+        site = self.nodes.name(node)
+        if reason.startswith(REFUSED):
+            screened.refused.append(Issue(node, site, reason[len(REFUSED):]))
+            self.excluded[site or f"node-{node}"] = reason[len(REFUSED):]
+        else:
+            screened.failed.append(Issue(node, site, f"{failed}: {reason[:200]}" if reason else failed))
 
     def _secure_model(self, mean: list[np.ndarray], accepted: list[SiteReply], value_range: float) -> tuple[dict[str, np.ndarray], str]:
         """The global model plus the example-weighted delta the secure mean stands for, or why it cannot be used.
