@@ -140,10 +140,8 @@ def _stage(msg: Message) -> str | None:
     return str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE))
 
 
-def test_fewer_sites_than_min_sites_are_never_unmasked_even_by_a_coordinator_that_tries(tmp_path, monkeypatch):
-    """Two of five sites vanish after the key exchange (3 < min_sites 4). The coordinator's guard keeps the sum masked; a
-    coordinator without the guard asks anyway and every site withholds its key shares, so the masks stay on."""
-    scen, out = _distributed(tmp_path, rounds=1), tmp_path / "out"
+def _two_sites_vanish_after_the_key_exchange(scen: Path, out: Path) -> tuple[RecordingGrid, dict]:
+    """Run one round in which sites 4 and 5 go silent when asked for their masked vectors."""
     rc, nodes = _run_config(scen, out), [1, 2, 3, 4, 5]
     honest = in_process_sites(rc, nodes)
 
@@ -154,24 +152,22 @@ def test_fewer_sites_than_min_sites_are_never_unmasked_even_by_a_coordinator_tha
 
     grid = RecordingGrid(nodes, respond)
     _coordinator(grid, rc)
-    (row,) = read_rows(out / "metrics.jsonl")
+    return grid, rc
+
+
+def test_fewer_sites_than_min_sites_are_never_unmasked_even_by_a_coordinator_that_tries(tmp_path, monkeypatch):
+    """Two of five sites vanish after the key exchange (3 < min_sites 4). The coordinator's guard keeps the sum masked; a
+    coordinator without the guard asks anyway and every site withholds its key shares, so the masks stay on."""
+    scen = _distributed(tmp_path, rounds=1)
+    grid, _ = _two_sites_vanish_after_the_key_exchange(scen, tmp_path / "out")
+    (row,) = read_rows(tmp_path / "out" / "metrics.jsonl")
     assert row.model_kept is not None and "min_sites 4" in row.model_kept
     assert not [r for r in grid.replies if _stage_of_reply(r) == "unmask"]  # never asked for key shares
 
     # the curious coordinator: skip fedseek's guard and run Flower's unmask stage on 3 sites
     monkeypatch.setattr(GuardedSecAggPlus, "unmask_stage", lambda self, g, c, s: super(GuardedSecAggPlus, self).unmask_stage(g, c, s))
-    out2 = tmp_path / "out2"
-    rc2 = _run_config(scen, out2)
-    honest2 = in_process_sites(rc2, nodes)
-
-    def respond2(node: int, msg: Message):
-        if node in (4, 5) and _stage(msg) == Stage.COLLECT_MASKED_VECTORS:
-            return None
-        return honest2(node, msg)
-
-    grid2 = RecordingGrid(nodes, respond2)
-    _coordinator(grid2, rc2)
-    (row2,) = read_rows(out2 / "metrics.jsonl")
+    grid2, _ = _two_sites_vanish_after_the_key_exchange(scen, tmp_path / "out2")
+    (row2,) = read_rows(tmp_path / "out2" / "metrics.jsonl")
     assert row2.model_kept is not None  # nothing was unmasked
     withheld = [r for r in grid2.replies if r.has_error() and "key shares withheld" in r.error.reason]
     assert len(withheld) == 3

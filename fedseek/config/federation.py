@@ -64,19 +64,23 @@ class EvaluationPrivacySpec(StrictSpec):
     loss_clip: float = Field(5.0, gt=0.0, description="per-record loss is clipped to [0, loss_clip] before summing")
 
 
-class DistributedPrivacySpec(StrictSpec):
-    """mode distributed: what the site trusts about the secure sum its noise share hides in (its own policy)."""
+class SecureSumTrust(StrictSpec):
+    """How many sites a secure sum must hold, and how many of them may collude with the coordinator."""
 
-    min_sites: int = Field(3, ge=3, le=1000, description="the fewest sites whose noise shares must be in every sum the coordinator "
-                           "unmasks; the site refuses a round (and withholds its key shares) with fewer")
-    colluders: int = Field(0, ge=0, le=997, description="sites assumed to collude with the coordinator (their shares are "
-                           "discounted: each site adds noise for min_sites - colluders honest sites)")
+    min_sites: int = Field(3, ge=3, le=1000, description="the fewest sites whose updates (noise shares) must be in every sum the "
+                           "coordinator unmasks; the coordinator never unmasks, and a site withholds its key shares, with fewer")
+    colluders: int = Field(0, ge=0, le=997, description="sites assumed to collude with the coordinator: the key-share threshold is "
+                           "above it, and each site adds noise for min_sites - colluders honest sites")
 
     @model_validator(mode="after")
-    def _fewer_colluders(self) -> DistributedPrivacySpec:
+    def _fewer_colluders(self) -> SecureSumTrust:
         if self.colluders >= self.min_sites:
-            raise ValueError(f"privacy.distributed.colluders ({self.colluders}) must be below min_sites ({self.min_sites})")
+            raise ValueError(f"colluders ({self.colluders}) must be below min_sites ({self.min_sites})")
         return self
+
+
+class DistributedPrivacySpec(SecureSumTrust):
+    """mode distributed: what the site trusts about the secure sum its noise share hides in (its own policy)."""
 
     @property
     def honest(self) -> int:
@@ -305,21 +309,12 @@ def check_task_fit(fed: FederationSpec, task: str) -> None:
                          f"{', '.join(CLASSIFICATION_METRICS + ('loss',))} or last")
 
 
-class SecureAggregationSpec(StrictSpec):
+class SecureAggregationSpec(SecureSumTrust):
     """The coordinator's side of distributed DP: rounds aggregated with Flower's SecAgg+ (only the sum is unmasked)."""
 
     enabled: bool = True
-    min_sites: int = Field(3, ge=3, le=1000, description="a round's sum is unmasked only with at least this many sites' updates in it")
-    colluders: int = Field(0, ge=0, le=997, description="sites assumed to collude with the coordinator: the key-share threshold "
-                           "is above it")
     clipping_range: float = Field(64.0, gt=0.0, le=1e6, description="SecAgg+ quantizes each value a site sends into "
                                   "[-clipping_range, clipping_range] (2^22 levels)")
-
-    @model_validator(mode="after")
-    def _fewer_colluders(self) -> SecureAggregationSpec:
-        if self.colluders >= self.min_sites:
-            raise ValueError(f"secure_aggregation.colluders ({self.colluders}) must be below min_sites ({self.min_sites})")
-        return self
 
 
 SECURE_RULES = ("fedavg", "fedavgm", "fedadam")  # rules that take the secure mean as one update (robust rules need each reply)
