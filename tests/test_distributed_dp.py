@@ -96,6 +96,7 @@ def test_the_unmasked_sum_is_the_example_weighted_step_and_single_replies_stay_m
     masked = _masked(grid.replies)
     assert len(masked) == 5
     for r in masked:
+        assert all(len(rec) == 0 for rec in r.content.array_records.values())  # the site's own values never leave it
         parts = [bytes_to_ndarray(b) for b in r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
         vec = np.concatenate([p.ravel() for p in parts[1:]]).astype(np.float64) / 2**32  # parts[0]: the weight factor
         quarters = np.histogram(vec, bins=4, range=(0, 1))[0] / vec.size
