@@ -43,6 +43,12 @@ UPDATE: dict[str, tuple[Status, str]] = {
                            "noise; the share alone is the site's local floor (docs/privacy.md)")),
 }
 
+SECURE_PROTOCOL: dict[str, tuple[Status, str]] = {
+    "public_keys": ("public", "SecAgg+ set-up: two fresh public keys from the site's CSPRNG, independent of its records"),
+    "encrypted_shares": ("public", "SecAgg+ key exchange: shares of the site's fresh secrets, encrypted to each neighbour"),
+    "key_shares": ("public", "SecAgg+ unmasking: shares of other sites' fresh mask secrets, never of record data"),
+}
+
 REFUSAL_REPLY: dict[str, tuple[Status, str]] = {
     "num_examples": ("public", _COUNT),
     "epsilon": ("public", _POLICY),
