@@ -74,7 +74,7 @@ def _ledger(ctx: Context, kind: str = "training") -> PrivacyLedger:
     site = resolve_site(ctx)
     assert site.privacy is not None
     budget = site.privacy.epsilon_budget if kind == "training" else site.privacy.evaluation.epsilon_budget
-    return PrivacyLedger(site.state_dir, accountant="rdp", delta=1e-5, epsilon_budget=budget, kind=kind)
+    return PrivacyLedger(site.state_dir, accountant="prv", delta=1e-5, epsilon_budget=budget, kind=kind)
 
 
 def test_loss_probing_learns_nothing_unaccounted(tmp_path):
@@ -135,7 +135,7 @@ def test_concurrent_rounds_never_undercount(tmp_path):
     trained = 1 + sum(refusal_reason(r.content) is None for r in replies)
     ledger = _ledger(ctx)
     assert ledger.rounds_charged() == trained
-    assert ledger.epsilon() == pytest.approx(epsilon_for(ledger.history, 1e-5, "rdp"))
+    assert ledger.epsilon() == pytest.approx(epsilon_for(ledger.history, 1e-5, "prv"))
     for r in replies:
         reason = refusal_reason(r.content)
         assert reason is None or "in progress" in reason

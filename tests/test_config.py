@@ -61,7 +61,7 @@ def test_yaml_syntax_and_missing_file(write_yaml: WriteYaml, tmp_path: Path) -> 
 
 def test_privacy_spec_rules() -> None:
     p = parse(PrivacySpec, {"epsilon_budget": 3, "delta": 1e-5})
-    assert p.accountant == "rdp" and p.grad_sample_mode == "ghost"
+    assert p.accountant == "prv" and "accountant" not in p.model_fields_set and p.grad_sample_mode == "ghost"
     with pytest.raises(ConfigError, match="epsilon_budget"):
         parse(PrivacySpec, {"epsilon_budget": -1})
 

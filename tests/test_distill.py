@@ -139,13 +139,13 @@ def test_under_dp_the_students_rounds_spend_from_the_teachers_ledgers(tmp_path):
     t_out, s_out = tmp_path / "teacher", tmp_path / "student"
     _, teacher = _coordinate(_scenario(tmp_path, "teacher", rounds=2, privacy=privacy), t_out)
     assert teacher.rounds_completed == 2
-    after_teacher = [PrivacyLedger(t_out / "sites" / f"site-{i:03d}", accountant="rdp", delta=1e-3, epsilon_budget=4.0).epsilon()
+    after_teacher = [PrivacyLedger(t_out / "sites" / f"site-{i:03d}", accountant="prv", delta=1e-3, epsilon_budget=4.0).epsilon()
                      for i in range(3)]
     scen = _scenario(tmp_path, "student", rounds=3, privacy=privacy, model={"kind": "mlp", "hidden": [4]},
                      distill={"teacher": str(t_out)})
     _, summary = _coordinate(scen, s_out, state_dir=t_out / "sites")  # what `fedseek simulate` passes by default under DP
     for i in range(3):
-        led = PrivacyLedger(t_out / "sites" / f"site-{i:03d}", accountant="rdp", delta=1e-3, epsilon_budget=4.0)
+        led = PrivacyLedger(t_out / "sites" / f"site-{i:03d}", accountant="prv", delta=1e-3, epsilon_budget=4.0)
         assert [r.server_round for r in led.rounds] == [1, 2, 1, 2, 3]  # the teacher's two rounds, then the student's three
         assert after_teacher[i] < led.epsilon() <= 4.0 + 1e-9
         # the planning horizon (4 rounds) is shared: past it, the noise rises so the last round fits what is left

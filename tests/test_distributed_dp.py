@@ -104,7 +104,7 @@ def test_the_unmasked_sum_is_the_example_weighted_step_and_single_replies_stay_m
     # the ledgers: the sum's noise charged, each site's share recorded as its floor
     site_dirs = sorted(p.parent for p in state.rglob("privacy_ledger.json"))
     assert len(site_dirs) == 5
-    ledger = PrivacyLedger(site_dirs[0], accountant="rdp", delta=1e-5, epsilon_budget=3.0)
+    ledger = PrivacyLedger(site_dirs[0], accountant="prv", delta=1e-5, epsilon_budget=3.0)
     entry = [e for e in json.loads((site_dirs[0] / "privacy_ledger.json").read_text())["entries"] if e["type"] == "charge"][0]
     assert entry["sample_rate"] == 1.0 and entry["steps"] == 1
     assert entry["local_noise_multiplier"] == pytest.approx(entry["noise_multiplier"] / np.sqrt(4 - 1))

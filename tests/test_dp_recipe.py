@@ -65,7 +65,7 @@ def test_auto_recipe_sites_charge_one_full_batch_step_per_round(tmp_path):
     summary = run_in_process(scen, tmp_path / "out", 3, state_dir=tmp_path / "state")
     assert summary.rounds_completed == 3
     for i in range(3):
-        ledger = PrivacyLedger(tmp_path / "state" / f"site-{i:03d}", accountant="rdp", delta=1e-5, epsilon_budget=3.0)
+        ledger = PrivacyLedger(tmp_path / "state" / f"site-{i:03d}", accountant="prv", delta=1e-5, epsilon_budget=3.0)
         (sigma, q, steps), = {tuple(h) for h in ledger.history}
         assert (q, steps, len(ledger.history)) == (1.0, 1, 3) and sigma > 1.0
         assert 2.9 < ledger.epsilon() <= 3.0  # the whole budget over the site's 3 planned rounds, not 4 epochs of batch 8

@@ -255,6 +255,44 @@ def test_a_changed_accountant_or_delta_is_refused(tmp_path: Path) -> None:
             _ledger(tmp_path, **over)
 
 
+def test_a_policy_naming_no_accountant_keeps_an_existing_ledgers_own(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The default moved from RDP to PRV: a site upgraded mid-life goes on under the accountant its ledger was started with
+    (its epsilon unchanged, new charges composed under it); only a new ledger takes the default; a named one must match."""
+    from fedseek.privacy.ledger_audit import recompute_epsilon
+
+    before = _charged(tmp_path).epsilon()
+    with caplog.at_level("INFO", logger="fedseek.privacy"):
+        kept = PrivacyLedger(tmp_path, accountant="prv", delta=DELTA, epsilon_budget=50.0, site="s", keep_accountant=True)
+    assert kept.accountant == "rdp" and kept.epsilon() == before
+    assert "keeps its rdp accountant" in caplog.text
+    after = kept.charge(1.1, 0.1, 10, run_id="r", server_round=9)
+    assert after == pytest.approx(recompute_epsilon([*CHARGES, (1.1, 0.1, 10)], "rdp", DELTA), rel=1e-9) and after > before
+    assert _doc(tmp_path)["accountant"] == "rdp"
+    fresh = PrivacyLedger(tmp_path / "new", accountant="prv", delta=DELTA, epsilon_budget=50.0, keep_accountant=True)
+    fresh.charge(1.1, 0.1, 10, run_id="r", server_round=1)
+    assert fresh.accountant == "prv" and _doc(tmp_path / "new")["accountant"] == "prv"
+    with pytest.raises(LedgerError, match="not comparable"):  # a policy that names PRV is not silently given RDP
+        PrivacyLedger(tmp_path, accountant="prv", delta=DELTA, epsilon_budget=50.0, site="s")
+
+
+def test_a_site_policy_keeps_its_ledgers_accountant_only_when_it_names_none(tmp_path: Path) -> None:
+    """Through the site's own gate: a YAML policy without `accountant` opens an RDP ledger as RDP; with `accountant: prv` it
+    is refused with the reason."""
+    import numpy as np
+
+    from fedseek.config import PrivacySpec, parse
+    from fedseek.runtime.site_privacy import open_ledger
+    from fedseek.runtime.site_runtime import SiteRuntime
+
+    _charged(tmp_path)
+    site = SiteRuntime(name="s", x=np.zeros((10, 2), np.float32), y=np.zeros(10, np.int64), num_classes=2, device="cpu",
+                       privacy=parse(PrivacySpec, {"epsilon_budget": 50, "delta": DELTA}), state_dir=tmp_path)
+    assert open_ledger(site).accountant == "rdp"
+    site.privacy = parse(PrivacySpec, {"epsilon_budget": 50, "delta": DELTA, "accountant": "prv"})
+    with pytest.raises(LedgerError, match="accountant=rdp .* policy now says accountant=prv"):
+        open_ledger(site)
+
+
 # ---------------------------------------------------------------------------------------- budget
 
 

@@ -145,6 +145,16 @@ def test_budget_refusal_is_exact_and_persisted(tmp_path: Path) -> None:
     assert len(saved["refusals"]) == 1 and len(saved["rounds"]) == done
 
 
+@pytest.mark.parametrize("q, steps, history", [(1.0, 60, ()), (0.2, 150, ()), (0.2, 20, ((8.0, 1.0, 10),))])
+def test_prv_noise_is_the_smallest_that_fits_and_below_rdps(q: float, steps: int, history: tuple) -> None:
+    """The PRV search starts from RDP's answer: it must still land on the smallest noise that fits (to its 0.2% step)."""
+    from fedseek.privacy.accounting import epsilon_for, fit_noise
+
+    prv, rdp = fit_noise(history, q, steps, 3.0, 1e-5, "prv"), fit_noise(history, q, steps, 3.0, 1e-5, "rdp")
+    assert prv is not None and rdp is not None and prv < rdp
+    assert epsilon_for([*history, (prv, q, steps)], 1e-5, "prv") <= 3.0 < epsilon_for([*history, (prv * 0.995, q, steps)], 1e-5, "prv")
+
+
 def test_fit_budget_calibration_spends_at_most_budget(tmp_path: Path) -> None:
     x, y = _data()
     rounds = 5
@@ -241,6 +251,7 @@ def test_per_sample_clipping_bounds_one_records_influence(mode: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         loader = DataLoader(TensorDataset(torch.tensor(xb), torch.tensor(yb)), batch_size=len(yb))
         ledger = PrivacyLedger.__new__(PrivacyLedger)  # not charged: a measurement, not a release
+        ledger.accountant = policy.accountant
         dp = DPRound(policy, ledger, 0.0, run_id="", server_round=0)
         m, o, crit, _ = dp.wrap(model, opt, nn.CrossEntropyLoss(), loader)
         o.zero_grad()

@@ -148,16 +148,16 @@ def test_a_dp_site_charges_its_ledger_before_it_releases_noisy_clipped_sums(tmp_
     reply = app(_stats_message(StatsRequest(run_id="r1", columns=FEATURES, target="progression", bounds=bounds)), ctx)
     assert refusal_reason(reply.content) is None
     m = StatsReply.from_record(reply.content.metric_records[METRICS])
-    sigma = fit_noise((), 1.0, 1, 0.5, 1e-3, "rdp")
+    sigma = fit_noise((), 1.0, 1, 0.5, 1e-3, "prv")
     assert m.normalized == 1 and m.noise_std == pytest.approx(sigma * math.sqrt(2 * 11)) and len(m.sums) == 11
-    ledger = PrivacyLedger(tmp_path / "out" / "sites" / "site-000", accountant="rdp", delta=1e-3, epsilon_budget=3.0, site="site-000")
+    ledger = PrivacyLedger(tmp_path / "out" / "sites" / "site-000", accountant="prv", delta=1e-3, epsilon_budget=3.0, site="site-000")
     assert ledger.history == [(pytest.approx(sigma), 1.0, 1)] and [r.server_round for r in ledger.rounds] == [0]
-    assert m.epsilon == pytest.approx(epsilon_for([(sigma, 1.0, 1)], 1e-3, "rdp")) and m.epsilon <= 0.5 + 1e-6
+    assert m.epsilon == pytest.approx(epsilon_for([(sigma, 1.0, 1)], 1e-3, "prv")) and m.epsilon <= 0.5 + 1e-6
     assert ledger.rounds_charged() == 0  # the statistics release is not a training round of the site's planning horizon
     # no bounds for a column under DP: refused before anything is charged
     reply = app(_stats_message(StatsRequest(run_id="r1", columns=FEATURES, bounds={})), ctx)
     assert "needs public bounds" in str(refusal_reason(reply.content))
-    assert len(PrivacyLedger(ledger.path.parent, accountant="rdp", delta=1e-3, epsilon_budget=3.0, site="site-000").history) == 1
+    assert len(PrivacyLedger(ledger.path.parent, accountant="prv", delta=1e-3, epsilon_budget=3.0, site="site-000").history) == 1
 
 
 def test_a_coordinator_asking_again_pays_again_until_the_site_refuses(tmp_path):
@@ -172,7 +172,7 @@ def test_a_coordinator_asking_again_pays_again_until_the_site_refuses(tmp_path):
     for i in range(6):
         reply = app(_stats_message(StatsRequest(run_id=f"r{i}", columns=FEATURES, bounds=bounds)), ctx)
         reasons.append(refusal_reason(reply.content))
-    led = PrivacyLedger(tmp_path / "out" / "sites" / "site-000", accountant="rdp", delta=1e-3, epsilon_budget=1.0, site="site-000")
+    led = PrivacyLedger(tmp_path / "out" / "sites" / "site-000", accountant="prv", delta=1e-3, epsilon_budget=1.0, site="site-000")
     answered = sum(r is None for r in reasons)
     assert 1 <= answered < 6 and len(led.history) == answered and led.epsilon() <= 1.0
     assert all("scaling statistics:" in str(r) for r in reasons[answered:])
@@ -284,7 +284,7 @@ def test_under_dp_each_site_pays_for_the_statistics_once_and_stays_within_budget
     assert summary.scaling is not None and summary.scaling.dp and summary.scaling.sites == 3
     assert all(v > 0 for v in summary.scaling.mean_noise_std.values()) and summary.scaling.max_epsilon <= 0.5 + 1e-6
     for i in range(3):
-        led = PrivacyLedger(out / "sites" / f"site-{i:03d}", accountant="rdp", delta=1e-3, epsilon_budget=3.0, site=f"site-{i:03d}")
+        led = PrivacyLedger(out / "sites" / f"site-{i:03d}", accountant="prv", delta=1e-3, epsilon_budget=3.0, site=f"site-{i:03d}")
         assert [r.server_round for r in led.rounds] == [0, 1, 2] and led.rounds[0].sample_rate == 1.0
         assert led.epsilon() <= 3.0
     assert summary.privacy.max_epsilon is not None and summary.privacy.max_epsilon <= 3.0
@@ -329,7 +329,7 @@ def test_the_private_federated_evaluation_of_a_regression_pools_the_sites_held_o
     _, dps = _coordinate(scen_dp, tmp_path / "dp", [1, 2, 3])
     drow = json.loads((tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()[-1])["federated"]
     assert drow["evaluated"] == 3 and drow["noisy"] and drow["loss"] is not None and drow["loss_std"] > 0
-    led = PrivacyLedger(tmp_path / "dp" / "sites" / "site-000", accountant="rdp", delta=1e-3, epsilon_budget=3.0, site="site-000",
+    led = PrivacyLedger(tmp_path / "dp" / "sites" / "site-000", accountant="prv", delta=1e-3, epsilon_budget=3.0, site="site-000",
                         kind="evaluation")
     assert [r.server_round for r in led.rounds] == [1, 2] and 0 < led.epsilon() <= 3.0
 

@@ -62,30 +62,30 @@ def test_dp_budget_refusal_and_restart_continue_epsilon(tmp_path):
     scen.write_text(
         "name: dp\nseed: 2\nnum_sites: 3\nrounds: 2\ndata: {dataset: breast_cancer}\nstrategy: {min_sites: 3}\n"
         "train: {local_epochs: 1, lr: 0.1, batch_size: 32}\n"
-        "privacy: {epsilon_budget: 2.3, delta: 1.0e-5, noise_multiplier: 2.0, grad_sample_mode: ghost}\n"
+        "privacy: {epsilon_budget: 2.0, delta: 1.0e-5, noise_multiplier: 2.0, grad_sample_mode: ghost}\n"
     )
     state = tmp_path / "state"
     # the first run in this process (the coordinator and the real ClientApp, no Ray: the suite's time budget); the second is a
     # real simulation in new processes that must find the ledgers the first one left
     first = run_in_process(scen, tmp_path / "run1", 3, state_dir=state)
     assert first.rounds_completed == 2
-    led = PrivacyLedger(state / "site-000", accountant="rdp", delta=1e-5, epsilon_budget=2.3)
+    led = PrivacyLedger(state / "site-000", accountant="prv", delta=1e-5, epsilon_budget=2.0)
     eps_after_run1 = led.epsilon()
     assert len(led.rounds) == 2 and eps_after_run1 > 0
 
     second = _fedseek("simulate", str(scen), "--out", str(tmp_path / "run2"), "--state-dir", str(state))
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
-    led = PrivacyLedger(state / "site-000", accountant="rdp", delta=1e-5, epsilon_budget=2.3)
+    led = PrivacyLedger(state / "site-000", accountant="prv", delta=1e-5, epsilon_budget=2.0)
     # the second run continued from run 1's epsilon (no reset) ...
     assert led.rounds[0].run_id != led.rounds[-1].run_id
     assert led.epsilon() > eps_after_run1
-    assert led.epsilon() == pytest.approx(epsilon_for(led.history, 1e-5, "rdp"))
+    assert led.epsilon() == pytest.approx(epsilon_for(led.history, 1e-5, "prv"))
     # ... and every site stopped at its budget: refusals were logged, the run still finished
     assert summary["refused_rounds"] >= 1
     for name, site in summary["privacy"]["sites"].items():
-        assert site["epsilon"] <= 2.3, name
-    assert all(PrivacyLedger(d, accountant="rdp", delta=1e-5, epsilon_budget=2.3).epsilon() <= 2.3 for d in state.iterdir())
+        assert site["epsilon"] <= 2.0, name
+    assert all(PrivacyLedger(d, accountant="prv", delta=1e-5, epsilon_budget=2.0).epsilon() <= 2.0 for d in state.iterdir())
     rows = [json.loads(ln) for ln in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["refused"] for r in rows)
 

@@ -42,7 +42,7 @@ def _policy_noise(policy: Any, ledger: PrivacyLedger, sample_rate: float, steps:
                 target_delta=policy.delta,
                 sample_rate=sample_rate,
                 steps=steps,
-                accountant=policy.accountant,
+                accountant=ledger.accountant,
             )
         )
     # Fit the budget over the site's OWN horizon: calibrate once and keep it (constant noise keeps the

@@ -70,7 +70,7 @@ class DPRound:
         dp_loader = secure_poisson_loader(loader.dataset, q, per_epoch)
         mode = self.policy.grad_sample_mode
         with _quiet_opacus():
-            self.engine = PrivacyEngine(accountant=self.policy.accountant)
+            self.engine = PrivacyEngine(accountant=self.ledger.accountant)
             out = self.engine.make_private(
                 module=model,
                 optimizer=optimizer,

@@ -11,6 +11,7 @@ against the same balance. A missing, cut or edited ledger raises LedgerError: ne
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -34,6 +35,9 @@ from fedseek.privacy.ledger_chain import (
 )
 from fedseek.privacy.ledger_lock import acquire, release
 from fedseek.privacy.ledger_verify import read_chain
+
+log = logging.getLogger("fedseek.privacy")
+_ANNOUNCED: set[str] = set()  # ledgers whose kept accountant was logged (once per process)
 
 __all__ = ["EVALUATION_LEDGER_FILE", "LEDGER_FILE", "BudgetExceeded", "LedgerBusy", "LedgerError", "LedgerKind", "PrivacyLedger",
            "RoundEntry"]
@@ -65,13 +69,18 @@ class PrivacyLedger:
     """A site's training or evaluation privacy ledger in its state directory (chained, fsync'd, locked per round)."""
 
     def __init__(self, state_dir: str | Path, *, accountant: str, delta: float, epsilon_budget: float, site: str = "",
-                 kind: LedgerKind = "training") -> None:
-        """Open (and verify) the ledger under `state_dir`; LedgerError if it is damaged or the policy contradicts it."""
+                 kind: LedgerKind = "training", keep_accountant: bool = False) -> None:
+        """Open (and verify) the ledger under `state_dir`; LedgerError if it is damaged or the policy contradicts it.
+
+        `keep_accountant`: the policy did not name an accountant, so an existing ledger keeps the one it was started with
+        (a site upgraded across a change of the default goes on with its own) and only a new ledger takes `accountant`.
+        """
         self.state_dir = Path(state_dir)
         self.kind = kind
         self.paths = paths_for(self.state_dir, kind)
         self.path = self.paths.ledger
         self.accountant = accountant
+        self.keep_accountant = keep_accountant
         self.delta = float(delta)
         if not (math.isfinite(float(epsilon_budget)) and float(epsilon_budget) > 0):
             raise LedgerError(f"privacy ledger {self.path}: the site policy's epsilon budget {epsilon_budget!r} is not a number > 0")
@@ -86,6 +95,12 @@ class PrivacyLedger:
         """Take a verified chain as this ledger's state, after checking it against the site policy."""
         if chain.header is not None:
             kept = chain.header
+            if self.keep_accountant and kept["accountant"] != self.accountant:
+                if str(self.path) not in _ANNOUNCED:
+                    _ANNOUNCED.add(str(self.path))
+                    log.info("privacy ledger %s keeps its %s accountant (the site policy names none; new ledgers use %s)",
+                             self.path, kept["accountant"], self.accountant)
+                self.accountant = str(kept["accountant"])
             if kept["accountant"] != self.accountant or float(kept["delta"]) != self.delta:
                 raise LedgerError(
                     f"privacy ledger {self.path} was kept with accountant={kept['accountant']} delta={kept['delta']}, but the site "

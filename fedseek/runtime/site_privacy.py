@@ -82,7 +82,9 @@ def open_ledger(site: SiteRuntime, kind: LedgerKind = "training") -> PrivacyLedg
     pol = site.privacy
     assert pol is not None
     budget = pol.epsilon_budget if kind == "training" else pol.evaluation.epsilon_budget
-    return PrivacyLedger(site.state_dir, accountant=pol.accountant, delta=pol.delta, epsilon_budget=budget, site=site.name, kind=kind)
+    # A policy that names no accountant gets the default (PRV) for a new ledger; an existing one keeps its own.
+    return PrivacyLedger(site.state_dir, accountant=pol.accountant, delta=pol.delta, epsilon_budget=budget, site=site.name, kind=kind,
+                         keep_accountant="accountant" not in pol.model_fields_set)
 
 
 @contextlib.contextmanager

@@ -90,11 +90,11 @@ def _private(msg: Message, site: SiteRuntime, req: StatsRequest, values: np.ndar
     lacking = [c for c in names if c not in req.bounds]
     if lacking:
         return _refuse(msg, site, f"under DP every column needs public bounds (preprocessing.bounds); missing for {lacking[:5]}")
-    sigma = fit_noise((), 1.0, 1, float(pol.scaling_epsilon), float(pol.delta), pol.accountant)
-    if sigma is None:
-        return _refuse(msg, site, f"privacy.scaling_epsilon {pol.scaling_epsilon:g} is too small for one release (noise above 50)")
     try:
         ledger = open_ledger(site)
+        sigma = fit_noise((), 1.0, 1, float(pol.scaling_epsilon), float(pol.delta), ledger.accountant)
+        if sigma is None:
+            return _refuse(msg, site, f"privacy.scaling_epsilon {pol.scaling_epsilon:g} is too small for one release (noise above 50)")
         with ledger.lock():
             ledger.check(sigma, 1.0, 1, run_id=req.run_id, server_round=STATS_ROUND)
             eps = ledger.charge(sigma, 1.0, 1, run_id=req.run_id, server_round=STATS_ROUND)
