@@ -112,3 +112,22 @@ def test_fedprox_step_pulls_towards_global() -> None:
         train_local(model, x, y, num_classes=2, epochs=3, lr=0.1, batch_size=16, proximal_mu=mu, seed=0)
         dist[mu] = sum(float(((p - q) ** 2).sum().detach()) for p, q in zip(model.parameters(), base.parameters(), strict=True))
     assert dist[5.0] < dist[0.0] * 0.8
+
+
+def test_seeding_a_cpu_round_is_reproducible_and_registers_nothing_for_absent_accelerators() -> None:
+    """seed_torch replaces torch.manual_seed per round: the same CPU stream, without a lazy CUDA seeding (and the stack
+    trace torch records with it) on every call of a CPU-only process."""
+    from fedseek.train.models import seed_torch
+
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    seed_torch(7)
+    a = torch.randn(5)
+    if tracker is not None and not torch.cuda.is_initialized():
+        tracker.manual_seed_all_cb, tracker.manual_seed_cb, tracker.call_order = None, None, []
+        for _ in range(20):
+            seed_torch(7)
+        assert tracker.get_calls() == []  # nothing registered for a backend this process does not use
+    seed_torch(7)
+    assert torch.equal(torch.randn(5), a)
+    torch.manual_seed(7)
+    assert torch.equal(torch.randn(5), a)  # the same CPU stream torch.manual_seed gives

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseek.names import PRECISIONS
+from fedseek.train.models import seed_torch
 
 # Opacus' ghost clipping fires full backward hooks on modules whose inputs need no grad: harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -167,7 +168,7 @@ def train_local(
     """
     device = torch.device(device)
     amp_dtype = check_precision(precision, device, private=privacy is not None)
-    torch.manual_seed(seed if privacy is None else int.from_bytes(os.urandom(8), "little"))
+    seed_torch(seed if privacy is None else int.from_bytes(os.urandom(8), "little"), device)
     model.to(device)
     model.train()
     start = time.perf_counter()

@@ -54,12 +54,24 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+def seed_torch(seed: int, device: torch.device | str = "cpu") -> None:
+    """Seed torch's CPU generator, and CUDA's when training there (what torch.manual_seed does for these runs).
+
+    torch.manual_seed also registers a lazy seeding of every accelerator backend that is not initialised (CUDA, XPU,
+    MTIA), each with a formatted stack trace of the caller: a cost that grows with the call stack, paid per site call
+    in every Ray actor of a simulation with thousands of site calls per round.
+    """
+    torch.default_generator.manual_seed(int(seed))
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed_all(int(seed))
+
+
 def build_model(
     kind: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64,), seed: int | None = None, width: int = 16
 ) -> nn.Module:
     """Build a model by name ('mlp' | 'cnn') for inputs of `input_shape` (without batch dim); `hidden` sizes the MLP, `width` the CNN."""
     if seed is not None:
-        torch.manual_seed(seed)
+        seed_torch(seed)  # parameters are initialised on the CPU
     if kind == "mlp":
         in_features = 1
         for d in input_shape:
