@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,12 +77,23 @@ def _start_superlink(flwr_home: Path, port: int, log_fh: Any, ray_address: str |
     """
     env = flower_env(flwr_home)
     env["RAY_ADDRESS"] = ray_address if ray_address is not None else "local"
+    env["PATH"] = str(_engine_shim(flwr_home)) + os.pathsep + env["PATH"]
     return start_process(
         [flwr_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port), "--database", str(flwr_home / "state.db"),
          "--disable-runtime-dependency-installation"],
         env=env, log=log_fh, name="superlink",
     )
+
+
+def _engine_shim(flwr_home: Path) -> Path:
+    """A bin dir whose `flwr-simulation` is Flower's with fedseek's one-pass message sweep (fedseek.ops.sim_engine)."""
+    bin_dir = flwr_home / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / "flwr-simulation"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedseek.ops.sim_engine "$@"\n')
+    shim.chmod(0o755)
+    return bin_dir
 
 
 def _watch(superlink: ProcessTree, log_path: Path, sample_every_s: float = 1.0) -> Callable[[], str | None]:
