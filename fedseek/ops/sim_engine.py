@@ -76,15 +76,14 @@ def patch() -> None:
         vce_api.add_messages_to_queue = add_messages_to_queue
 
 
-def main() -> int:
-    """`flwr-simulation` with the patch: the same arguments and exit code as Flower's entry point."""
+def main() -> None:
+    """`flwr-simulation` with the patch: the same arguments and exit status as Flower's entry point."""
     patch()
     from flwr.simulation.app import flwr_simulation
 
     sys.argv[0] = "flwr-simulation"
-    flwr_simulation()
-    return 0
+    flwr_simulation()  # returns None or exits with Flower's own status
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
