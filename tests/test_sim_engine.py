@@ -68,6 +68,12 @@ def _ours(state: Any, nodes: dict[int, int]) -> list[str]:
     return [q.get_nowait().metadata.message_id for _ in range(q.qsize())]
 
 
+def _handed_out(state: Any, order: list[int], ids: list[str]) -> list[tuple[int, int]]:
+    """(node position, payload) of the messages a sweep handed out: message ids differ between two states."""
+    return sorted((order.index(state.message_ins_store[i].metadata.dst_node_id),
+                   int(state.message_ins_store[i].content.config_records["c"]["k"])) for i in ids)
+
+
 def test_one_pass_sweep_delivers_what_flowers_per_node_sweep_delivers_sweep_after_sweep() -> None:
     per_node = [2, 0, 1, 3, 1]  # some nodes have several messages queued, one has none
     a, nodes_a, _ = _state(5, per_node)
@@ -75,11 +81,7 @@ def test_one_pass_sweep_delivers_what_flowers_per_node_sweep_delivers_sweep_afte
     order_a, order_b = list(nodes_a), list(nodes_b)
     for sweep in range(4):
         flower, ours = _flower_sweep(a, nodes_a), _ours(b, nodes_b)
-        # message ids differ between the two states: compare (node position, payload) of what each sweep handed out
-        def key(state: Any, order: list[int], ids: list[str]) -> list[tuple[int, int]]:
-            return sorted((order.index(state.message_ins_store[i].metadata.dst_node_id),
-                           int(state.message_ins_store[i].content.config_records["c"]["k"])) for i in ids)
-        assert key(a, order_a, flower) == key(b, order_b, ours), sweep
+        assert _handed_out(a, order_a, flower) == _handed_out(b, order_b, ours), sweep
         assert len(ours) == sum(1 for n in per_node if n > sweep)  # one per node with something left, never two
     assert all(m.metadata.delivered_at for m in b.message_ins_store.values())
 

@@ -58,7 +58,7 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Any, f_s
     """Flower's `add_messages_to_queue` (same loop, same 0.1 s wait) with one pass per sweep instead of one per node."""
     from flwr.server.superlink.fleet.vce import vce_api
 
-    if deliver_pending(state, queue, nodes_mapping) is None:
+    if not all(hasattr(state, n) for n in ("message_ins_store", "lock", "_check_stored_messages")):
         log.warning("simulation link state %s is not Flower's in-memory one: Flower's own sweep is used", type(state).__name__)
         vce_api.__dict__["_fedseek_original_add"](state, queue, nodes_mapping, f_stop)
         return
