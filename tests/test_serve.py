@@ -106,6 +106,10 @@ def test_served_answers_are_the_models_own_or_its_keyed_top_two_and_marked_ones_
             assert a["label"] in (classes[o[0]], classes[o[1]]) and served_p.max() == pytest.approx(0.9 * (p[o[0]] + p[o[1]]), rel=1e-5)
     logged = read_log(run / "served_marks.jsonl", output_subkey(wm.load_key(run / "watermark.key").seed_hex))
     assert logged.columns == FEATURES and len(logged.rows) >= int((margins <= 0.2).sum()) > 0  # (the module's other requests add more)
+    by_unit: dict[str, set[str]] = {}
+    for unit, served_class in zip(logged.units, logged.served, strict=True):
+        by_unit.setdefault(unit, set()).add(served_class)
+    assert all(len(v) == 1 for v in by_unit.values()) and len(by_unit) >= 0.5 * len(logged.rows)  # one keyed class per unit
     # CSV in, the same answers out (same rows, same keyed choices)
     csv = server.client.post("/predict", content=rows.head(20).to_csv(index=False), headers={"content-type": "text/csv"})
     assert [a["label"] for a in csv.json()["predictions"]] == [a["label"] for a in answers[:20]]
@@ -197,11 +201,21 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
     try:
         answers = server.client.post("/predict", json={"rows": rows.to_dict(orient="records")}).json()["predictions"]
         endpoint = verify("--url", server.url)  # the marked endpoint replays its keyed answers
+        labels_only = verify("--url", server.url, "--labels-only")
+        capsys.readouterr()
+        assert main(["watermark", "verify-outputs", "--key", str(key), "--log", str(log), "--url", server.url]) == 0
+        text = capsys.readouterr().out
     finally:
         server.stop()
     assert endpoint[0] == 0, endpoint[2]
     res = json.loads(endpoint[1])
-    assert res["detected"] and res["matches"] == res["n"] == res["logged"] >= 30 and res["p_value"] == pytest.approx(0.5 ** res["n"])
+    # its probabilities come back with the labels: the score test decides; every unit favours the served class
+    assert res["test"] == "score" and res["detected"] and res["score_units"] == res["units"] >= 30
+    assert res["p_value"] == pytest.approx(0.5 ** res["units"]) and res["logged"] >= res["units"]
+    assert res["matches"] == res["n"] == res["units"] and res["p_sign"] == pytest.approx(0.5 ** res["n"])
+    sign = json.loads(labels_only[1])
+    assert sign["test"] == "sign" and sign["p_value"] == pytest.approx(res["p_sign"]) and sign["detected"]
+    assert "score test on its probabilities" in text and "(score test)" in text and "DETECTED" in text
     # a model trained on the served answers (its own run directory, the same card) carries the mark
     classes = ["low", "mid", "high"]
     sur_dir = _run_dir(tmp_path / "surrogate", seed=7, key=False)
@@ -213,12 +227,12 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
                 batch_size=32, momentum=0.9, seed=7)
     torch.save(surrogate.state_dict(), sur_dir / "model.pt")
     sur = json.loads(verify("--model", str(sur_dir))[1])
-    assert sur["detected"], sur
+    assert sur["detected"] and sur["test"] == "score", sur
     # the served model's own weights do not reproduce the keyed answers (a copied weight file is the weight watermark's case),
     # nor does an independent model
     for other in (run, _run_dir(tmp_path / "other", seed=11, key=False)):
         indep = json.loads(verify("--model", str(other))[1])
-        assert not indep["detected"] and indep["p_value"] > 1e-3, indep
+        assert not indep["detected"] and indep["p_value"] > 1e-3 and indep["p_sign"] > 1e-3, indep
     # a log edited after the fact (or another key's) is refused with one line
     lines = log.read_text().splitlines()
     entry = json.loads(lines[1])
@@ -228,10 +242,14 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
     assert code == 2 and "line 2: its tag does not match this key" in err and len(err.strip().splitlines()) == 1
 
 
+MINI_MARGIN = 0.2
+
+
 def test_a_surrogate_trained_on_served_answers_carries_the_mark():
     """Extraction in miniature: 1000 natural queries to a breast-cancer model, hard labels; the surrogate is detected at
     p <= 1e-6 from the logged marked queries, a model trained on the true labels is not. The key is fixed (the test is
-    deterministic); at 300 epochs 16 keys out of 16 gave p <= 1e-9 (at 150 epochs 2 keys in 12 missed 1e-6)."""
+    deterministic); with 16 keys (this one and 15 others) the surrogate gave p <= 5e-10 every time (31-47 units, at most
+    one unmatched), the independent model p 0.01-0.99."""
     from fedseek.data import load_builtin
     from fedseek.train.local import predict_scores, train_local
 
@@ -241,8 +259,9 @@ def test_a_surrogate_trained_on_served_answers_carries_the_mark():
     rng = np.random.default_rng(0)
     xq = np.concatenate([train.x, train.x[rng.integers(0, len(train.x), 574)] + rng.normal(0, 0.1, (574, 30)).astype(np.float32)])
     key = np.random.default_rng(18).bytes(32)
-    m = mark(predict_scores(served, xq), xq.astype(np.float64).tolist(), key, 0.1)
-    assert m.marked.sum() >= 25
+    m = mark(predict_scores(served, xq), xq, key, MINI_MARGIN)
+    units = [m.units[i] for i in np.flatnonzero(m.marked)]
+    assert m.marked.sum() >= 25 and len(set(units)) < m.marked.sum()  # jittered copies of a row share units
 
     def fitted(y: np.ndarray, x: np.ndarray, seed: int) -> torch.nn.Module:
         model = build_model("mlp", train.input_shape, 2, [64], seed=seed)
@@ -250,15 +269,105 @@ def test_a_surrogate_trained_on_served_answers_carries_the_mark():
         return model
 
     surrogate = fitted(m.labels, xq, 5)
-    sur = verdict(predict_scores(surrogate, xq[m.marked]).argmax(1), m.labels[m.marked], m.other[m.marked])
+    sur = verdict(predict_scores(surrogate, xq[m.marked]).argmax(1), m.labels[m.marked], m.other[m.marked], units)
     independent = fitted(train.y, train.x, 6)
-    ind = verdict(predict_scores(independent, xq[m.marked]).argmax(1), m.labels[m.marked], m.other[m.marked])
+    ind = verdict(predict_scores(independent, xq[m.marked]).argmax(1), m.labels[m.marked], m.other[m.marked], units)
     assert sur.detected, sur
     assert not ind.detected and ind.p_value > 1e-3, ind
     served_acc = float((predict_scores(served, test.x).argmax(1) == test.y).mean())
-    marked_acc = float((mark(predict_scores(served, test.x), test.x.astype(np.float64).tolist(), key, 0.1).labels
-                        == test.y).mean())
+    marked_acc = float((mark(predict_scores(served, test.x), test.x, key, MINI_MARGIN).labels == test.y).mean())
     assert marked_acc >= served_acc - 0.05  # the exact accuracy cost is measured in benchmarks/output_watermark.py
+
+
+def _near_ties(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n standardised feature rows, each twice (the second with N(0, 0.1) jitter), and near-tie probabilities for 3 classes."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, d))
+    x = np.concatenate([x, x + rng.normal(0, 0.1, x.shape)])
+    top = rng.uniform(0.40, 0.45, 2 * n)
+    p = np.stack([top, 0.9 - top, np.full(2 * n, 0.1)], 1)[:, rng.permutation(3)]
+    return x, p
+
+
+def test_near_duplicate_queries_share_a_unit_and_its_keyed_class_distinct_rows_do_not():
+    from fedseek.watermark.outputs import CellSpec
+
+    x, p = _near_ties(400, 30, 1)
+    key = np.random.default_rng(2).bytes(32)
+    m = mark(p, x, key, 0.15)
+    assert m.marked.all()
+    first, copy = m.units[:400], m.units[400:]
+    same = np.mean([a == b for a, b in zip(first, copy, strict=True)])
+    assert same >= 0.35, same  # about (1 - 0.8 * 0.1 / 0.7) ** 6 = 0.48: each projection moves by N(0, 0.1) at width 0.7
+    assert len(set(first)) >= 0.95 * 400  # distinct rows (root mean square difference ~1.4) land in distinct cells
+    for a, b, la, lb in zip(first, copy, m.labels[:400], m.labels[400:], strict=True):
+        assert a != b or la == lb  # one keyed class per unit
+    assert {int(v) for v in m.labels} <= {int(c) for c in np.argsort(-p, 1)[:, :2].ravel()}
+    rows = np.arange(800)
+    served_share = m.probs[rows, m.labels] / (m.probs[rows, m.labels] + m.probs[rows, m.other])
+    assert np.allclose(served_share, 0.9)
+    # another key cuts other cells; a wider cell groups more
+    assert mark(p, x, np.random.default_rng(3).bytes(32), 0.15).units[:400] != first
+    wider = mark(p, x, key, 0.15, CellSpec(width=2.0)).units
+    assert np.mean([a == b for a, b in zip(wider[:400], wider[400:], strict=True)]) >= 0.65  # about 0.78
+    wide = mark(p, x, key, 0.15, CellSpec(width=20.0))
+    assert len(set(wide.units)) < len(set(m.units)) / 2
+
+
+def test_the_unit_test_is_exact_under_the_null_for_any_suspect():
+    """A suspect that does not know the key (here: fixed answers that depend on the features) matches each unit's keyed class
+    with probability 1/2: over 300 keys the match rate is 1/2 and the p-values are not small more often than they should be."""
+    x, p = _near_ties(60, 8, 4)
+    suspect = np.where(x[:, 0] > 0, np.argsort(-p, 1)[:, 0], np.argsort(-p, 1)[:, 1])  # fixed, feature-dependent, in-pair
+    q = np.clip(p + np.random.default_rng(5).normal(0, 0.2, p.shape), 0, None)  # the suspect's probabilities: fixed too
+    matches, trials, small, small_score = 0, 0, 0, 0
+    for k in range(300):
+        m = mark(p, x, np.random.default_rng(1000 + k).bytes(32), 0.15)
+        v = verdict(suspect, m.labels, m.other, m.units, suspect_probs=[{str(c): float(v) for c, v in enumerate(r)} for r in q])
+        assert v.test == "score" and v.score_units > 50
+        matches, trials = matches + v.matches, trials + v.n
+        small, small_score = small + (v.p_sign <= 0.05), small_score + (v.p_value <= 0.05)
+    assert trials > 300 * 50
+    assert abs(matches / trials - 0.5) < 0.01, matches / trials
+    assert small <= 0.05 * 300 + 8  # both tests are exact or conservative: P(p <= 0.05) <= 0.05 (binomial sd of the count: 3.8)
+    assert small_score <= 0.05 * 300 + 8, small_score
+
+
+def test_the_score_tests_null_distribution_is_the_fair_subset_sum_of_the_weights():
+    import itertools
+
+    from fedseek.watermark.outputs import score_p_value
+
+    rng = np.random.default_rng(9)
+    for _ in range(20):
+        gaps = np.round(rng.uniform(-1, 1, rng.integers(1, 11)), 3)
+        w, observed = np.rint(np.abs(gaps) * 1000), np.rint(np.abs(gaps) * 1000)[gaps > 0].sum()
+        brute = np.mean([float(np.dot(s, w) >= observed) for s in itertools.product((0, 1), repeat=len(w))])
+        p, units = score_p_value(gaps)
+        assert p == pytest.approx(brute) and units == int((w > 0).sum())
+    assert score_p_value([0.8] * 40)[0] == pytest.approx(0.5**40)  # every unit ahead: only the all-positive signs reach it
+    assert score_p_value([0.0, float("nan")]) == (1.0, 0)
+    assert score_p_value([1e12] * 5) == score_p_value([1.0] * 5)  # an endpoint's out-of-range "probabilities" are clipped
+    assert score_p_value([0.9] * 30 + [-0.01] * 10)[0] < score_p_value([0.9] * 30 + [-0.9] * 10)[0]  # small misses cost little
+
+
+def test_a_mark_log_of_the_earlier_per_query_scheme_is_still_verifiable_and_not_appended_to(tmp_path):
+    from fedseek.watermark.outputs import SCHEME_V1, MarkLog, MarkLogError, entry_tag
+
+    key = output_subkey("ab" * 32)
+    rows = [[0.1, 0.2], [0.3, 0.4], [0.1, 0.2]]  # the first row asked twice: one coin, so one trial
+    lines = [json.dumps({"scheme": SCHEME_V1, "columns": ["a", "b"]})]
+    lines += [json.dumps({"time": 0, "row": r, "served": "x", "other": "y", "tag": entry_tag(key, r, "x", "y")}) for r in rows]
+    (tmp_path / "v1.jsonl").write_text("\n".join(lines) + "\n")
+    logged = read_log(tmp_path / "v1.jsonl", key)
+    assert logged.scheme == SCHEME_V1 and logged.units[0] == logged.units[2] != logged.units[1]
+    v = verdict(["x", "x", "x"], logged.served, logged.other, logged.units)
+    assert (v.matches, v.n, v.units, v.logged) == (2, 2, 2, 3) and v.p_value == pytest.approx(0.25)
+    with pytest.raises(MarkLogError, match="an earlier scheme"):
+        MarkLog(tmp_path / "v1.jsonl", ["a", "b"], key)
+    MarkLog(tmp_path / "v2.jsonl", ["a", "b"], key)
+    with pytest.raises(MarkLogError, match="give --mark-log a new file"):
+        MarkLog(tmp_path / "v2.jsonl", ["a", "c"], key)
 
 
 def test_the_margin_for_an_accuracy_budget_counts_half_the_top_two_difference_of_the_marked_rows():
@@ -292,3 +401,20 @@ def test_calibrate_outputs_prints_the_margin_for_a_budget(tmp_path, capsys):
     assert main(["watermark", "calibrate-outputs", "--model", str(run), "--table", str(tmp_path / "labelled.csv"),
                  "--label-column", "nope"]) == 2
     assert "label column 'nope' not found" in capsys.readouterr().err
+
+
+def test_serve_refuses_bad_watermark_settings_and_an_earlier_schemes_log_with_one_line(tmp_path):
+    from fedseek.ops.serve import ServeError, ServeOptions, build_service
+    from fedseek.watermark.outputs import SCHEME_V1
+
+    run = _run_dir(tmp_path / "run")
+    for opts, message in ((ServeOptions(str(run), margin=1.5), "--watermark-margin 1.5: must be in [0, 1]"),
+                          (ServeOptions(str(run), cell_width=0.0), "--watermark-cell-width 0.0: must be > 0"),
+                          (ServeOptions(str(run), cell_width=float("inf")), "--watermark-cell-width inf: must be > 0")):
+        with pytest.raises(ServeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            build_service(opts)
+    (run / "served_marks.jsonl").write_text(json.dumps({"scheme": SCHEME_V1, "columns": FEATURES}) + "\n")
+    with pytest.raises(ServeError, match="an earlier scheme.*give --mark-log a new file"):
+        build_service(ServeOptions(str(run)))
+    _, how = build_service(ServeOptions(str(run), mark_log=str(tmp_path / "new.jsonl"), cell_width=1.5))
+    assert "cell width 1.5" in how and json.loads((tmp_path / "new.jsonl").read_text())["cells"] == {"planes": 6, "width": 1.5}

@@ -20,6 +20,9 @@ def serve(
                                                                               "the run has one.")] = None,
     margin: Annotated[float, typer.Option("--watermark-margin", help="Mark answers whose top-two probabilities differ by at most "
                                                                      "this.")] = 0.15,
+    cell_width: Annotated[float, typer.Option("--watermark-cell-width", help="Width of the watermark's keyed cells, in units of "
+                                                                             "the model's scaled features (near-duplicate queries "
+                                                                             "share a cell and its keyed answer).")] = 0.7,
     mark_log: Annotated[str | None, typer.Option("--mark-log", help="Log of marked queries; default RUN_DIR/served_marks.jsonl.")] = None,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Serve unmarked answers even if a key exists.")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows per request.")] = 10_000,
@@ -31,7 +34,7 @@ def serve(
     from fedseek.serving.predictor import PredictError
 
     opts = ServeOptions(run_dir=run_dir, host=host, port=port, int8=int8, tls_cert=tls_cert, tls_key=tls_key,
-                        watermark_key=watermark_key, margin=margin, mark_log=mark_log, no_watermark=no_watermark,
+                        watermark_key=watermark_key, margin=margin, cell_width=cell_width, mark_log=mark_log, no_watermark=no_watermark,
                         max_rows=max_rows, max_body_mb=max_body_mb)
     try:
         run_server(opts)
@@ -47,22 +50,29 @@ def verify_outputs(
     model: Annotated[str | None, typer.Option("--model", help="A suspect run directory (model.pt + model.json).")] = None,
     url: Annotated[str | None, typer.Option("--url", help="A suspect prediction endpoint (fedseek-style JSON).")] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Significance level.")] = 1e-6,
+    labels_only: Annotated[bool, typer.Option("--labels-only", help="Use the suspect's labels only (the sign test), even when it "
+                                                                    "gives probabilities.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> int:
-    """Test a suspect model or endpoint, black-box, for the output watermark (exact binomial test)."""
+    """Test a suspect model or endpoint, black-box, for the output watermark (exact tests over the log's units)."""
     from fedseek.ops.serve import ServeError
     from fedseek.ops.serve import verify_outputs as run_verify
 
     try:
-        res = run_verify(key, log, model=model, url=url, alpha=alpha)
+        res = run_verify(key, log, model=model, url=url, alpha=alpha, labels_only=labels_only)
     except (ServeError, ValueError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if as_json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
-        print(f"matches {res.matches}/{res.n} marked queries answered with one of their pair ({res.logged} logged; "
-              f"an independent model: 1/2 each); p-value {res.p_value:.3g} (exact binomial); alpha {res.alpha:g}")
+        print(f"{res.logged} marked queries logged in {res.units} units (cell and class pair); the suspect's majority answer is "
+              f"the served class in {res.matches} of the {res.n} units where it has one (an independent model: 1/2 each), "
+              f"p {res.p_sign:.3g} (exact binomial)")
+        if res.test == "score":
+            print(f"score test on its probabilities ({res.score_units} units weighted by the gap between the pair's "
+                  f"probabilities): p {res.p_value:.3g} (exact sign-flip)")
+        print(f"p-value {res.p_value:.3g} ({res.test} test); alpha {res.alpha:g}")
         print("DETECTED: the suspect reproduces the keyed answers" if res.detected else "not detected at this alpha")
     return 0
 
@@ -107,7 +117,8 @@ def calibrate_outputs(
         return 2
     print(f"--watermark-margin {choice.margin:.4f}: marks {choice.marked_share:.1%} of the {choice.rows} rows, expected accuracy "
           f"cost {choice.expected_drop_points:.2f} points (budget {cost:g}); about {1000 * choice.marked_share:.0f} marks per 1000 "
-          "similar queries (detection at p <= 1e-6 needs about 20-25 an extractor reproduces)")
+          "similar queries (detection at p <= 1e-6 needs about 20-30 distinct neighbourhoods of them, units, that an extractor's "
+          "model reproduces)")
     return 0
 
 

@@ -9,12 +9,23 @@ RUN_DIR/served_marks.jsonl), which `verify-outputs` needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedseek.serving.predictor import PredictError, Predictor
-from fedseek.watermark.outputs import DEFAULT_MARGIN, MarkLog, OutputVerdict, output_subkey, read_log, verdict
+from fedseek.watermark.outputs import (
+    DEFAULT_CELL_WIDTH,
+    DEFAULT_MARGIN,
+    CellSpec,
+    MarkLog,
+    MarkLogError,
+    OutputVerdict,
+    output_subkey,
+    read_log,
+    verdict,
+)
 
 
 class ServeError(ValueError):
@@ -33,6 +44,7 @@ class ServeOptions:
     tls_key: str | None = None
     watermark_key: str | None = None
     margin: float = DEFAULT_MARGIN
+    cell_width: float = DEFAULT_CELL_WIDTH
     mark_log: str | None = None
     no_watermark: bool = False
     max_rows: int = 10_000
@@ -59,6 +71,8 @@ def build_service(opts: ServeOptions) -> tuple[Any, str]:
             raise ServeError(f"{f}: not found")
     if not 0.0 <= opts.margin <= 1.0:
         raise ServeError(f"--watermark-margin {opts.margin}: must be in [0, 1]")
+    if not (math.isfinite(opts.cell_width) and opts.cell_width > 0):
+        raise ServeError(f"--watermark-cell-width {opts.cell_width}: must be > 0")
     predictor = Predictor(opts.run_dir, int8=opts.int8)
     run = Path(opts.run_dir).resolve().name
     key = opts.watermark_key or (str(Path(opts.run_dir) / "watermark.key") if (Path(opts.run_dir) / "watermark.key").exists() else None)
@@ -70,8 +84,12 @@ def build_service(opts: ServeOptions) -> tuple[Any, str]:
     elif key is not None:
         subkey = _subkey(key)
         log_path = opts.mark_log or str(Path(opts.run_dir) / "served_marks.jsonl")
-        marker = OutputMark(subkey=subkey, margin=opts.margin, log=MarkLog(log_path, predictor.columns, subkey))
-        how = f"on (key {key}, margin {opts.margin:g}; marked queries logged to {log_path})"
+        try:
+            mark_log = MarkLog(log_path, predictor.columns, subkey, CellSpec(width=opts.cell_width))
+        except (MarkLogError, OSError) as exc:
+            raise ServeError(str(exc)) from None
+        marker = OutputMark(subkey=subkey, margin=opts.margin, log=mark_log)
+        how = f"on (key {key}, margin {opts.margin:g}, cell width {opts.cell_width:g}; marked queries logged to {log_path})"
     app = build_app(predictor, run=run, marker=marker, limits=Limits(max_bytes=int(opts.max_body_mb * (1 << 20)), max_rows=opts.max_rows))
     return app, how
 
@@ -116,21 +134,34 @@ def calibrate_margin(run_dir: str, table: str, label_column: str, cost_points: f
     return margin_for_cost(pred.probs, np.asarray(labels), cost_points)
 
 
-def suspect_labels_from_model(run_dir: str, columns: list[str], rows: list[list[Any]]) -> list[Any]:
-    """A suspect run directory's answers on the logged rows (its own card's preprocessing)."""
+@dataclass(frozen=True)
+class SuspectAnswers:
+    """A suspect's answers on the logged rows: labels, and class probabilities when it gives them."""
+
+    labels: list[Any]
+    probs: list[dict[str, float]] | None
+
+
+def suspect_answers_from_model(run_dir: str, columns: list[str], rows: list[list[Any]]) -> SuspectAnswers:
+    """A suspect run directory's answers on the logged rows (its own card's preprocessing), with its probabilities."""
     import pandas as pd
 
     pred = Predictor(run_dir).predict(pd.DataFrame(rows, columns=columns), "mark log")
-    return list(pred.labels)
+    probs = None
+    if pred.probs is not None and pred.classes is not None:
+        probs = [dict(zip(pred.classes, map(float, row), strict=True)) for row in pred.probs]
+    return SuspectAnswers(list(pred.labels), probs)
 
 
-def suspect_labels_from_url(url: str, columns: list[str], rows: list[list[Any]], *, timeout_s: float = 30.0,
-                            verify: str | bool = True, batch: int = 500) -> list[Any]:
-    """A suspect endpoint's answers on the logged rows (POST {"rows": [...]} to URL, or URL/predict)."""
+def suspect_answers_from_url(url: str, columns: list[str], rows: list[list[Any]], *, timeout_s: float = 30.0,
+                             verify: str | bool = True, batch: int = 500) -> SuspectAnswers:
+    """A suspect endpoint's answers on the logged rows (POST {"rows": [...]} to URL, or URL/predict); its probabilities
+    are used when every answer carries them ({"label", "probabilities": {class: p}}, as fedseek serves)."""
     import httpx
 
     target = url if url.rstrip("/").endswith("/predict") else url.rstrip("/") + "/predict"
-    out: list[Any] = []
+    labels: list[Any] = []
+    probs: list[dict[str, float]] | None = []
     with httpx.Client(timeout=timeout_s, verify=verify) as client:
         for i in range(0, len(rows), batch):
             body = {"rows": [dict(zip(columns, r, strict=True)) for r in rows[i : i + batch]]}
@@ -141,25 +172,33 @@ def suspect_labels_from_url(url: str, columns: list[str], rows: list[list[Any]],
             if resp.status_code != 200:
                 raise ServeError(f"{target}: HTTP {resp.status_code}: {resp.text[:200]}")
             try:
-                out += [p["label"] for p in resp.json()["predictions"]]
+                answers = resp.json()["predictions"]
+                labels += [p["label"] for p in answers]
             except (ValueError, KeyError, TypeError):
                 raise ServeError(f"{target}: the answer is not a fedseek-style prediction list") from None
-    return out
+            if probs is not None:
+                try:
+                    probs += [{str(k): float(v) for k, v in p["probabilities"].items()} for p in answers]
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    probs = None  # labels only: the sign test decides
+    return SuspectAnswers(labels, probs)
 
 
 def verify_outputs(key: str, log: str, *, model: str | None = None, url: str | None = None, alpha: float = 1e-6,
-                   verify_tls: str | bool = True) -> OutputVerdict:
-    """Query the suspect (a run directory or an endpoint) on the logged marked rows; the exact binomial verdict."""
+                   verify_tls: str | bool = True, labels_only: bool = False) -> OutputVerdict:
+    """Query the suspect (a run directory or an endpoint) on the logged marked rows; the exact verdict over units
+    (the score test when the suspect gives probabilities and `labels_only` is off, else the sign test)."""
     if (model is None) == (url is None):
         raise ServeError("give exactly one of --model (a run directory) and --url (an endpoint)")
     logged = read_log(log, _subkey(key))
     if not logged.rows:
         raise ServeError(f"{log}: no marked queries logged yet (nothing to test)")
     try:
-        labels = (suspect_labels_from_model(model, logged.columns, logged.rows) if model is not None
-                  else suspect_labels_from_url(str(url), logged.columns, logged.rows, verify=verify_tls))
+        answers = (suspect_answers_from_model(model, logged.columns, logged.rows) if model is not None
+                   else suspect_answers_from_url(str(url), logged.columns, logged.rows, verify=verify_tls))
     except PredictError as exc:
         raise ServeError(str(exc)) from None
-    if len(labels) != len(logged.served):
-        raise ServeError(f"the suspect answered {len(labels)} of {len(logged.served)} rows")
-    return verdict(labels, logged.served, logged.other, alpha)
+    if len(answers.labels) != len(logged.served) or (answers.probs is not None and len(answers.probs) != len(logged.served)):
+        raise ServeError(f"the suspect answered {len(answers.labels)} of {len(logged.served)} rows")
+    return verdict(answers.labels, logged.served, logged.other, logged.units, alpha,
+                   suspect_probs=None if labels_only else answers.probs)

@@ -112,16 +112,18 @@ def parse_rows(body: bytes, content_type: str, limits: Limits) -> Any:
 
 def answer(predictor: Predictor, df: Any, marker: OutputMark | None) -> tuple[dict[str, Any], int]:
     """The JSON answer for a batch of rows, and how many answers carry the watermark."""
-    pred = predictor.predict(df, "request")
+    x = predictor.features(df, "request")
+    pred = predictor.predict_features(x)
     if pred.probs is None or pred.classes is None:
         return {"task": "regression", "predictions": [{"value": v} for v in pred.labels]}, 0
     probs, labels, n_marked = pred.probs, [pred.classes.index(lbl) for lbl in pred.labels], 0
     if marker is not None:
         rows = df[predictor.columns].to_numpy(dtype=object).tolist()
-        marked = mark(probs, rows, marker.subkey, marker.margin)
+        marked = mark(probs, x, marker.subkey, marker.margin, marker.log.spec)
         probs, labels = marked.probs, [int(k) for k in marked.labels]
         idx = [int(i) for i in marked.marked.nonzero()[0]]
-        marker.log.append([rows[i] for i in idx], [pred.classes[labels[i]] for i in idx], [pred.classes[int(marked.other[i])] for i in idx])
+        marker.log.append([rows[i] for i in idx], [pred.classes[labels[i]] for i in idx], [pred.classes[int(marked.other[i])] for i in idx],
+                          [marked.units[i] for i in idx])
         n_marked = len(idx)
     classes = pred.classes
     out = [{"label": classes[k], "probabilities": {c: float(p) for c, p in zip(classes, row, strict=True)}}

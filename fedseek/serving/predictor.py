@@ -124,9 +124,12 @@ class Predictor:
 
     def predict(self, df: Any, source: str = "input") -> Prediction:
         """Answers for every row of `df` (a pandas DataFrame with at least the card's columns)."""
+        return self.predict_features(self.features(df, source))
+
+    def predict_features(self, x: np.ndarray) -> Prediction:
+        """Answers for the model's feature rows (as `features` gives them)."""
         from fedseek.train.local import predict_scores, predict_values
 
-        x = self.features(df, source)
         if self.regression:
             values = predict_values(self.model, x)
             if self.card.target_scale is not None:

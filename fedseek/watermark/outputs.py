@@ -1,13 +1,17 @@
 """An output watermark for a served classifier that transfers to models trained on its answers.
 
 Scheme (DAWN-style keyed answer perturbation, Szyller et al., "DAWN: Dynamic Adversarial
-Watermarking of Neural Networks", ACM MM 2021, restricted to low-margin answers): for a query
-whose top-two class probabilities are within `margin` of each other, a keyed pseudo-random bit
-(HMAC-SHA256 of the query's canonical bytes under a subkey of the model's watermark key) picks
-which of the two classes is served, and the served probabilities put 90% of the pair's mass on
-it. Other queries are answered unchanged. The server logs every marked query (the raw row, the
-served class and the other one of the pair): a model trained on the answers reproduces the
-served class on those queries, an independent model picks it half the time.
+Watermarking of Neural Networks", ACM MM 2021, restricted to low-margin answers and made
+locality-sensitive): for a query whose top-two class probabilities are within `margin` of each
+other, a keyed pseudo-random bit picks which of the two classes is served, and the served
+probabilities put 90% of the pair's mass on it. Other queries are answered unchanged. The bit
+is a PRF (HMAC-SHA256 under a subkey of the model's watermark key) of the query's **cell**, a
+keyed locality-sensitive hash of the model's feature vector (random projections quantised at a
+fixed width, E2LSH), and of the pair: identical queries, and often queries close to each other
+(a row and its jittered copies), get the same choice, so a model trained on the answers sees one
+consistent keyed label per neighbourhood more often than contradictory ones, and a repeated
+query is one trial of the test, not several. The server logs every marked query (the raw row,
+the served class, the other one of the pair and its unit, the digest of cell and pair).
 
 Why restricted to low margins: a flipped answer costs accuracy only when the original answer was
 right and the runner-up wrong; near a tie that happens about as often as the reverse, so the
@@ -15,16 +19,22 @@ expected accuracy cost per marked query is about half the margin (for a calibrat
 DAWN's uniform marking (a random wrong label on a keyed share of all queries) costs its full
 share. Detection is black-box: query the suspect on the logged marked rows.
 
-Test: on the logged queries where the suspect answers one of the pair (n of them), count the m
-where it answers the served class; the p-value is P(Binomial(n, 1/2) >= m). For any suspect that
-does not know the key it is exact: the keyed bit is a PRF output independent of the suspect, so
-given that the suspect answers one of the two classes it matches the served one with
-probability exactly 1/2, independently across distinct queries (queries where it answers a third
-class carry no information and are left out, which keeps the null exact rather than conservative).
+Test: group the logged queries by unit; in each unit take the suspect's majority among its
+answers that are one of the pair (units without a strict majority are left out); count the m of
+the n units whose majority is the served class; the p-value is P(Binomial(n, 1/2) >= m). For any
+suspect that does not know the key it is exact: which queries are marked depends on the served
+model only, the units on a subkey, and each unit's served class on a PRF bit independent of both
+and of the suspect's answers, so a unit's majority matches it with probability exactly 1/2,
+independently across units (queries in one unit share one coin, hence one trial per unit).
+When the suspect gives class probabilities (a model file, or an endpoint that returns them) a
+more powerful test of the same null decides: each unit's weight is the suspect's mean gap
+between the pair's probabilities, its sign says whether the served class is ahead, and the
+p-value is the exact sign-flip (fair subset sum) tail of the weights (`score_p_value`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -38,9 +48,48 @@ from typing import Any
 
 import numpy as np
 
-SCHEME = "fedseek-output-wm-v1"
+SCHEME = "fedseek-output-wm-v2"
+SCHEME_V1 = "fedseek-output-wm-v1"  # logs of the earlier per-query scheme stay verifiable (one unit per distinct row)
 SHARE = 0.9  # of the top-two probability mass served for the keyed class of a marked query
 DEFAULT_MARGIN = 0.15
+CELL_PLANES = 6
+DEFAULT_CELL_WIDTH = 0.7  # in units of the model's (scaled) features: projections are normalised by sqrt(dimension)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """The locality-sensitive cells: `planes` keyed random projections of the feature vector, each quantised at `width`.
+
+    A projection is a Gaussian direction scaled by 1/sqrt(d), so for standardised features two rows
+    whose features differ by delta (root mean square) land in different slabs of one projection with
+    probability about 0.8 * delta / width: a jitter of 0.1 standard deviations keeps most copies in
+    one cell, distinct rows (delta around 1) are split.
+    """
+
+    planes: int = CELL_PLANES
+    width: float = DEFAULT_CELL_WIDTH
+
+    def __post_init__(self) -> None:
+        if self.planes < 1 or not (math.isfinite(self.width) and self.width > 0):
+            raise ValueError(f"cells: planes must be >= 1 and width > 0 (got {self.planes}, {self.width})")
+
+    def cells(self, subkey: bytes, features: np.ndarray) -> np.ndarray:
+        """The cell coordinates (n x planes integers) of each feature row under this key."""
+        x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+        w, offset = _projections(subkey, x.shape[1], self.planes, self.width)
+        return np.floor((np.nan_to_num(x) @ w + offset) / self.width).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _projections(subkey: bytes, d: int, planes: int, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """The keyed projection directions (d x planes, scaled by 1/sqrt(d)) and offsets in [0, width): drawn from the key."""
+    seed = hmac.new(subkey, f"cells|{d}|{planes}|{width!r}".encode(), hashlib.sha256).digest()
+    g = np.random.default_rng(np.frombuffer(seed, dtype=np.uint32))
+    w = g.normal(0.0, 1.0, (d, planes)) / math.sqrt(max(d, 1))
+    w.flags.writeable = False
+    offset = g.uniform(0.0, width, planes)
+    offset.flags.writeable = False
+    return w, offset
 
 
 @dataclass(frozen=True)
@@ -80,7 +129,7 @@ def margin_for_cost(probs: np.ndarray, y: np.ndarray, cost_points: float) -> Mar
 
 def output_subkey(seed_hex: str) -> bytes:
     """The output watermark's key, derived from the model's watermark key seed (one key file for both marks)."""
-    return hmac.new(bytes.fromhex(seed_hex), SCHEME.encode(), hashlib.sha256).digest()
+    return hmac.new(bytes.fromhex(seed_hex), SCHEME_V1.encode(), hashlib.sha256).digest()
 
 
 def canonical(row: Sequence[Any]) -> bytes:
@@ -96,9 +145,11 @@ def canonical(row: Sequence[Any]) -> bytes:
     return json.dumps(out, separators=(",", ":")).encode()
 
 
-def keyed_bit(subkey: bytes, row: Sequence[Any]) -> int:
-    """The PRF bit that picks the served class of a marked query."""
-    return hmac.new(subkey, canonical(row), hashlib.sha256).digest()[0] & 1
+def unit_and_bit(subkey: bytes, cell: np.ndarray, pair: tuple[int, int], spec: CellSpec) -> tuple[str, int]:
+    """A marked query's unit (a digest of its cell and class pair) and the PRF bit that picks its served class."""
+    msg = f"unit|{spec.planes}|{spec.width!r}|{pair[0]},{pair[1]}|".encode() + np.asarray(cell, dtype="<i8").tobytes()
+    digest = hmac.new(subkey, msg, hashlib.sha256).digest()
+    return digest[:12].hex(), digest[12] & 1
 
 
 @dataclass(frozen=True)
@@ -109,54 +160,87 @@ class Marked:
     labels: np.ndarray
     marked: np.ndarray  # bool per row
     other: np.ndarray  # per row: the other class of the top-two pair (meaningful where marked)
+    units: list[str]  # per row: the marked query's unit ("" where not marked)
 
 
-def mark(probs: np.ndarray, rows: Sequence[Sequence[Any]], subkey: bytes, margin: float = DEFAULT_MARGIN) -> Marked:
-    """Apply the watermark to one batch of class probabilities (rows: the raw query rows, in the model card's column order)."""
+def mark(probs: np.ndarray, features: np.ndarray, subkey: bytes, margin: float = DEFAULT_MARGIN,
+         spec: CellSpec | None = None) -> Marked:
+    """Apply the watermark to one batch of class probabilities (features: the model's input rows, after the card's scaling).
+
+    A marked query serves the higher-numbered class of its pair when its unit's bit is 1 and the
+    lower-numbered one otherwise, so every marked query of a unit gets the same class.
+    """
+    spec = spec or CellSpec()
     p = np.asarray(probs, dtype=np.float64)
     out, labels = p.copy(), p.argmax(1)
-    if p.shape[1] < 2:
-        return Marked(out, labels, np.zeros(len(p), dtype=bool), labels.copy())
+    units = [""] * len(p)
+    if p.shape[1] < 2 or not len(p):
+        return Marked(out, labels, np.zeros(len(p), dtype=bool), labels.copy(), units)
     order = np.argsort(-p, axis=1, kind="stable")
     top, second = order[:, 0], order[:, 1]
     rows_idx = np.arange(len(p))
     marked = (p[rows_idx, top] - p[rows_idx, second]) <= margin
     other = second.copy()
-    for i in np.flatnonzero(marked):
-        a, b = (int(second[i]), int(top[i])) if keyed_bit(subkey, rows[int(i)]) else (int(top[i]), int(second[i]))
-        mass = p[i, a] + p[i, b]
-        out[i, a], out[i, b] = mass * SHARE, mass * (1.0 - SHARE)
-        labels[i], other[i] = a, b
-    return Marked(out, labels, marked, other)
+    chosen = np.flatnonzero(marked)
+    if len(chosen):
+        cells = spec.cells(subkey, np.asarray(features)[chosen])
+        for i, cell in zip(chosen, cells, strict=True):
+            lo, hi = sorted((int(top[i]), int(second[i])))
+            unit, bit = unit_and_bit(subkey, cell, (lo, hi), spec)
+            a, b = (hi, lo) if bit else (lo, hi)
+            mass = p[i, a] + p[i, b]
+            out[i, a], out[i, b] = mass * SHARE, mass * (1.0 - SHARE)
+            labels[i], other[i], units[int(i)] = a, b, unit
+    return Marked(out, labels, marked, other, units)
 
 
-def entry_tag(subkey: bytes, row: Sequence[Any], served: str, other: str) -> str:
-    """An entry's authentication tag: HMAC of the row and the pair (a log cannot be edited or extended without the key)."""
-    return hmac.new(subkey, canonical(row) + b"|" + json.dumps([served, other]).encode(), hashlib.sha256).hexdigest()
+def entry_tag(subkey: bytes, row: Sequence[Any], served: str, other: str, unit: str | None = None) -> str:
+    """An entry's authentication tag: HMAC of the row, the pair and the unit (a log cannot be edited or extended without the key)."""
+    fields = [served, other] if unit is None else [served, other, unit]
+    return hmac.new(subkey, canonical(row) + b"|" + json.dumps(fields).encode(), hashlib.sha256).hexdigest()
+
+
+class MarkLogError(ValueError):
+    """A mark log that cannot be appended to (another scheme's log): one line."""
 
 
 class MarkLog:
-    """The server's log of marked queries (JSON lines: time, raw row, served class, tag); appended, flushed, thread-safe.
+    """The server's log of marked queries (JSON lines: time, raw row, served class, other class, unit, tag); thread-safe.
 
     It holds what people asked (raw feature rows): keep it as confidential as the model's key.
     """
 
-    def __init__(self, path: str | Path, columns: list[str], subkey: bytes) -> None:
+    def __init__(self, path: str | Path, columns: list[str], subkey: bytes, spec: CellSpec | None = None) -> None:
         self.path, self.columns, self._subkey = Path(path), list(columns), subkey
+        self.spec = spec or CellSpec()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        if not self.path.exists():
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, encoding="utf-8") as f:
+                first = f.readline()
+            try:
+                head = json.loads(first)
+                scheme, cols = head["scheme"], head["columns"]
+            except (ValueError, KeyError, TypeError):
+                raise MarkLogError(f"{self.path}: exists and is not a mark log (give --mark-log a new file)") from None
+            if scheme != SCHEME:
+                raise MarkLogError(f"{self.path}: a {scheme} log (an earlier scheme; it stays verifiable): give --mark-log a new file")
+            if list(cols) != self.columns:
+                raise MarkLogError(f"{self.path}: a log for the columns {list(cols)[:6]}, this model has {self.columns[:6]}: "
+                                   "give --mark-log a new file")
+        else:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"scheme": SCHEME, "columns": self.columns}) + "\n")
+                f.write(json.dumps({"scheme": SCHEME, "columns": self.columns,
+                                    "cells": {"planes": self.spec.planes, "width": self.spec.width}}) + "\n")
 
-    def append(self, rows: Sequence[Sequence[Any]], labels: Sequence[str], others: Sequence[str]) -> None:
-        """Record marked queries (rows in the model card's column order; served class and the other of the pair, by name)."""
+    def append(self, rows: Sequence[Sequence[Any]], labels: Sequence[str], others: Sequence[str], units: Sequence[str]) -> None:
+        """Record marked queries (rows in the model card's column order; served class and the other of the pair, by name; unit)."""
         if not len(rows):
             return
         now = time.time()
-        lines = "".join(json.dumps({"time": now, "row": [_jsonable(v) for v in r], "served": str(c), "other": str(o),
-                                    "tag": entry_tag(self._subkey, r, str(c), str(o))}) + "\n"
-                        for r, c, o in zip(rows, labels, others, strict=True))
+        lines = "".join(json.dumps({"time": now, "row": [_jsonable(v) for v in r], "served": str(c), "other": str(o), "unit": u,
+                                    "tag": entry_tag(self._subkey, r, str(c), str(o), u)}) + "\n"
+                        for r, c, o, u in zip(rows, labels, others, units, strict=True))
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
@@ -174,82 +258,158 @@ def _jsonable(v: Any) -> Any:
 
 @dataclass(frozen=True)
 class LoggedMarks:
-    """A mark log as read back: the columns, the marked rows and the classes served for them."""
+    """A mark log as read back: the columns, the marked rows, the classes served for them and their units."""
 
     columns: list[str]
     rows: list[list[Any]]
     served: list[str]
     other: list[str]
+    units: list[str]
+    scheme: str = SCHEME
 
 
 def read_log(path: str | Path, subkey: bytes) -> LoggedMarks:
-    """The logged marked queries, every entry's tag checked against the key (ValueError naming the file and line)."""
+    """The logged marked queries, every entry's tag checked against the key (ValueError naming the file and line).
+
+    A log of the earlier per-query scheme (v1) is read with one unit per distinct row (its bit was a
+    PRF of the row, so repeats of a row share one coin).
+    """
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ValueError(f"{p}: cannot read the mark log ({exc.strerror or exc})") from None
     columns: list[str] | None = None
+    scheme = SCHEME
     rows: list[list[Any]] = []
     served: list[str] = []
     others: list[str] = []
+    units: list[str] = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             if columns is None:
-                if rec.get("scheme") != SCHEME:
+                if rec.get("scheme") not in (SCHEME, SCHEME_V1):
                     raise ValueError
-                columns = [str(c) for c in rec["columns"]]
+                scheme, columns = rec["scheme"], [str(c) for c in rec["columns"]]
                 continue
             row, label, other, tag = list(rec["row"]), str(rec["served"]), str(rec["other"]), str(rec["tag"])
+            unit = str(rec["unit"]) if scheme == SCHEME else None
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{p}: line {i} is not a {SCHEME} mark-log record") from None
-        if not hmac.compare_digest(tag, entry_tag(subkey, row, label, other)):
+            raise ValueError(f"{p}: line {i} is not a {SCHEME} or {SCHEME_V1} mark-log record") from None
+        if not hmac.compare_digest(tag, entry_tag(subkey, row, label, other, unit)):
             raise ValueError(f"{p}: line {i}: its tag does not match this key (another key's log, or an edited entry)")
         rows.append(row)
         served.append(label)
         others.append(other)
+        units.append(unit if unit is not None else "row:" + canonical(row).decode())
     if columns is None:
         raise ValueError(f"{p}: empty mark log")
-    return LoggedMarks(columns, rows, served, others)
+    return LoggedMarks(columns, rows, served, others, units, scheme)
+
+
+SCORE_RESOLUTION = 1000  # a unit's weight: its mean probability gap in thousandths (fewer when there are many units)
+SCORE_CELLS = 200_000  # bound on the exact null distribution's support (units x resolution)
 
 
 @dataclass(frozen=True)
 class OutputVerdict:
-    """The result of testing a suspect on the logged marked queries."""
+    """The result of testing a suspect on the logged marked queries.
 
-    matches: int
-    n: int  # logged queries on which the suspect answered one of the pair (the test's trials)
+    `test` says which p-value decides: "score" when the suspect gave probabilities (the sign-flip
+    test weighted by its probability gap per unit), "sign" when it gave labels only (the units'
+    majority answers). Which one applies is fixed by what the suspect returns, never chosen after
+    seeing both, so each keeps its level.
+    """
+
+    matches: int  # units whose majority answer is the served class
+    n: int  # units with a strict majority for one of the pair (the sign test's trials)
     p_value: float
     alpha: float
     logged: int = 0  # every logged marked query
+    units: int = 0  # distinct units among them
+    test: str = "sign"
+    p_sign: float = 1.0
+    score_units: int = 0  # units with a non-zero weight in the score test
 
     @property
     def detected(self) -> bool:
         """True when the suspect reproduces the keyed answers beyond chance at level alpha."""
-        return self.n > 0 and self.p_value <= self.alpha
+        return self.p_value <= self.alpha and (self.n > 0 or self.score_units > 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"scheme": SCHEME, "matches": self.matches, "n": self.n, "logged": self.logged, "p_value": self.p_value,
-                "alpha": self.alpha, "detected": self.detected,
-                "null": "Binomial(n, 1/2) upper tail over the logged queries answered with one of the pair (exact)"}
+        null = ("sign-flip distribution of the sum of the units' probability gaps (served minus other class, mean over the "
+                "unit's queries, in integer thousandths), each unit's sign a fair coin (exact)") if self.test == "score" else (
+                "Binomial(n, 1/2) upper tail over the units (cell and class pair) where the suspect's answers to the logged "
+                "queries have a strict majority for one of the pair (exact)")
+        return {"scheme": SCHEME, "test": self.test, "p_value": self.p_value, "alpha": self.alpha, "detected": self.detected,
+                "matches": self.matches, "n": self.n, "p_sign": self.p_sign, "score_units": self.score_units, "units": self.units,
+                "logged": self.logged, "null": null}
 
 
 def p_value(matches: int, n: int) -> float:
-    """P(Binomial(n, 1/2) >= matches): the exact p-value of `matches` agreements on n marked queries."""
+    """P(Binomial(n, 1/2) >= matches): the exact p-value of `matches` agreements on n units."""
     from scipy.stats import binom
 
     return float(binom.sf(matches - 1, n, 0.5)) if n else 1.0
 
 
-def verdict(suspect_labels: Sequence[Any], served: Sequence[Any], other: Sequence[Any], alpha: float = 1e-6) -> OutputVerdict:
-    """Compare a suspect's answers on the logged marked queries with the served classes (labels compared as text)."""
-    n = m = 0
-    for a, s, o in zip(suspect_labels, served, other, strict=True):
-        if str(a) in (str(s), str(o)):
-            n += 1
-            m += str(a) == str(s)
-    return OutputVerdict(matches=m, n=n, p_value=p_value(m, n), alpha=alpha, logged=len(served))
+def score_p_value(gaps: Sequence[float]) -> tuple[float, int]:
+    """The exact p-value of the units' signed gaps (suspect's probability of the served class minus the other's).
+
+    Under the null each unit's served class is a fair coin independent of the suspect, so each gap's
+    sign is one too while its size (the canonical pair's gap) is fixed: the statistic, the sum of the
+    positive integer weights round(|gap| x resolution), has the distribution of a fair subset sum of
+    the weights, computed exactly by convolution. Returns (p-value, units with a non-zero weight).
+    """
+    dist, observed, units = score_null(gaps)
+    return float(min(1.0, dist[observed:].sum())), units
+
+
+def score_null(gaps: Sequence[float]) -> tuple[np.ndarray, int, int]:
+    """The score test's exact null distribution (probability of each statistic value), the observed value, and the units
+    with a non-zero weight."""
+    g = np.asarray(gaps, dtype=np.float64)
+    g = np.clip(g[np.isfinite(g)], -1.0, 1.0)  # a gap between probabilities; an endpoint answering otherwise gains nothing
+    resolution = max(1, min(SCORE_RESOLUTION, SCORE_CELLS // max(len(g), 1)))
+    w = np.rint(np.abs(g) * resolution).astype(np.int64)
+    keep = w > 0
+    w, positive = w[keep], g[keep] > 0
+    dist = np.zeros(int(w.sum()) + 1)
+    dist[0] = 1.0
+    top = 0
+    for wi in w:  # dist <- (dist + dist shifted by wi) / 2, on the support reached so far
+        dist[wi : top + wi + 1] += dist[: top + 1]
+        dist[: top + wi + 1] *= 0.5
+        top += int(wi)
+    return dist, int(w[positive].sum()), int(len(w))
+
+
+def verdict(suspect_labels: Sequence[Any], served: Sequence[Any], other: Sequence[Any], units: Sequence[str],
+            alpha: float = 1e-6, suspect_probs: Sequence[dict[str, float]] | None = None) -> OutputVerdict:
+    """Compare a suspect's answers on the logged marked queries with the served classes, one trial per unit (labels as text).
+
+    With `suspect_probs` (per query, class name -> probability) the score test decides, else the sign test.
+    """
+    votes: dict[str, list[int]] = {}
+    gaps: dict[str, list[float]] = {}
+    for i, (a, s, o, u) in enumerate(zip(suspect_labels, served, other, units, strict=True)):
+        tally = votes.setdefault(str(u), [0, 0])
+        if str(a) == str(s):
+            tally[0] += 1
+        elif str(a) == str(o):
+            tally[1] += 1
+        if suspect_probs is not None:
+            q = suspect_probs[i]
+            gaps.setdefault(str(u), []).append(float(q.get(str(s), 0.0)) - float(q.get(str(o), 0.0)))
+    n = sum(1 for v in votes.values() if v[0] != v[1])
+    m = sum(1 for v in votes.values() if v[0] > v[1])
+    p_sign = p_value(m, n)
+    if suspect_probs is None:
+        return OutputVerdict(matches=m, n=n, p_value=p_sign, alpha=alpha, logged=len(served), units=len(votes), p_sign=p_sign)
+    p_score, weighted = score_p_value([float(np.mean(v)) for v in gaps.values()])
+    return OutputVerdict(matches=m, n=n, p_value=p_score, alpha=alpha, logged=len(served), units=len(votes), test="score",
+                         p_sign=p_sign, score_units=weighted)
