@@ -38,7 +38,8 @@ from _common import QUICK_DIR, RESULTS, _run, breast_cancer_scenario, digits_sce
 from fedseek.data import load_builtin
 from fedseek.serving.predictor import Predictor
 from fedseek.train.models import build_model
-from fedseek.watermark.outputs import CellSpec, mark, score_null, verdict
+from fedseek.watermark.output_verdict import score_null, verdict
+from fedseek.watermark.outputs import CellSpec, mark
 
 ALPHA = 1e-6
 JITTER = 0.1

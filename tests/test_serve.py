@@ -26,7 +26,9 @@ from fedseek.ops.processes import free_port, stop_child
 from fedseek.outputs.model_card import ModelCard, Preprocessing
 from fedseek.serving.predictor import Predictor
 from fedseek.train.models import build_model
-from fedseek.watermark.outputs import mark, output_subkey, read_log, verdict
+from fedseek.watermark.mark_log import read_log
+from fedseek.watermark.output_verdict import verdict
+from fedseek.watermark.outputs import mark, output_subkey
 from tests.conftest import ROOT
 
 FEATURES = [f"f{i}" for i in range(6)]
@@ -336,7 +338,7 @@ def test_the_unit_test_is_exact_under_the_null_for_any_suspect():
 def test_the_score_tests_null_distribution_is_the_fair_subset_sum_of_the_weights():
     import itertools
 
-    from fedseek.watermark.outputs import score_p_value
+    from fedseek.watermark.output_verdict import score_p_value
 
     rng = np.random.default_rng(9)
     for _ in range(20):
@@ -352,7 +354,8 @@ def test_the_score_tests_null_distribution_is_the_fair_subset_sum_of_the_weights
 
 
 def test_a_mark_log_of_the_earlier_per_query_scheme_is_still_verifiable_and_not_appended_to(tmp_path):
-    from fedseek.watermark.outputs import SCHEME_V1, MarkLog, MarkLogError, entry_tag
+    from fedseek.watermark.mark_log import MarkLog, MarkLogError, entry_tag
+    from fedseek.watermark.outputs import SCHEME_V1
 
     key = output_subkey("ab" * 32)
     rows = [[0.1, 0.2], [0.3, 0.4], [0.1, 0.2]]  # the first row asked twice: one coin, so one trial

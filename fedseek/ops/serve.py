@@ -15,17 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fedseek.serving.predictor import PredictError, Predictor
-from fedseek.watermark.outputs import (
-    DEFAULT_CELL_WIDTH,
-    DEFAULT_MARGIN,
-    CellSpec,
-    MarkLog,
-    MarkLogError,
-    OutputVerdict,
-    output_subkey,
-    read_log,
-    verdict,
-)
+from fedseek.watermark.mark_log import MarkLog, MarkLogError, read_log
+from fedseek.watermark.output_verdict import OutputVerdict, verdict
+from fedseek.watermark.outputs import DEFAULT_CELL_WIDTH, DEFAULT_MARGIN, CellSpec, output_subkey
 
 
 class ServeError(ValueError):

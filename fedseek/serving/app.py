@@ -22,7 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from fedseek.serving.predictor import PredictError, Predictor
-from fedseek.watermark.outputs import MarkLog, mark
+from fedseek.watermark.mark_log import MarkLog
+from fedseek.watermark.outputs import mark
 
 log = logging.getLogger("fedseek.serve")
 JSON_TYPES = ("application/json", "")
