@@ -416,8 +416,12 @@ def test_serve_refuses_bad_watermark_settings_and_an_earlier_schemes_log_with_on
                           (ServeOptions(str(run), cell_width=float("inf")), "--watermark-cell-width inf: must be > 0")):
         with pytest.raises(ServeError, match=message.replace("[", r"\[").replace("]", r"\]")):
             build_service(opts)
-    (run / "served_marks.jsonl").write_text(json.dumps({"scheme": SCHEME_V1, "columns": FEATURES}) + "\n")
-    with pytest.raises(ServeError, match="an earlier scheme.*give --mark-log a new file"):
-        build_service(ServeOptions(str(run)))
+    old = json.dumps({"scheme": SCHEME_V1, "columns": FEATURES}) + "\n"
+    (run / "served_marks.jsonl").write_text(old)
+    with pytest.raises(ServeError, match="an earlier scheme.*give --mark-log a new file"):  # a log the operator named
+        build_service(ServeOptions(str(run), mark_log=str(run / "served_marks.jsonl")))
+    _, how = build_service(ServeOptions(str(run)))  # the default log: an upgraded server starts a new one beside it
+    assert "served_marks.v2.jsonl" in how and "earlier scheme's log, kept as it is" in how
+    assert (run / "served_marks.jsonl").read_text() == old and (run / "served_marks.v2.jsonl").exists()
     _, how = build_service(ServeOptions(str(run), mark_log=str(tmp_path / "new.jsonl"), cell_width=1.5))
     assert "cell width 1.5" in how and json.loads((tmp_path / "new.jsonl").read_text())["cells"] == {"planes": 6, "width": 1.5}

@@ -52,6 +52,23 @@ def _subkey(path: str | Path) -> bytes:
         raise ServeError(f"{path}: not a usable watermark key ({exc})") from None
 
 
+DEFAULT_LOG = "served_marks.jsonl"
+DEFAULT_LOG_V2 = "served_marks.v2.jsonl"  # where an upgraded server logs when RUN_DIR/served_marks.jsonl is a v1 log
+
+
+def _earlier_scheme(path: Path) -> bool:
+    """True when `path` is a mark log of the first (per-query) scheme."""
+    import json
+
+    from fedseek.watermark.outputs import SCHEME_V1
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.readline()).get("scheme") == SCHEME_V1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def build_service(opts: ServeOptions) -> tuple[Any, str]:
     """The FastAPI app for the run and a line describing its output watermark; ServeError/PredictError when unusable."""
     from fedseek.serving.app import Limits, OutputMark, build_app
@@ -75,13 +92,15 @@ def build_service(opts: ServeOptions) -> tuple[Any, str]:
         how = "off (a regression's answers are numbers: the output watermark marks class answers)"
     elif key is not None:
         subkey = _subkey(key)
-        log_path = opts.mark_log or str(Path(opts.run_dir) / "served_marks.jsonl")
+        log_path, note = opts.mark_log or str(Path(opts.run_dir) / DEFAULT_LOG), ""
+        if opts.mark_log is None and _earlier_scheme(Path(log_path)):  # an upgraded server keeps its old log as it is
+            log_path, note = str(Path(opts.run_dir) / DEFAULT_LOG_V2), f"; {DEFAULT_LOG} is an earlier scheme's log, kept as it is"
         try:
             mark_log = MarkLog(log_path, predictor.columns, subkey, CellSpec(width=opts.cell_width))
         except (MarkLogError, OSError) as exc:
             raise ServeError(str(exc)) from None
         marker = OutputMark(subkey=subkey, margin=opts.margin, log=mark_log)
-        how = f"on (key {key}, margin {opts.margin:g}, cell width {opts.cell_width:g}; marked queries logged to {log_path})"
+        how = f"on (key {key}, margin {opts.margin:g}, cell width {opts.cell_width:g}; marked queries logged to {log_path}{note})"
     app = build_app(predictor, run=run, marker=marker, limits=Limits(max_bytes=int(opts.max_body_mb * (1 << 20)), max_rows=opts.max_rows))
     return app, how
 
