@@ -39,7 +39,7 @@ from fedseek.data import load_builtin
 from fedseek.serving.predictor import Predictor
 from fedseek.train.models import build_model
 from fedseek.watermark.output_verdict import score_null, verdict
-from fedseek.watermark.outputs import CellSpec, mark
+from fedseek.watermark.outputs import SHARE, CellSpec, mark
 
 ALPHA = 1e-6
 JITTER = 0.1
@@ -218,10 +218,26 @@ def averaging_attack(ds: str, served: torch.nn.Module, train: Any, *, margin: fl
             "units_matched": v.matches, "p_sign": v.p_sign, "p": v.p_value}
 
 
+def filtering_attack(ds: str, served: torch.nn.Module, train: Any, *, margin: float, which: str, seed: int, epochs: int) -> dict[str, Any]:
+    """An extractor who knows the scheme and trains on the probabilities: it drops every answer whose top class holds exactly
+    the marked share (90%) of the top-two mass, which is every marked answer, and trains on the rest (1,000 queries)."""
+    rng = np.random.default_rng(seed)
+    xq = queries(train.x, 1000, rng)
+    m = mark(probs(served, xq), xq, os.urandom(32), margin)
+    top2 = np.sort(m.probs, 1)[:, -2:]
+    keep = ~np.isclose(top2[:, 1] / top2.sum(1), SHARE, rtol=0, atol=1e-9)
+    sur = fit(arch(ds, which, train.input_shape, train.num_classes, seed), xq[keep], m.probs[keep].astype(np.float32), soft=True,
+              epochs=epochs, seed=seed)
+    sel = np.flatnonzero(m.marked)
+    v = test_suspect(probs(sur, xq[sel]), m.labels[sel], m.other[sel], [m.units[i] for i in sel])
+    return {"labels": "filtering/soft", "surrogate": which, "marked": len(sel), "dropped": int((~keep).sum()), "units": v.units,
+            "units_in_pair": v.n, "units_matched": v.matches, "p_sign": v.p_sign, "p": v.p_value}
+
+
 def ablation(ds: str, served: torch.nn.Module, train: Any, test: Any, margin: float, epochs: int, trials: int) -> dict[str, Any]:
     """The same extraction (1,000 queries) with a cell per query (32 projections at width 0.001: the first version's bit per
     query) against the default cells: how many units a surrogate reproduces, and whether averaging near-duplicate answers
-    removes the mark."""
+    removes the mark; and, with the default cells, an extractor that filters out the marked answers by their probabilities."""
     out: dict[str, Any] = {"margin": margin, "n_queries": 1000, "per_query": PER_QUERY.__dict__, "default": CellSpec().__dict__}
     for name, spec in (("per_query", PER_QUERY), ("default", CellSpec())):
         rows = []
@@ -239,8 +255,17 @@ def ablation(ds: str, served: torch.nn.Module, train: Any, test: Any, margin: fl
                 rows.append(r)
                 log(f"ablation {ds} {name} averaging {r['labels']}: {r['units']} units, matched {r['units_matched']}/{r['units_in_pair']}, "
                     f"sign p {r['p_sign']:.1e}, score p {r['p']:.1e}")
-        for labels in ("hard", "soft", "averaging/hard", "averaging/soft"):
+        if name == "default":
+            for which in ("same", "other"):
+                for t in range(trials):
+                    r = filtering_attack(ds, served, train, margin=margin, which=which, seed=9000 + 100 * t, epochs=epochs)
+                    rows.append(r)
+                    log(f"ablation {ds} filtering soft {which}: dropped {r['dropped']}, matched {r['units_matched']}/{r['units_in_pair']}, "
+                        f"sign p {r['p_sign']:.1e}, score p {r['p']:.1e}")
+        for labels in ("hard", "soft", "averaging/hard", "averaging/soft", "filtering/soft"):
             sel = [r for r in rows if r["labels"] == labels]
+            if not sel:
+                continue
             out[f"{name}/{labels}"] = {"trials": len(sel), "median_units": float(np.median([r["units"] for r in sel])),
                                        "reproduced_share": float(sum(r["units_matched"] for r in sel) / max(1, sum(r["units_in_pair"] for r in sel))),
                                        "detected_share_sign": float(np.mean([r["p_sign"] <= ALPHA for r in sel])),

@@ -425,3 +425,23 @@ def test_serve_refuses_bad_watermark_settings_and_an_earlier_schemes_log_with_on
     assert (run / "served_marks.jsonl").read_text() == old and (run / "served_marks.v2.jsonl").exists()
     _, how = build_service(ServeOptions(str(run), mark_log=str(tmp_path / "new.jsonl"), cell_width=1.5))
     assert "cell width 1.5" in how and json.loads((tmp_path / "new.jsonl").read_text())["cells"] == {"planes": 6, "width": 1.5}
+
+
+def test_a_labels_only_endpoint_answers_without_probabilities_and_is_tested_on_its_labels(tmp_path, capsys):
+    """--labels-only: marked answers cannot be told from others by their values; verify-outputs falls back to the sign test."""
+    from fedseek.ops.cli import main
+
+    run = _run_dir(tmp_path / "run")
+    server = Server(run, "--watermark-margin", "0.2", "--labels-only")
+    try:
+        rows = _rows(300, seed=4)
+        answers = server.client.post("/predict", json={"rows": rows.to_dict(orient="records")}).json()["predictions"]
+        assert answers and all(set(a) == {"label"} for a in answers)
+        assert server.client.get("/health").json()["probabilities"] is False
+        capsys.readouterr()
+        code = main(["watermark", "verify-outputs", "--key", str(run / "watermark.key"), "--log", str(run / "served_marks.jsonl"),
+                     "--url", server.url, "--json"])
+        res = json.loads(capsys.readouterr().out)
+    finally:
+        server.stop()
+    assert code == 0 and res["test"] == "sign" and res["detected"] and res["matches"] == res["n"] >= 30

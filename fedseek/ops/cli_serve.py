@@ -25,6 +25,8 @@ def serve(
                                                                              "share a cell and its keyed answer).")] = 0.7,
     mark_log: Annotated[str | None, typer.Option("--mark-log", help="Log of marked queries; default RUN_DIR/served_marks.jsonl.")] = None,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Serve unmarked answers even if a key exists.")] = False,
+    labels_only: Annotated[bool, typer.Option("--labels-only", help="Answer with class labels only, no probabilities (the output "
+                                                                    "watermark's marked answers then look like any other).")] = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows per request.")] = 10_000,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body.")] = 1.0,
 ) -> int:
@@ -35,7 +37,7 @@ def serve(
 
     opts = ServeOptions(run_dir=run_dir, host=host, port=port, int8=int8, tls_cert=tls_cert, tls_key=tls_key,
                         watermark_key=watermark_key, margin=margin, cell_width=cell_width, mark_log=mark_log, no_watermark=no_watermark,
-                        max_rows=max_rows, max_body_mb=max_body_mb)
+                        labels_only=labels_only, max_rows=max_rows, max_body_mb=max_body_mb)
     try:
         run_server(opts)
     except (ServeError, PredictError) as exc:

@@ -39,6 +39,7 @@ class ServeOptions:
     cell_width: float = DEFAULT_CELL_WIDTH
     mark_log: str | None = None
     no_watermark: bool = False
+    labels_only: bool = False
     max_rows: int = 10_000
     max_body_mb: float = 1.0
 
@@ -101,7 +102,8 @@ def build_service(opts: ServeOptions) -> tuple[Any, str]:
             raise ServeError(str(exc)) from None
         marker = OutputMark(subkey=subkey, margin=opts.margin, log=mark_log)
         how = f"on (key {key}, margin {opts.margin:g}, cell width {opts.cell_width:g}; marked queries logged to {log_path}{note})"
-    app = build_app(predictor, run=run, marker=marker, limits=Limits(max_bytes=int(opts.max_body_mb * (1 << 20)), max_rows=opts.max_rows))
+    app = build_app(predictor, run=run, marker=marker, limits=Limits(max_bytes=int(opts.max_body_mb * (1 << 20)), max_rows=opts.max_rows),
+                    labels_only=opts.labels_only)
     return app, how
 
 

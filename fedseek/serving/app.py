@@ -111,8 +111,8 @@ def parse_rows(body: bytes, content_type: str, limits: Limits) -> Any:
     return df
 
 
-def answer(predictor: Predictor, df: Any, marker: OutputMark | None) -> tuple[dict[str, Any], int]:
-    """The JSON answer for a batch of rows, and how many answers carry the watermark."""
+def answer(predictor: Predictor, df: Any, marker: OutputMark | None, labels_only: bool = False) -> tuple[dict[str, Any], int]:
+    """The JSON answer for a batch of rows (labels without probabilities with `labels_only`), and how many carry the watermark."""
     x = predictor.features(df, "request")
     pred = predictor.predict_features(x)
     if pred.probs is None or pred.classes is None:
@@ -127,13 +127,15 @@ def answer(predictor: Predictor, df: Any, marker: OutputMark | None) -> tuple[di
                           [marked.units[i] for i in idx])
         n_marked = len(idx)
     classes = pred.classes
-    out = [{"label": classes[k], "probabilities": {c: float(p) for c, p in zip(classes, row, strict=True)}}
-           for k, row in zip(labels, probs, strict=True)]
+    out: list[dict[str, Any]] = [{"label": classes[k]} if labels_only else
+                                 {"label": classes[k], "probabilities": {c: float(p) for c, p in zip(classes, row, strict=True)}}
+                                 for k, row in zip(labels, probs, strict=True)]
     return {"task": "classification", "classes": classes, "predictions": out}, n_marked
 
 
-def build_app(predictor: Predictor, *, run: str, marker: OutputMark | None = None, limits: Limits | None = None) -> FastAPI:
-    """The service for one model."""
+def build_app(predictor: Predictor, *, run: str, marker: OutputMark | None = None, limits: Limits | None = None,
+              labels_only: bool = False) -> FastAPI:
+    """The service for one model (`labels_only`: answers carry no probabilities)."""
     limits = limits or Limits()
     metrics = ServeMetrics(run)
     app = FastAPI(title=f"fedseek model {run}", docs_url=None, redoc_url=None, openapi_url=None)
@@ -146,7 +148,7 @@ def build_app(predictor: Predictor, *, run: str, marker: OutputMark | None = Non
         try:
             raw = await _body(request, limits)
             df = parse_rows(raw, request.headers.get("content-type", ""), limits)
-            body, n_marked = answer(predictor, df, marker)
+            body, n_marked = answer(predictor, df, marker, labels_only)
             metrics.rows.labels(run).inc(len(df))
             if n_marked:
                 metrics.marked.labels(run).inc(n_marked)
@@ -165,7 +167,7 @@ def build_app(predictor: Predictor, *, run: str, marker: OutputMark | None = Non
         t0 = time.perf_counter()
         card = predictor.card
         body = {"status": "ok", "run": run, "task": card.task, "features": predictor.columns, "classes": predictor.classes or None,
-                "int8": predictor.int8, "output_watermark": marker is not None}
+                "int8": predictor.int8, "output_watermark": marker is not None, "probabilities": not labels_only}
         metrics.observe("/health", 200, time.perf_counter() - t0)
         return JSONResponse(body)
 
