@@ -7,8 +7,9 @@ fresh key per trial). An attacker queries it with natural inputs (the training s
 size, rows again with N(0, 0.1) jitter on the standardised features), trains a surrogate on the
 hard labels or the soft probabilities (same architecture as the served model, or another one),
 optionally fine-tunes it on 10% of the test split's true labels or prunes 50% of its weights;
-the owner tests it on the logged marked queries (exact binomial p-value over the units: cell and
-class pair). Negatives: models trained independently on the true labels (several architectures
+the owner tests it on the logged marked queries, one trial per unit (cell and class pair): the
+score test on the suspect's probabilities (what verify-outputs uses for a model) and the sign
+test on its labels (an endpoint that returns labels only), both exact. Negatives: models trained independently on the true labels (several architectures
 and seeds), each tested against a fresh key's mark log. The served accuracy is measured on the
 test split with and without marking (its exact expectation over keys: half the marked rows'
 top-1 minus top-2 hits), on the training rows (which the model has fitted: a pessimistic
@@ -38,7 +39,7 @@ from _common import QUICK_DIR, RESULTS, _run, breast_cancer_scenario, digits_sce
 from fedseek.data import load_builtin
 from fedseek.serving.predictor import Predictor
 from fedseek.train.models import build_model
-from fedseek.watermark.output_verdict import score_null, verdict
+from fedseek.watermark.output_verdict import score_null, unit_gaps, verdict
 from fedseek.watermark.outputs import SHARE, CellSpec, mark
 
 ALPHA = 1e-6
@@ -176,11 +177,8 @@ def negatives(ds: str, served: torch.nn.Module, train: Any, count: int, margin: 
         from scipy.stats import binom
 
         rand_p_sign = float(binom.sf(v.matches, v.n, 0.5) + rng.uniform() * binom.pmf(v.matches, v.n, 0.5))
-        q = probs(model, xq[m.marked])
-        gaps: dict[str, list[float]] = {}
-        for row, s, o, u in zip(q, m.labels[m.marked], m.other[m.marked], [m.units[j] for j in np.flatnonzero(m.marked)], strict=True):
-            gaps.setdefault(u, []).append(float(row[s] - row[o]))
-        dist, observed, _ = score_null([float(np.mean(g)) for g in gaps.values()])
+        q = [{str(k): float(p) for k, p in enumerate(row)} for row in probs(model, xq[m.marked])]
+        dist, observed, _ = score_null(unit_gaps(q, m.labels[m.marked], m.other[m.marked], [m.units[j] for j in np.flatnonzero(m.marked)]))
         rand_p = float(dist[observed + 1 :].sum() + rng.uniform() * dist[observed])
         out.append({"model": i, "marked": int(m.marked.sum()), "units": v.units, "units_in_pair": v.n, "matches": v.matches, "p": v.p_value,
                     "p_sign": v.p_sign,

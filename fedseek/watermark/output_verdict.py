@@ -92,6 +92,14 @@ def score_null(gaps: Sequence[float]) -> tuple[np.ndarray, int, int]:
     return dist, int(w[positive].sum()), int(len(w))
 
 
+def unit_gaps(suspect_probs: Sequence[dict[str, float]], served: Sequence[Any], other: Sequence[Any], units: Sequence[str]) -> list[float]:
+    """Per unit, the suspect's mean probability of the served class minus the other class of the pair (the score test's data)."""
+    gaps: dict[str, list[float]] = {}
+    for q, s, o, u in zip(suspect_probs, served, other, units, strict=True):
+        gaps.setdefault(str(u), []).append(float(q.get(str(s), 0.0)) - float(q.get(str(o), 0.0)))
+    return [float(np.mean(v)) for v in gaps.values()]
+
+
 def verdict(suspect_labels: Sequence[Any], served: Sequence[Any], other: Sequence[Any], units: Sequence[str],
             alpha: float = 1e-6, suspect_probs: Sequence[dict[str, float]] | None = None) -> OutputVerdict:
     """Compare a suspect's answers on the logged marked queries with the served classes, one trial per unit (labels as text).
@@ -99,21 +107,17 @@ def verdict(suspect_labels: Sequence[Any], served: Sequence[Any], other: Sequenc
     With `suspect_probs` (per query, class name -> probability) the score test decides, else the sign test.
     """
     votes: dict[str, list[int]] = {}
-    gaps: dict[str, list[float]] = {}
-    for i, (a, s, o, u) in enumerate(zip(suspect_labels, served, other, units, strict=True)):
+    for a, s, o, u in zip(suspect_labels, served, other, units, strict=True):
         tally = votes.setdefault(str(u), [0, 0])
         if str(a) == str(s):
             tally[0] += 1
         elif str(a) == str(o):
             tally[1] += 1
-        if suspect_probs is not None:
-            q = suspect_probs[i]
-            gaps.setdefault(str(u), []).append(float(q.get(str(s), 0.0)) - float(q.get(str(o), 0.0)))
     n = sum(1 for v in votes.values() if v[0] != v[1])
     m = sum(1 for v in votes.values() if v[0] > v[1])
     p_sign = p_value(m, n)
     if suspect_probs is None:
         return OutputVerdict(matches=m, n=n, p_value=p_sign, alpha=alpha, logged=len(served), units=len(votes), p_sign=p_sign)
-    p_score, weighted = score_p_value([float(np.mean(v)) for v in gaps.values()])
+    p_score, weighted = score_p_value(unit_gaps(suspect_probs, served, other, units))
     return OutputVerdict(matches=m, n=n, p_value=p_score, alpha=alpha, logged=len(served), units=len(votes), test="score",
                          p_sign=p_sign, score_units=weighted)
