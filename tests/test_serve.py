@@ -213,6 +213,7 @@ def test_verify_outputs_detects_the_marked_endpoint_and_a_model_trained_on_it_no
     res = json.loads(endpoint[1])
     # its probabilities come back with the labels: the score test decides; every unit favours the served class
     assert res["test"] == "score" and res["detected"] and res["score_units"] == res["units"] >= 30
+    assert res["scheme"] == "fedseek-output-wm-v2"
     assert res["p_value"] == pytest.approx(0.5 ** res["units"]) and res["logged"] >= res["units"]
     assert res["matches"] == res["n"] == res["units"] and res["p_sign"] == pytest.approx(0.5 ** res["n"])
     sign = json.loads(labels_only[1])

@@ -9,6 +9,7 @@ RUN_DIR/served_marks.jsonl), which `verify-outputs` needs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,5 +214,5 @@ def verify_outputs(key: str, log: str, *, model: str | None = None, url: str | N
         raise ServeError(str(exc)) from None
     if len(answers.labels) != len(logged.served) or (answers.probs is not None and len(answers.probs) != len(logged.served)):
         raise ServeError(f"the suspect answered {len(answers.labels)} of {len(logged.served)} rows")
-    return verdict(answers.labels, logged.served, logged.other, logged.units, alpha,
-                   suspect_probs=None if labels_only else answers.probs)
+    res = verdict(answers.labels, logged.served, logged.other, logged.units, alpha, suspect_probs=None if labels_only else answers.probs)
+    return dataclasses.replace(res, scheme=logged.scheme)

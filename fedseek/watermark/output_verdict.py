@@ -37,6 +37,7 @@ class OutputVerdict:
     test: str = "sign"
     p_sign: float = 1.0
     score_units: int = 0  # units with a non-zero weight in the score test
+    scheme: str = SCHEME  # the mark log's scheme
 
     @property
     def detected(self) -> bool:
@@ -49,7 +50,7 @@ class OutputVerdict:
                 "unit's queries, in integer thousandths), each unit's sign a fair coin (exact)") if self.test == "score" else (
                 "Binomial(n, 1/2) upper tail over the units (cell and class pair) where the suspect's answers to the logged "
                 "queries have a strict majority for one of the pair (exact)")
-        return {"scheme": SCHEME, "test": self.test, "p_value": self.p_value, "alpha": self.alpha, "detected": self.detected,
+        return {"scheme": self.scheme, "test": self.test, "p_value": self.p_value, "alpha": self.alpha, "detected": self.detected,
                 "matches": self.matches, "n": self.n, "p_sign": self.p_sign, "score_units": self.score_units, "units": self.units,
                 "logged": self.logged, "null": null}
 
