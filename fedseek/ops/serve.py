@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fedseek.serving.predictor import PredictError, Predictor
-from fedseek.watermark.mark_log import MarkLog, MarkLogError, read_log
+from fedseek.watermark.mark_log import MarkLog, MarkLogError, log_header, read_log
 from fedseek.watermark.output_verdict import OutputVerdict, verdict
-from fedseek.watermark.outputs import DEFAULT_CELL_WIDTH, DEFAULT_MARGIN, CellSpec, output_subkey
+from fedseek.watermark.outputs import DEFAULT_CELL_WIDTH, DEFAULT_MARGIN, SCHEME_V1, CellSpec, output_subkey
 
 
 class ServeError(ValueError):
@@ -58,19 +58,6 @@ DEFAULT_LOG = "served_marks.jsonl"
 DEFAULT_LOG_V2 = "served_marks.v2.jsonl"  # where an upgraded server logs when RUN_DIR/served_marks.jsonl is a v1 log
 
 
-def _earlier_scheme(path: Path) -> bool:
-    """True when `path` is a mark log of the first (per-query) scheme."""
-    import json
-
-    from fedseek.watermark.outputs import SCHEME_V1
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.loads(f.readline()).get("scheme") == SCHEME_V1
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def build_service(opts: ServeOptions) -> tuple[Any, str]:
     """The FastAPI app for the run and a line describing its output watermark; ServeError/PredictError when unusable."""
     from fedseek.serving.app import Limits, OutputMark, build_app
@@ -95,7 +82,8 @@ def build_service(opts: ServeOptions) -> tuple[Any, str]:
     elif key is not None:
         subkey = _subkey(key)
         log_path, note = opts.mark_log or str(Path(opts.run_dir) / DEFAULT_LOG), ""
-        if opts.mark_log is None and _earlier_scheme(Path(log_path)):  # an upgraded server keeps its old log as it is
+        head = log_header(Path(log_path)) if opts.mark_log is None else None
+        if head is not None and head[0] == SCHEME_V1:  # an upgraded server keeps its old log as it is
             log_path, note = str(Path(opts.run_dir) / DEFAULT_LOG_V2), f"; {DEFAULT_LOG} is an earlier scheme's log, kept as it is"
         try:
             mark_log = MarkLog(log_path, predictor.columns, subkey, CellSpec(width=opts.cell_width))

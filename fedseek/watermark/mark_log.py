@@ -28,6 +28,16 @@ def entry_tag(subkey: bytes, row: Sequence[Any], served: str, other: str, unit: 
     return hmac.new(subkey, canonical(row) + b"|" + json.dumps(fields).encode(), hashlib.sha256).hexdigest()
 
 
+def log_header(path: Path) -> tuple[str, list[str]] | None:
+    """A mark log's scheme and columns from its first line; None when the file cannot be read or is not a mark log."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = json.loads(f.readline())
+        return str(head["scheme"]), [str(c) for c in head["columns"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class MarkLogError(ValueError):
     """A mark log that cannot be appended to (another scheme's log): one line."""
 
@@ -44,13 +54,10 @@ class MarkLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         if self.path.exists() and self.path.stat().st_size:
-            with open(self.path, encoding="utf-8") as f:
-                first = f.readline()
-            try:
-                head = json.loads(first)
-                scheme, cols = head["scheme"], head["columns"]
-            except (ValueError, KeyError, TypeError):
-                raise MarkLogError(f"{self.path}: exists and is not a mark log (give --mark-log a new file)") from None
+            head = log_header(self.path)
+            if head is None:
+                raise MarkLogError(f"{self.path}: exists and is not a mark log (give --mark-log a new file)")
+            scheme, cols = head
             if scheme != SCHEME:
                 raise MarkLogError(f"{self.path}: a {scheme} log (an earlier scheme; it stays verifiable): give --mark-log a new file")
             if list(cols) != self.columns:
